@@ -1,0 +1,44 @@
+# MLaaS Hub — `make up` runs the platform on this machine, `make test` runs the whole suite.
+VENV        ?= .venv
+# Debian's interpreter: per-user accounts must be able to run the servers' Python
+# (a pyenv build under /root is not reachable by them).
+BASE_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
+PYTEST_ARGS ?=
+
+PY_STAMP   := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+
+.PHONY: install up down test bench check-profiles clean
+
+install: $(PY_STAMP) $(NODE_STAMP)
+
+$(PY_STAMP): pyproject.toml
+	@$(BASE_PYTHON) -c "import ensurepip" 2>/dev/null || { \
+	  echo "Python's venv module is missing: install it (Debian: apt-get install python3-venv)"; exit 1; }
+	test -x $(VENV)/bin/python || $(BASE_PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+$(NODE_STAMP): package.json package-lock.json
+	@command -v npm >/dev/null || { echo "npm is missing: install Node.js 20+ (Debian: apt-get install nodejs npm)"; exit 1; }
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+up: install
+	$(VENV)/bin/mlaas up
+
+down:
+	$(VENV)/bin/mlaas down
+
+check-profiles: $(PY_STAMP)
+	$(VENV)/bin/mlaas profiles check
+
+test: install
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(VENV)/bin/python bench/spawn_bench.py
+
+clean:
+	rm -rf $(VENV) node_modules .test-state test-artifacts

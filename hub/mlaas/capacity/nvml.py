@@ -1,0 +1,87 @@
+"""The real GPUs of this machine through NVML (nvidia-ml-py): whole GPUs and MIG instances.
+
+Without an NVIDIA driver the inventory is empty and says why; it never raises.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from ..profiles.mig import mig_profile_from_device_name
+from .base import Device, Inventory
+
+CACHE_SECONDS = 30.0
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def read_nvml_inventory() -> Inventory:
+    try:
+        import pynvml
+    except ImportError as e:  # the package is a dependency; a broken install must not crash the hub
+        return Inventory(source="nvml", unavailable_reason=f"nvidia-ml-py is not installed ({e})")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        return Inventory(source="nvml", unavailable_reason=f"no NVIDIA GPU driver on this machine (NVML: {e})")
+    try:
+        devices: list[Device] = []
+        split: list[str] = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = _text(pynvml.nvmlDeviceGetName(handle))
+            uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
+            try:
+                mig_on = pynvml.nvmlDeviceGetMigMode(handle)[0] == pynvml.NVML_DEVICE_MIG_ENABLE
+            except pynvml.NVMLError:  # GPUs without MIG support
+                mig_on = False
+            if not mig_on:
+                memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+                devices.append(Device(uuid, "gpu", name, int(memory), str(i)))
+                continue
+            split.append(uuid)
+            for j in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+                try:
+                    mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, j)
+                except pynvml.NVMLError:
+                    continue  # empty slot
+                mig_name = _text(pynvml.nvmlDeviceGetName(mig))
+                devices.append(
+                    Device(
+                        uuid=_text(pynvml.nvmlDeviceGetUUID(mig)),
+                        kind="mig",
+                        model=name,
+                        memory_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(mig).total),
+                        index=f"{i}:{j}",
+                        mig_profile=mig_profile_from_device_name(mig_name),
+                        parent_uuid=uuid,
+                    )
+                )
+        reason = None if devices or split else "NVML found no GPUs on this machine"
+        return Inventory(tuple(devices), "nvml", reason, tuple(split))
+    except pynvml.NVMLError as e:
+        return Inventory(source="nvml", unavailable_reason=f"NVML error while listing GPUs: {e}")
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+
+
+class NvmlInventory:
+    """Cached for a short while: the hardware changes rarely, forms are viewed often."""
+
+    def __init__(self, cache_seconds: float = CACHE_SECONDS):
+        self.cache_seconds = cache_seconds
+        self._lock = threading.Lock()
+        self._cached: tuple[float, Inventory] | None = None
+
+    def inventory(self) -> Inventory:
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] > self.cache_seconds:
+                self._cached = (now, read_nvml_inventory())
+            return self._cached[1]

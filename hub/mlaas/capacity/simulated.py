@@ -1,0 +1,55 @@
+"""A simulated GPU inventory read from YAML — for tests and demos on machines without GPUs.
+
+It stands in for NVML only; allocation, the form and the spawner run unchanged on top of it.
+
+    gpus:
+      - {uuid: GPU-aaaa, name: NVIDIA A100-SXM4-40GB, memory: 40Gi}
+      - uuid: GPU-bbbb
+        name: NVIDIA A100-SXM4-40GB
+        memory: 40Gi
+        mig: [{uuid: MIG-b1, profile: 3g.20gb}, {uuid: MIG-b2, profile: 1g.10gb}]
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from ..profiles.quantities import parse_bytes
+from .base import Device, Inventory
+
+
+class SimulatedInventory:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def inventory(self) -> Inventory:
+        try:
+            data = yaml.safe_load(self.path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            return Inventory(source=f"simulated:{self.path}", unavailable_reason=f"cannot read {self.path}: {e}")
+        devices: list[Device] = []
+        split: list[str] = []
+        for i, gpu in enumerate(data.get("gpus") or []):
+            memory = parse_bytes(gpu.get("memory", "40Gi"))
+            if not gpu.get("mig"):
+                devices.append(Device(gpu["uuid"], "gpu", gpu["name"], memory, str(i)))
+                continue
+            split.append(gpu["uuid"])
+            for j, mig in enumerate(gpu["mig"]):
+                gb = re.search(r"\.(\d+)gb", mig["profile"])
+                devices.append(
+                    Device(
+                        uuid=mig["uuid"],
+                        kind="mig",
+                        model=gpu["name"],
+                        memory_bytes=int(gb.group(1)) * 10**9 if gb else 0,
+                        index=f"{i}:{j}",
+                        mig_profile=mig["profile"],
+                        parent_uuid=gpu["uuid"],
+                    )
+                )
+        reason = None if devices else f"the simulated inventory {self.path} lists no GPUs"
+        return Inventory(tuple(devices), f"simulated:{self.path}", reason, tuple(split))

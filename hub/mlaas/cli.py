@@ -1,0 +1,191 @@
+"""`mlaas` — the platform's command line.
+
+    mlaas profiles check [PATH]   validate profile files, print them as a table or the errors
+    mlaas gpus                    the GPU/MIG inventory this machine offers (NVML)
+    mlaas up                      start the one-machine platform (IdP, hub, proxy) until Ctrl-C
+    mlaas down                    stop a platform started by `mlaas up`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .profiles import ProfileErrors, load_profile_dir, load_profile_files
+from .profiles.quantities import format_bytes
+from .settings import REPO_ROOT, SettingsError, load_settings
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def cmd_profiles_check(path: str | None) -> int:
+    target = Path(path) if path else load_settings().profiles_dir
+    try:
+        pset = load_profile_files([target]) if target.is_file() else load_profile_dir(target)
+    except ProfileErrors as e:
+        for err in e.errors:
+            print(err, file=sys.stderr)
+        print(f"{len(e.errors)} error(s) in {target}", file=sys.stderr)
+        return 1
+    rows = []
+    for p in pset.profiles:
+        accel = "-"
+        if p.gpu:
+            accel = f"{p.gpu.count}x GPU" + (f" {p.gpu.model}" if p.gpu.model else "")
+        elif p.mig:
+            accel = f"{p.mig.count}x MIG {p.mig.profile}"
+        rows.append(
+            [
+                p.slug + (" *" if p.default else ""),
+                p.display_name,
+                f"{p.cpu.guarantee:g}-{p.cpu.limit:g}",
+                f"{format_bytes(p.memory.guarantee)}-{format_bytes(p.memory.limit)}",
+                accel,
+                ", ".join(p.groups),
+            ]
+        )
+    print(_table(rows, ["SLUG (* default)", "NAME", "CPU", "MEMORY", "ACCELERATOR", "GROUPS"]))
+    print(f"\n{len(pset.profiles)} profile(s) OK in {target}")
+    return 0
+
+
+def cmd_gpus(spec: str, as_json: bool) -> int:
+    from .capacity import inventory_source
+
+    inv = inventory_source(spec).inventory()
+    if as_json:
+        print(json.dumps({"source": inv.source, "unavailable_reason": inv.unavailable_reason,
+                          "mig_enabled_gpus": list(inv.mig_enabled_gpus),
+                          "devices": [d.__dict__ for d in inv.devices]}, indent=2))
+        return 0
+    print(f"source: {inv.source}")
+    if inv.unavailable_reason:
+        print(f"no assignable devices: {inv.unavailable_reason}")
+    rows = [[d.index, d.kind, d.mig_profile or "-", d.model, format_bytes(d.memory_bytes), d.uuid] for d in inv.devices]
+    if rows:
+        print(_table(rows, ["INDEX", "KIND", "MIG", "MODEL", "MEMORY", "UUID"]))
+    for uuid in inv.mig_enabled_gpus:
+        print(f"{uuid}: MIG mode on (assignable as its instances only)")
+    return 0
+
+
+def _pid_file() -> Path:
+    return load_settings().state_dir / "mlaas-up.pid"
+
+
+def _demo_logins(users_file: Path) -> list[str]:
+    import yaml
+
+    try:
+        users = (yaml.safe_load(users_file.read_text()) or {}).get("users", [])
+    except OSError:
+        return []
+    return [f"{u['username']} / {u['password']}  ({', '.join(u.get('groups') or ['entitlements'])})" for u in users]
+
+
+def cmd_up() -> int:
+    from .launcher import LaunchError, Platform
+
+    settings = load_settings()
+    try:
+        load_profile_dir(settings.profiles_dir)
+    except ProfileErrors as e:
+        print("The profile files have errors; fix them first:\n" + str(e), file=sys.stderr)
+        return 1
+    platform = Platform(settings, Path(os.environ["MLAAS_CONFIG"]) if os.environ.get("MLAAS_CONFIG") else None)
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print("Starting MLaaS Hub on this machine…", flush=True)
+    try:
+        platform.start()
+    except LaunchError as e:
+        print(f"Could not start the platform: {e}", file=sys.stderr)
+        return 1
+    pid_file = _pid_file()
+    pid_file.write_text(str(os.getpid()))
+    mode = "per-user accounts" if os.geteuid() == 0 and settings.isolation != "single-account" else "single-account (development)"
+    print("\n" + "=" * 72)
+    print(f" MLaaS Hub is up:  {platform.url}/")
+    print(f" Isolation: {mode}.  State: {settings.state_dir}")
+    if settings.dev_idp.enabled:
+        print(" Demo logins (development identity provider):")
+        for line in _demo_logins(settings.dev_idp.users_file):
+            print(f"   {line}")
+    print(" Stop with Ctrl-C or `make down`.")
+    print("=" * 72, flush=True)
+    try:
+        while not stopping:
+            if platform.hub and platform.hub.poll() is not None:
+                print(f"JupyterHub exited with status {platform.hub.returncode}", file=sys.stderr)
+                break
+            time.sleep(0.5)
+    finally:
+        print("Stopping MLaaS Hub…", flush=True)
+        platform.stop()
+        pid_file.unlink(missing_ok=True)
+    return 0
+
+
+def cmd_down() -> int:
+    pid_file = _pid_file()
+    if not pid_file.exists():
+        print("MLaaS Hub is not running (no pid file).")
+        return 0
+    pid = int(pid_file.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+        print("MLaaS Hub was not running; removed a stale pid file.")
+        return 0
+    for _ in range(600):
+        if not pid_file.exists():
+            break
+        time.sleep(0.1)
+    print("MLaaS Hub stopped.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlaas", description="MLaaS Hub command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    profiles = sub.add_parser("profiles", help="work with resource profiles")
+    psub = profiles.add_subparsers(dest="action", required=True)
+    check = psub.add_parser("check", help="validate profile files")
+    check.add_argument("path", nargs="?", help=f"file or directory (default: {REPO_ROOT / 'spawner_profiles'})")
+    gpus = sub.add_parser("gpus", help="show the GPU/MIG inventory")
+    gpus.add_argument("--inventory", default="nvml", help="'nvml' or a simulated inventory file")
+    gpus.add_argument("--json", action="store_true")
+    sub.add_parser("up", help="start the platform on this machine")
+    sub.add_parser("down", help="stop the platform started by `mlaas up`")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "profiles":
+            return cmd_profiles_check(args.path)
+        if args.command == "gpus":
+            return cmd_gpus(args.inventory, args.json)
+        if args.command == "up":
+            return cmd_up()
+        return cmd_down()
+    except SettingsError as e:
+        print(f"Settings error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Build the JupyterHub configuration from platform settings (one machine).
+
+`hub/jupyterhub_config.py` is three lines calling `configure(c, load_settings())`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from .api import ProfilesAPIHandler
+from .auth import MLaaSAuthenticator
+from .settings import REPO_ROOT, Settings, ensure_secret, prepare_state
+from .spawners.common import profile_store
+from .spawners.local import LocalProfileSpawner
+
+log = logging.getLogger("mlaas")
+
+OPS_SCOPES = ["admin:users", "admin:groups", "admin:servers", "access:servers", "read:hub", "tokens", "list:users"]
+
+
+def start_profile_watcher(settings: Settings, interval: float = 2.0) -> None:
+    """Reload profiles in the background too, so a broken edit is logged when it is saved."""
+    store = profile_store(str(settings.profiles_dir), str(settings.hub_dir / "profiles.last-good.json"))
+    store.refresh()
+
+    def watch() -> None:
+        event = threading.Event()
+        while not event.wait(interval):
+            try:
+                store.refresh()
+            except Exception:  # the watcher must outlive any surprise
+                log.exception("Profile watcher error")
+
+    threading.Thread(target=watch, name="mlaas-profile-watcher", daemon=True).start()
+
+
+def configure(c, settings: Settings) -> None:
+    prepare_state(settings)
+    s, oidc = settings, settings.oidc
+    hub_dir = s.hub_dir
+
+    # --- hub, proxy, database ---------------------------------------------------------------
+    c.JupyterHub.bind_url = s.public_url
+    c.JupyterHub.hub_ip = "127.0.0.1"
+    c.JupyterHub.hub_port = s.hub_port
+    c.JupyterHub.db_url = f"sqlite:///{hub_dir / 'jupyterhub.sqlite'}"
+    c.JupyterHub.cookie_secret_file = str(s.secrets_dir / "jupyterhub-cookie-secret")
+    c.JupyterHub.pid_file = str(hub_dir / "jupyterhub.pid")
+    c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{s.proxy_api_port}"
+    c.ConfigurableHTTPProxy.command = [str(REPO_ROOT / "node_modules" / ".bin" / "configurable-http-proxy")]
+    c.ConfigurableHTTPProxy.pid_file = str(hub_dir / "proxy.pid")
+    c.JupyterHub.extra_handlers = [(r"/api/mlaas/profiles", ProfilesAPIHandler)]
+    c.JupyterHub.template_vars = {"announcement_login": "Sign in with your institute account."}
+
+    # --- login through the AAI ----------------------------------------------------------------
+    c.JupyterHub.authenticator_class = MLaaSAuthenticator
+    a = c.MLaaSAuthenticator
+    a.client_id = oidc.client_id
+    a.client_secret = ensure_secret(s.client_secret_file)
+    a.oauth_callback_url = s.callback_url
+    a.authorize_url = oidc.endpoint("authorize")
+    a.token_url = oidc.endpoint("token")
+    a.userdata_url = oidc.endpoint("userdata")
+    a.scope = oidc.scopes
+    a.username_claim = oidc.username_claim
+    a.groups_claim = oidc.groups_claim
+    a.entitlements_claim = oidc.entitlements_claim
+    a.entitlement_prefixes = oidc.entitlement_prefixes
+    a.entitlement_roles = oidc.entitlement_roles
+    a.basic_auth = True
+    a.manage_groups = True
+    a.allowed_groups = set(oidc.allowed_groups)
+    a.admin_groups = set(oidc.admin_groups)
+    a.login_service = "institute account (OpenID Connect)"
+
+    # --- spawning -------------------------------------------------------------------------------
+    c.JupyterHub.spawner_class = LocalProfileSpawner
+    sp = c.LocalProfileSpawner
+    sp.profiles_dir = str(s.profiles_dir)
+    sp.profiles_snapshot = str(hub_dir / "profiles.last-good.json")
+    sp.gpu_inventory = s.gpu_inventory
+    sp.homes_dir = str(s.homes_dir)
+    sp.isolation = s.isolation
+    c.Spawner.default_url = "/lab"
+    c.Spawner.start_timeout = s.spawn_timeout
+    c.Spawner.http_timeout = 30
+    c.Spawner.env_keep = ["LANG", "LC_ALL"]
+
+    # --- an admin-scoped service token for automation, if asked for ----------------------------
+    if s.admin_api_token_file:
+        token = Path(s.admin_api_token_file).read_text().strip()
+        c.JupyterHub.services = [{"name": "mlaas-ops", "api_token": token}]
+        c.JupyterHub.load_roles = [{"name": "mlaas-ops", "scopes": OPS_SCOPES, "services": ["mlaas-ops"]}]
+
+    running_as_root = os.geteuid() == 0
+    if s.isolation == "single-account" or (s.isolation == "auto" and not running_as_root):
+        log.warning(
+            "SINGLE-ACCOUNT DEVELOPMENT MODE: the hub is not root, so every user's server runs as %s "
+            "and users are not isolated from each other. Run the hub as root for per-user accounts.",
+            os.environ.get("USER", "this account"),
+        )
+    start_profile_watcher(s)

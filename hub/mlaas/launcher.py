@@ -1,0 +1,144 @@
+"""Start and stop the one-machine platform: the development IdP, then JupyterHub (which runs its proxy).
+
+Used by `mlaas up` and by the test suite, so what the tests run is what a newcomer runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from .settings import REPO_ROOT, Settings, ensure_secret, prepare_state
+
+NODE_MODULES = REPO_ROOT / "node_modules"
+HUB_CONFIG = REPO_ROOT / "hub" / "jupyterhub_config.py"
+
+
+class LaunchError(Exception):
+    pass
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    """Wait for an HTTP 200 at url; fail early if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise LaunchError(f"{what or url} exited with status {proc.returncode} while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}"
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.1)
+    raise LaunchError(f"{what or url} not ready after {timeout:.0f}s ({last})")
+
+
+def _stop(proc: subprocess.Popen | None, timeout: float) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+@dataclass
+class Platform:
+    settings: Settings
+    config_file: Path | None = None  # the settings file the hub process should read
+    log_dir: Path | None = None  # None: children write to this terminal
+    extra_env: dict[str, str] = field(default_factory=dict)
+    idp: subprocess.Popen | None = None
+    hub: subprocess.Popen | None = None
+    _logs: list[IO] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.settings.public_url.rstrip("/")
+
+    def _output(self, name: str) -> IO | None:
+        if self.log_dir is None:
+            return None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.log_dir / f"{name}.log", "ab")
+        self._logs.append(f)
+        return f
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ, **self.extra_env)
+        if self.config_file:
+            env["MLAAS_CONFIG"] = str(self.config_file)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def start(self, timeout: float = 90) -> None:
+        if not (NODE_MODULES / ".bin" / "configurable-http-proxy").exists():
+            raise LaunchError("node packages are missing: run `make install` (npm ci) first")
+        s = self.settings
+        prepare_state(s)
+        ensure_secret(s.client_secret_file)
+        try:
+            if s.dev_idp.enabled:
+                self._start_idp(timeout)
+            self._start_hub(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_idp(self, timeout: float) -> None:
+        s = self.settings
+        node = shutil.which("node") or "node"
+        env = self._env()
+        env.update(
+            MLAAS_IDP_PORT=str(s.dev_idp.port),
+            MLAAS_IDP_USERS=str(s.dev_idp.users_file),
+            MLAAS_IDP_CLIENT_ID=s.oidc.client_id,
+            MLAAS_IDP_CLIENT_SECRET_FILE=str(s.client_secret_file),
+            MLAAS_IDP_REDIRECT_URIS=s.callback_url,
+        )
+        out = self._output("dev-idp")
+        self.idp = subprocess.Popen(
+            [node, str(REPO_ROOT / "hub" / "dev_idp" / "server.mjs")],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
+        wait_http(f"http://127.0.0.1:{s.dev_idp.port}/health", timeout, self.idp, "the development IdP")
+
+    def _start_hub(self, timeout: float) -> None:
+        out = self._output("hub")
+        self.hub = subprocess.Popen(
+            [str(Path(sys.prefix) / "bin" / "jupyterhub"), "-f", str(HUB_CONFIG)],
+            cwd=self.settings.hub_dir,
+            env=self._env(),
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
+        wait_http(f"{self.url}/hub/health", timeout, self.hub, "JupyterHub")
+
+    def stop(self) -> None:
+        _stop(self.hub, 40)  # the hub stops the users' servers and its proxy first
+        _stop(self.idp, 10)
+        for f in self._logs:
+            f.close()
+        self._logs.clear()

@@ -1,0 +1,195 @@
+"""Enforce a profile's CPU and memory limits on a local server process and everything it starts.
+
+Backends, best first, chosen once at hub start and named in the log:
+- cgroup v2 (memory.max, cpu.max) where the unified hierarchy has the memory and cpu controllers;
+- cgroup v1 (memory.limit_in_bytes, cpu.cfs_quota_us) where those hierarchies are writable;
+- rlimits (RLIMIT_AS) otherwise, e.g. when the hub is not root.
+CPU affinity to ceil(limit) cores is applied with every backend, so `os.sched_getaffinity` and
+the thread pools of numpy, torch and dask see the cores the user may use.
+
+Every function used between fork and exec (`Placement.preexec`) touches only files and syscalls.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+GROUP = "mlaas"
+PERIOD_US = 100_000
+
+
+@dataclass
+class Placement:
+    """Where one server runs: its cgroups, its CPUs and the rlimit, applied in the child."""
+
+    key: str
+    cgroup_procs: list[Path] = field(default_factory=list)
+    cpus: set[int] = field(default_factory=set)
+    address_space: int | None = None
+
+    def preexec(self) -> None:
+        pid = str(os.getpid())
+        for procs in self.cgroup_procs:
+            with open(procs, "w") as f:
+                f.write(pid)
+        if self.cpus:
+            os.sched_setaffinity(0, self.cpus)
+        if self.address_space:
+            resource.setrlimit(resource.RLIMIT_AS, (self.address_space, self.address_space))
+
+
+class LimitBackend:
+    name = "rlimits"
+
+    def __init__(self, log: logging.Logger):
+        self.log = log
+        self._cpu_use: Counter[int] = Counter()
+        self._placed: dict[str, Placement] = {}
+
+    # -- the part every backend shares: CPU affinity --------------------------------------
+    def _pick_cpus(self, cpu_limit: float) -> set[int]:
+        available = sorted(os.sched_getaffinity(0))
+        n = max(1, min(len(available), math.ceil(cpu_limit)))
+        least_used = sorted(available, key=lambda c: (self._cpu_use[c], c))
+        return set(least_used[:n])
+
+    def place(self, key: str, cpu_limit: float, mem_limit: int) -> Placement:
+        self.release(key)
+        placement = Placement(key, cpus=self._pick_cpus(cpu_limit))
+        self._confine(placement, cpu_limit, mem_limit)
+        self._cpu_use.update(placement.cpus)
+        self._placed[key] = placement
+        return placement
+
+    def release(self, key: str) -> None:
+        """Forget a server's placement and end what is left in its cgroups."""
+        placement = self._placed.pop(key, None)
+        if placement:
+            self._cpu_use.subtract(placement.cpus)
+        self._remove(key)
+
+    # -- what differs ----------------------------------------------------------------------
+    def _confine(self, placement: Placement, cpu_limit: float, mem_limit: int) -> None:
+        placement.address_space = mem_limit
+
+    def _remove(self, key: str) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "rlimits (RLIMIT_AS for memory) and CPU affinity; no writable cgroup controllers"
+
+
+def _kill_and_remove(directory: Path) -> None:
+    if not directory.exists():
+        return
+    for _ in range(50):
+        try:
+            pids = [int(p) for p in (directory / "cgroup.procs").read_text().split()]
+        except OSError:
+            break
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.02)
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
+
+
+class CgroupV2(LimitBackend):
+    name = "cgroup-v2"
+
+    def __init__(self, log: logging.Logger, root: Path):
+        super().__init__(log)
+        self.base = root / GROUP
+        self.base.mkdir(exist_ok=True)
+        (self.base / "cgroup.subtree_control").write_text("+memory +cpu")
+
+    def _confine(self, placement: Placement, cpu_limit: float, mem_limit: int) -> None:
+        directory = self.base / placement.key
+        directory.mkdir(exist_ok=True)
+        (directory / "memory.max").write_text(str(mem_limit))
+        if (directory / "memory.swap.max").exists():
+            (directory / "memory.swap.max").write_text("0")
+        (directory / "cpu.max").write_text(f"{int(cpu_limit * PERIOD_US)} {PERIOD_US}")
+        placement.cgroup_procs = [directory / "cgroup.procs"]
+
+    def _remove(self, key: str) -> None:
+        directory = self.base / key
+        kill = directory / "cgroup.kill"
+        if kill.exists():
+            try:
+                kill.write_text("1")
+            except OSError:
+                pass
+        _kill_and_remove(directory)
+
+    def describe(self) -> str:
+        return f"cgroup v2 (memory.max, cpu.max) under {self.base}, and CPU affinity"
+
+
+class CgroupV1(LimitBackend):
+    name = "cgroup-v1"
+
+    def __init__(self, log: logging.Logger, memory_root: Path, cpu_root: Path):
+        super().__init__(log)
+        self.memory = memory_root / GROUP
+        self.cpu = cpu_root / GROUP
+        self.memory.mkdir(exist_ok=True)
+        self.cpu.mkdir(exist_ok=True)
+
+    def _confine(self, placement: Placement, cpu_limit: float, mem_limit: int) -> None:
+        mem = self.memory / placement.key
+        cpu = self.cpu / placement.key
+        mem.mkdir(exist_ok=True)
+        cpu.mkdir(exist_ok=True)
+        (mem / "memory.limit_in_bytes").write_text(str(mem_limit))
+        (cpu / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+        (cpu / "cpu.cfs_quota_us").write_text(str(int(cpu_limit * PERIOD_US)))
+        placement.cgroup_procs = [mem / "cgroup.procs", cpu / "cgroup.procs"]
+
+    def _remove(self, key: str) -> None:
+        _kill_and_remove(self.memory / key)
+        _kill_and_remove(self.cpu / key)
+
+    def describe(self) -> str:
+        return f"cgroup v1 (memory {self.memory}, cpu {self.cpu}), and CPU affinity"
+
+
+def _controllers(directory: Path) -> set[str]:
+    try:
+        return set((directory / "cgroup.controllers").read_text().split())
+    except OSError:
+        return set()
+
+
+def detect_backend(log: logging.Logger, root: Path = CGROUP_ROOT) -> LimitBackend:
+    """The best backend this machine allows; never raises."""
+    if os.geteuid() == 0:
+        for unified in (root, root / "unified"):
+            if {"memory", "cpu"} <= _controllers(unified) and os.access(unified, os.W_OK):
+                try:
+                    return CgroupV2(log, unified)
+                except OSError as e:
+                    log.warning("cgroup v2 at %s is not usable: %s", unified, e)
+        memory_root, cpu_root = root / "memory", root / "cpu"
+        if (memory_root / "memory.limit_in_bytes").exists() and (cpu_root / "cpu.cfs_quota_us").exists():
+            try:
+                return CgroupV1(log, memory_root, cpu_root)
+            except OSError as e:
+                log.warning("cgroup v1 is not usable: %s", e)
+    return LimitBackend(log)

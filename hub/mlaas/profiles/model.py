@@ -1,0 +1,207 @@
+"""The resource profile model: the single source of truth for every spawner, the chart and the docs.
+
+A profile file (`spawner_profiles/*.yaml`) holds a mapping with a `profiles:` list. Every field
+is validated here; positions in the file are attached by `mlaas.profiles.loader`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from .mig import ALL_MIG_PROFILES
+from .quantities import format_bytes, format_cpu, parse_bytes, parse_cpu
+
+MAX_CPU_CORES = 1024.0
+MAX_MEMORY_BYTES = 64 * 2**40  # 64 TiB: more is a typo, not a node
+MAX_GPUS = 16
+MAX_MIG_SLICES = 7
+
+SLUG_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+EVERYONE = "*"
+
+# Variables the platform sets itself; a profile may not override them.
+RESERVED_ENV = frozenset(
+    {"CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HOME", "USER", "SHELL", "PATH", "LD_PRELOAD"}
+)
+
+
+def _cores(value: Any) -> float:
+    cores = parse_cpu(value)
+    if cores > MAX_CPU_CORES:
+        raise ValueError(f"{value!r} is more than {MAX_CPU_CORES:g} cores")
+    return cores
+
+
+def _bytes(value: Any) -> int:
+    n = parse_bytes(value)
+    if n > MAX_MEMORY_BYTES:
+        raise ValueError(f"{value!r} is more than 64 TiB")
+    return n
+
+
+Cores = Annotated[float, BeforeValidator(_cores)]
+Bytes = Annotated[int, BeforeValidator(_bytes)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CpuSpec(_Strict):
+    """CPU cores: `guarantee` is reserved for the server, `limit` is the most it may use."""
+
+    guarantee: Cores = 0.0
+    limit: Cores
+
+    @model_validator(mode="after")
+    def _guarantee_within_limit(self) -> CpuSpec:
+        if self.limit <= 0:
+            raise ValueError("limit must be more than 0")
+        if self.guarantee > self.limit:
+            raise ValueError(f"guarantee {self.guarantee:g} is more than limit {self.limit:g}")
+        return self
+
+
+class MemorySpec(_Strict):
+    """Memory in bytes (written 512Mi, 4Gi, 4G)."""
+
+    guarantee: Bytes = 0
+    limit: Bytes
+
+    @model_validator(mode="after")
+    def _guarantee_within_limit(self) -> MemorySpec:
+        if self.limit < 64 * 2**20:
+            raise ValueError("limit must be at least 64Mi (a JupyterLab server needs more)")
+        if self.guarantee > self.limit:
+            raise ValueError(
+                f"guarantee {format_bytes(self.guarantee)} is more than limit {format_bytes(self.limit)}"
+            )
+        return self
+
+
+class GpuRequest(_Strict):
+    """Whole GPUs. `model` narrows the choice, e.g. 'A100' (matched against the product name)."""
+
+    count: int = Field(1, ge=1, le=MAX_GPUS)
+    model: str | None = Field(None, min_length=1, max_length=64)
+
+
+class MigRequest(_Strict):
+    """A MIG slice, e.g. `mig: 3g.20gb` or `mig: {profile: 3g.20gb, count: 2}`."""
+
+    profile: str
+    count: int = Field(1, ge=1, le=MAX_MIG_SLICES)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"profile": value} if isinstance(value, str) else value
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str) -> str:
+        if value not in ALL_MIG_PROFILES:
+            raise ValueError(
+                f"{value!r} is not a MIG profile of any supported GPU "
+                "(e.g. 1g.10gb, 3g.20gb, 7g.80gb; the full list is in docs/profiles.md)"
+            )
+        return value
+
+    @property
+    def resource_name(self) -> str:
+        """The Kubernetes extended resource (GPU operator, mixed strategy)."""
+        return f"nvidia.com/mig-{self.profile}"
+
+
+class Profile(_Strict):
+    slug: str = Field(description="Short unique name, a DNS label: used in URLs, APIs and pod labels.")
+    display_name: str = Field(min_length=1, max_length=80)
+    description: str = Field("", max_length=500)
+    image: str | None = Field(
+        None, description="Container image on Kubernetes; on one machine the platform's environment."
+    )
+    cpu: CpuSpec
+    memory: MemorySpec
+    gpu: GpuRequest | None = None
+    mig: MigRequest | None = None
+    groups: list[str] = Field(min_length=1, description="Groups that may use the profile; ['*'] for everyone.")
+    default: bool = False
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("slug")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not SLUG_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid slug (lower-case letters, digits and '-', at most 63, e.g. 'gpu-a100')"
+            )
+        return value
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name == EVERYONE:
+                continue
+            if "*" in name or not GROUP_RE.match(name):
+                raise ValueError(
+                    f"{name!r} is not a group name ('*' alone means everyone; names use letters, digits and ._:@/+-)"
+                )
+        if EVERYONE in value and len(value) > 1:
+            raise ValueError("'*' already means everyone: list it alone")
+        if len(set(value)) != len(value):
+            raise ValueError("a group is listed twice")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not ENV_NAME_RE.match(key):
+                raise ValueError(f"{key!r} is not an environment variable name")
+            if key in RESERVED_ENV:
+                raise ValueError(f"{key!r} is set by the platform and cannot be overridden")
+        return value
+
+    @model_validator(mode="after")
+    def _one_accelerator_kind(self) -> Profile:
+        if self.gpu and self.mig:
+            raise ValueError("a profile asks for whole GPUs (gpu) or MIG slices (mig), not both")
+        return self
+
+    # --- derived, for forms, logs and spawners -------------------------------------------
+    @property
+    def for_everyone(self) -> bool:
+        return EVERYONE in self.groups
+
+    @property
+    def needs_accelerator(self) -> bool:
+        return self.gpu is not None or self.mig is not None
+
+    def summary(self) -> str:
+        """'2 CPUs, 8 GiB, 1 GPU (A100)' — what a user reads in the form."""
+        parts = [format_cpu(self.cpu.limit), format_bytes(self.memory.limit)]
+        if self.gpu:
+            gpu = f"{self.gpu.count} GPU" + ("s" if self.gpu.count > 1 else "")
+            parts.append(f"{gpu} ({self.gpu.model})" if self.gpu.model else gpu)
+        if self.mig:
+            parts.append(f"{self.mig.count} × MIG {self.mig.profile}")
+        return ", ".join(parts)
+
+
+class ProfileFile(_Strict):
+    """One file of `spawner_profiles/`."""
+
+    profiles: list[Profile] = Field(default_factory=list)

@@ -1,0 +1,151 @@
+"""Platform settings: one YAML file (`MLAAS_CONFIG`, default `mlaas.yaml` if present), then
+`MLAAS_<FIELD>` environment variables for top-level scalar fields.
+
+Every path is resolved against the directory the platform is started from.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class OidcSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    issuer: str = "http://127.0.0.1:9000"
+    client_id: str = "mlaas-hub"
+    client_secret_file: Path | None = Field(
+        None, description="File holding the client secret (default: <state>/secrets/oidc-client-secret)."
+    )
+    # oauthenticator does not discover endpoints; these default to the dev provider's routes.
+    authorize_url: str | None = None
+    token_url: str | None = None
+    userdata_url: str | None = None
+    scopes: list[str] = ["openid", "profile", "email", "groups", "entitlements"]
+    username_claim: str = "preferred_username"
+    groups_claim: str = "groups"
+    entitlements_claim: str = "eduperson_entitlement"
+    entitlement_prefixes: list[str] = ["urn:mace:egi.eu:group:"]
+    entitlement_roles: list[str] = ["member"]
+    allowed_groups: list[str] = ["ml-users", "atlas-ml", "cms-gpu", "mlaas-admins"]
+    admin_groups: list[str] = ["mlaas-admins"]
+
+    def endpoint(self, name: Literal["authorize", "token", "userdata"]) -> str:
+        explicit = {"authorize": self.authorize_url, "token": self.token_url, "userdata": self.userdata_url}[name]
+        return explicit or self.issuer.rstrip("/") + {"authorize": "/auth", "token": "/token", "userdata": "/me"}[name]
+
+
+class DevIdpSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    port: int = 9000
+    users_file: Path = REPO_ROOT / "hub" / "dev_idp" / "users.yaml"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    state_dir: Path = REPO_ROOT / "state"
+    profiles_dir: Path = REPO_ROOT / "spawner_profiles"
+    public_url: str = "http://127.0.0.1:8000"
+    hub_port: int = 8081
+    proxy_api_port: int = 8001
+    oidc: OidcSettings = OidcSettings()
+    dev_idp: DevIdpSettings = DevIdpSettings()
+    isolation: Literal["auto", "accounts", "single-account"] = Field(
+        "auto", description="auto: per-user system accounts when the hub runs as root, else one account."
+    )
+    gpu_inventory: str = Field(
+        "nvml", description="'nvml' (the real GPUs) or the path of a simulated inventory YAML (tests, demos)."
+    )
+    admin_api_token_file: Path | None = Field(
+        None, description="If set, a service 'mlaas-ops' with the admin role uses the token in this file."
+    )
+    spawn_timeout: int = 60
+
+    # --- derived paths --------------------------------------------------------------------
+    @property
+    def hub_dir(self) -> Path:
+        return self.state_dir / "hub"
+
+    @property
+    def homes_dir(self) -> Path:
+        return self.state_dir / "homes"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.state_dir / "secrets"
+
+    @property
+    def client_secret_file(self) -> Path:
+        return self.oidc.client_secret_file or self.secrets_dir / "oidc-client-secret"
+
+    @property
+    def callback_url(self) -> str:
+        return self.public_url.rstrip("/") + "/hub/oauth_callback"
+
+    @property
+    def port(self) -> int:
+        from urllib.parse import urlparse
+
+        return urlparse(self.public_url).port or 80
+
+
+class SettingsError(Exception):
+    pass
+
+
+def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    environ = dict(os.environ if environ is None else environ)
+    path = path or environ.get("MLAAS_CONFIG")
+    data: dict = {}
+    if path:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise SettingsError(f"{path}: {e}") from e
+    for name, field in Settings.model_fields.items():
+        value = environ.get(f"MLAAS_{name.upper()}")
+        if value is not None and field.annotation not in (OidcSettings, DevIdpSettings):
+            data[name] = value
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        where = str(path) if path else "settings"
+        lines = [f"{where} {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        raise SettingsError("\n".join(lines)) from e
+
+
+def ensure_secret(path: Path, nbytes: int = 32) -> str:
+    """Read a secret file, creating it (mode 0600) on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    value = secrets.token_hex(nbytes)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
+
+
+def prepare_state(settings: Settings) -> None:
+    """Create the state tree: private hub and secrets dirs, homes traversable but not listable."""
+    for directory, mode in (
+        (settings.state_dir, 0o711),
+        (settings.hub_dir, 0o700),
+        (settings.secrets_dir, 0o700),
+        (settings.homes_dir, 0o711),
+    ):
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, mode)

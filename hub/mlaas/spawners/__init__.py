@@ -1,0 +1,1 @@
+"""Spawners: the profile form and checks they share, and how each starts a server."""

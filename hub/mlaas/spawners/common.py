@@ -1,0 +1,144 @@
+"""What every MLaaS spawner shares: the profile form, the server-side access and capacity checks,
+and progress events. The local and the Kubernetes spawner add only how a server is started."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+from tornado import web
+from traitlets import Unicode
+
+from ..capacity import DeviceAllocator, inventory_source
+from ..profiles import Profile, ProfileStore, allowed_profiles, may_use, preselected, refusal
+from .form import FormEntry, render_form
+
+# Options a spawn request may carry; anything else is refused so typos and probes are visible.
+KNOWN_OPTIONS = frozenset({"profile"})
+
+
+@functools.cache
+def profile_store(directory: str, snapshot: str) -> ProfileStore:
+    return ProfileStore(directory, snapshot or None)
+
+
+@functools.cache
+def device_allocator(spec: str) -> DeviceAllocator:
+    return DeviceAllocator(inventory_source(spec))
+
+
+class ProfileSpawnerMixin:
+    """Mixed into a JupyterHub Spawner subclass."""
+
+    profiles_dir = Unicode("spawner_profiles", config=True, help="Directory of profile YAML files.")
+    profiles_snapshot = Unicode(
+        "", config=True, help="File keeping the last good profiles, so a broken edit survives hub restarts."
+    )
+    gpu_inventory = Unicode("nvml", config=True, help="'nvml' or the path of a simulated inventory YAML.")
+
+    profile: Profile | None = None
+
+    # --- shared services -------------------------------------------------------------------
+    @property
+    def store(self) -> ProfileStore:
+        store = profile_store(self.profiles_dir, self.profiles_snapshot)
+        store.log = self.log
+        return store
+
+    @property
+    def allocator(self) -> DeviceAllocator:
+        return device_allocator(self.gpu_inventory)
+
+    @property
+    def owner_key(self) -> str:
+        return f"{self.user.name}/{self.name}"
+
+    def user_groups(self) -> list[str]:
+        return sorted(g.name for g in self.user.groups)
+
+    # --- the form --------------------------------------------------------------------------
+    def form_entries(self) -> list[FormEntry]:
+        entries = []
+        for profile in allowed_profiles(self.store.current(), self.user_groups()):
+            availability = self.allocator.availability(profile)
+            capacity = f"{availability.free} of {availability.total} free" if profile.needs_accelerator else None
+            entries.append(FormEntry(profile, availability.reason if availability.free == 0 else None, capacity))
+        return entries
+
+    def render_options_form(self) -> str:
+        entries = self.form_entries()
+        available = [e.profile for e in entries if not e.unavailable]
+        default = preselected(available)
+        warning = None
+        if self.user.admin and self.store.errors:
+            warning = (
+                f"Admin notice: the profile files have {len(self.store.errors)} error(s); the last good "
+                f"profiles stay in force. First: {self.store.errors[0]}"
+            )
+        return render_form(entries, default.slug if default else None, warning)
+
+    def options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, Any]:
+        return {"profile": (formdata.get("profile") or [""])[0]}
+
+    # --- the server-side check: every request, from the form or the API --------------------
+    def resolve_profile(self, options: dict[str, Any]) -> Profile:
+        unknown = sorted(set(options) - KNOWN_OPTIONS)
+        if unknown:
+            raise web.HTTPError(400, f"Unknown spawn option(s): {', '.join(map(repr, unknown))}; only 'profile' is accepted.")
+        slug = options.get("profile") or ""
+        if not isinstance(slug, str):
+            raise web.HTTPError(400, f"'profile' must be a profile's slug, not {slug!r}.")
+        groups = self.user_groups()
+        pset = self.store.current()
+        allowed = allowed_profiles(pset, groups)
+        if not slug:
+            usable = [p for p in allowed if self.allocator.availability(p).free > 0]
+            choice = preselected(usable)
+            if choice is None:
+                raise web.HTTPError(403, "No resource profile is open to your groups; ask the platform admins.")
+            return choice
+        profile = pset.get(slug)
+        if profile is None:
+            names = ", ".join(p.slug for p in allowed) or "none"
+            raise web.HTTPError(400, f"There is no profile {slug!r}. Profiles open to you: {names}.")
+        if not may_use(profile, groups):
+            self.log.warning("Refused profile %s for %s (groups: %s)", slug, self.user.name, groups)
+            raise web.HTTPError(403, refusal(profile, groups))
+        availability = self.allocator.availability(profile)
+        if availability.free == 0:
+            raise web.HTTPError(409, f"Profile {slug!r} cannot start now: {availability.reason}.")
+        return profile
+
+    async def apply_profile(self, options: dict[str, Any]) -> None:
+        self.profile = self.resolve_profile(options)
+        self.cpu_limit = self.profile.cpu.limit
+        self.cpu_guarantee = self.profile.cpu.guarantee or None
+        self.mem_limit = self.profile.memory.limit
+        self.mem_guarantee = self.profile.memory.guarantee or None
+        self.log.info("%s starts profile %s (%s)", self.owner_key, self.profile.slug, self.profile.summary())
+
+    # --- progress ----------------------------------------------------------------------------
+    def emit(self, progress: int, message: str) -> None:
+        events = self.__dict__.setdefault("_mlaas_events", [])
+        events.append({"progress": progress, "message": message})
+        signal = self.__dict__.get("_mlaas_signal")
+        if signal is not None:
+            signal.set()
+
+    def reset_progress(self) -> None:
+        self.__dict__["_mlaas_events"] = []
+
+    async def progress(self):
+        sent = 0
+        signal = self.__dict__.setdefault("_mlaas_signal", asyncio.Event())
+        while True:
+            events = self.__dict__.get("_mlaas_events", [])
+            while sent < len(events):
+                yield events[sent]
+                sent += 1
+            signal.clear()
+            try:
+                await asyncio.wait_for(signal.wait(), timeout=1)
+            except asyncio.TimeoutError:
+                pass

@@ -1,0 +1,227 @@
+"""LocalProfileSpawner: profiles on one machine, as local processes.
+
+On top of JupyterHub's LocalProcessSpawner it adds: a per-user system account and private home
+(when the hub is root), the profile's CPU/memory limits (see `mlaas.limits`), GPUs and MIG
+instances by UUID in CUDA_VISIBLE_DEVICES, progress events, and readiness reported the moment
+the server listens (the hub's own polling backs off up to seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
+from tornado import web
+from traitlets import Float, Unicode, default
+
+from ..accounts import Account, account_name, ensure_account, own_account, untraversable_ancestor
+from ..capacity import NoCapacity
+from ..limits import LimitBackend, Placement, detect_backend
+from ..profiles.quantities import format_bytes
+from .common import ProfileSpawnerMixin
+
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@functools.cache
+def limit_backend() -> LimitBackend:
+    log = logging.getLogger("mlaas.limits")
+    backend = detect_backend(log)
+    log.info("Resource limits for local servers: %s", backend.describe())
+    return backend
+
+
+class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
+    homes_dir = Unicode("state/homes", config=True, help="Where per-user home directories live.")
+    isolation = Unicode(
+        "auto",
+        config=True,
+        help="'accounts' (a system account per user; needs root), 'single-account' (development), or 'auto'.",
+    )
+    listen_poll_interval = Float(0.01, config=True, help="Seconds between checks that the new server listens.")
+
+    account: Account | None = None
+    placement: Placement | None = None
+
+    @default("options_form")
+    def _options_form_default(self):
+        return lambda spawner: spawner.render_options_form()
+
+    @default("apply_user_options")
+    def _apply_user_options_default(self):
+        return lambda spawner, options: spawner.apply_profile(options)
+
+    @default("cmd")
+    def _cmd_default(self):
+        return [str(Path(sys.prefix) / "bin" / "jupyterhub-singleuser")]
+
+    @property
+    def uses_accounts(self) -> bool:
+        if self.isolation == "auto":
+            return os.geteuid() == 0
+        return self.isolation == "accounts"
+
+    @property
+    def placement_key(self) -> str:
+        suffix = f"-{re.sub(r'[^a-z0-9_-]', '-', self.name.lower())}" if self.name else ""
+        return account_name(self.user.name) + suffix
+
+    # --- environment ---------------------------------------------------------------------------
+    def user_env(self, env: dict[str, str]) -> dict[str, str]:
+        account = self.account
+        assert account is not None, "start() sets the account before the environment is built"
+        env.update(USER=account.name, HOME=str(account.home), SHELL="/bin/bash")
+        env["PATH"] = f"{Path(sys.prefix) / 'bin'}:{SYSTEM_PATH}"
+        return env
+
+    def get_env(self) -> dict[str, str]:
+        env = super().get_env()
+        profile = self.profile
+        if profile is None:
+            return env
+        env.update(profile.env)
+        cpus = len(self.placement.cpus) if self.placement and self.placement.cpus else max(1, int(profile.cpu.limit))
+        env.update(
+            MLAAS_PROFILE=profile.slug,
+            CPU_LIMIT=f"{profile.cpu.limit:g}",
+            MEM_LIMIT=str(profile.memory.limit),
+            OMP_NUM_THREADS=str(cpus),
+            OPENBLAS_NUM_THREADS=str(cpus),
+            MKL_NUM_THREADS=str(cpus),
+        )
+        # A server without accelerators sees none, even on a GPU machine.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(self.state_gpus)
+        return env
+
+    def get_args(self) -> list[str]:
+        args = super().get_args()
+        if os.geteuid() == 0 and not self.uses_accounts:
+            args.append("--ServerApp.allow_root=True")
+        return args
+
+    def make_preexec_fn(self, name: str):
+        placement, account = self.placement, self.account
+        assert placement is not None and account is not None
+        switch_user = set_user_setuid(account.name) if self.uses_accounts else None
+        home = str(account.home)
+
+        def preexec() -> None:
+            placement.preexec()
+            os.umask(0o077)
+            if switch_user:
+                switch_user()
+            else:
+                os.chdir(home)
+
+        return preexec
+
+    # --- state kept across hub restarts ----------------------------------------------------------
+    state_gpus: list[str] = []
+
+    def get_state(self) -> dict:
+        state = super().get_state()
+        if self.state_gpus:
+            state["gpus"] = list(self.state_gpus)
+        return state
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.state_gpus = list(state.get("gpus", []))
+        if self.state_gpus:
+            self.allocator.restore(self.owner_key, self.state_gpus)
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self.state_gpus = []
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def start(self):
+        self.reset_progress()
+        profile = self.profile
+        if profile is None:  # apply_user_options always runs first; this guards direct calls
+            await self.apply_profile(self.user_options or {})
+            profile = self.profile
+        assert profile is not None
+        self.emit(10, f"Profile {profile.display_name}: {profile.summary()}")
+
+        home = Path(self.homes_dir) / account_name(self.user.name)
+        if self.uses_accounts:
+            blocked = untraversable_ancestor(Path(self.homes_dir))
+            if blocked is not None:
+                raise web.HTTPError(500, f"Server setup error: user accounts cannot enter {blocked}; ask the admins.")
+            self.account = await asyncio.to_thread(ensure_account, self.user.name, home)
+            self.emit(20, f"Using account {self.account.name} with a private home directory")
+        else:
+            self.account = own_account(home)
+            self.emit(20, "Single-account development mode: servers share the hub's account")
+
+        try:
+            devices = self.allocator.claim(self.owner_key, profile)
+        except NoCapacity as e:
+            raise web.HTTPError(409, str(e)) from None
+        self.state_gpus = [d.uuid for d in devices]
+        if devices:
+            names = ", ".join(f"{d.mig_profile or d.model} ({d.uuid})" for d in devices)
+            self.emit(30, f"Assigned {names}")
+
+        backend = limit_backend()
+        self.placement = backend.place(self.placement_key, profile.cpu.limit, profile.memory.limit)
+        self.emit(
+            40,
+            f"Limits: {len(self.placement.cpus)} CPU core(s), {format_bytes(profile.memory.limit)} memory ({backend.name})",
+        )
+
+        self.emit(50, "Starting JupyterLab")
+        started = time.perf_counter()
+        try:
+            ip, port = await super().start()
+            await self._wait_until_listening(ip, port)
+        except BaseException:
+            self._release()
+            raise
+        self.log.info("%s listens after %.2fs", self.owner_key, time.perf_counter() - started)
+        self.emit(90, "JupyterLab is up; connecting you")
+        return ip, port
+
+    async def _wait_until_listening(self, ip: str, port: int) -> None:
+        """Return as soon as the server accepts connections, so the hub's first check succeeds."""
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            status = self.proc.poll() if self.proc else None
+            if status is not None:
+                raise web.HTTPError(
+                    500, f"The server exited with status {status} before it listened; the hub log has its output."
+                )
+            try:
+                _, writer = await asyncio.open_connection(ip, port)
+            except OSError:
+                await asyncio.sleep(self.listen_poll_interval)
+                continue
+            writer.close()
+            return
+        raise asyncio.TimeoutError(f"Server did not listen on {ip}:{port} within {self.start_timeout}s")
+
+    async def poll(self):
+        status = await super().poll()
+        if status is not None:
+            self._release()
+        return status
+
+    async def stop(self, now: bool = False):
+        try:
+            await super().stop(now=now)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        freed = self.allocator.release(self.owner_key)
+        if freed:
+            self.log.info("%s released %s", self.owner_key, ", ".join(freed))
+        limit_backend().release(self.placement_key)
