@@ -53,7 +53,6 @@ def configure(c, settings: Settings) -> None:
     c.ConfigurableHTTPProxy.command = [str(REPO_ROOT / "node_modules" / ".bin" / "configurable-http-proxy")]
     c.ConfigurableHTTPProxy.pid_file = str(hub_dir / "proxy.pid")
     c.JupyterHub.extra_handlers = [(r"/api/mlaas/profiles", ProfilesAPIHandler)]
-    c.JupyterHub.template_vars = {"announcement_login": "Sign in with your institute account."}
 
     # --- login through the AAI ----------------------------------------------------------------
     c.JupyterHub.authenticator_class = MLaaSAuthenticator

@@ -143,11 +143,11 @@ def _to_profile_error(err: dict[str, Any], raw: CommentedMap, filename: str) -> 
             consumed -= 1
             break
     message = _message(err)
+    if isinstance(node, CommentedMap) and "slug" in node and where.endswith("]"):
+        where = f"{where} ({node['slug']})"  # which profile, when the error is about the whole item
     if err["type"] in {"missing", "extra_forbidden"} and consumed < len(err["loc"]):
         field_name = err["loc"][-1]
         where = f"{where}.{field_name}" if where else str(field_name)
-    elif isinstance(node, CommentedMap) and "slug" in node and where.endswith("]"):
-        where = f"{where} ({node['slug']})"
     return ProfileError(filename, line, where, message)
 
 

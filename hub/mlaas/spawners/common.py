@@ -9,6 +9,7 @@ from typing import Any
 
 from tornado import web
 from traitlets import Unicode
+from traitlets.config import LoggingConfigurable
 
 from ..capacity import DeviceAllocator, inventory_source
 from ..profiles import Profile, ProfileStore, allowed_profiles, may_use, preselected, refusal
@@ -28,8 +29,8 @@ def device_allocator(spec: str) -> DeviceAllocator:
     return DeviceAllocator(inventory_source(spec))
 
 
-class ProfileSpawnerMixin:
-    """Mixed into a JupyterHub Spawner subclass."""
+class ProfileSpawnerMixin(LoggingConfigurable):
+    """Mixed into a JupyterHub Spawner subclass (a configurable, so its traits take config)."""
 
     profiles_dir = Unicode("spawner_profiles", config=True, help="Directory of profile YAML files.")
     profiles_snapshot = Unicode(

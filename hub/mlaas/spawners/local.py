@@ -28,6 +28,7 @@ from ..profiles.quantities import format_bytes
 from .common import ProfileSpawnerMixin
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+USER_JUPYTER_CONFIG = Path(__file__).resolve().parents[2] / "user_env" / "jupyter"
 
 
 @functools.cache
@@ -79,6 +80,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         assert account is not None, "start() sets the account before the environment is built"
         env.update(USER=account.name, HOME=str(account.home), SHELL="/bin/bash")
         env["PATH"] = f"{Path(sys.prefix) / 'bin'}:{SYSTEM_PATH}"
+        env["JUPYTER_CONFIG_PATH"] = str(USER_JUPYTER_CONFIG)
         return env
 
     def get_env(self) -> dict[str, str]:

@@ -1,0 +1,31 @@
+"""Shared fixtures: one real platform for the session (dev IdP, hub, proxy, servers)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from helpers import ARTIFACTS, RunningPlatform, start_platform, state_root
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # State of earlier runs (servers are gone; their files would only pile up).
+    root = state_root()
+    for old in root.iterdir():
+        shutil.rmtree(old, ignore_errors=True)
+    ARTIFACTS.mkdir(exist_ok=True)
+
+
+@pytest.fixture(scope="session")
+def hub() -> RunningPlatform:
+    running = start_platform("main")
+    yield running
+    running.platform.stop()
+    shutil.copytree(running.log_dir, ARTIFACTS / "main-logs", dirs_exist_ok=True)
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="per-user accounts and cgroups need the hub to run as root (CI runs as root)"
+)

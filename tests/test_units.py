@@ -1,0 +1,88 @@
+"""Pure-logic units: entitlement mapping, resource parsing, device allocation, the profile store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helpers import FIXTURES
+from mlaas.auth import groups_from_entitlements
+from mlaas.capacity import DeviceAllocator, NoCapacity
+from mlaas.capacity.simulated import SimulatedInventory
+from mlaas.profiles import ProfileErrors, ProfileStore, load_profile_dir
+from mlaas.profiles.loader import parse_profile_text
+
+EGI = ["urn:mace:egi.eu:group:"]
+
+
+def test_egi_entitlements_map_to_groups_and_only_member_role_counts():
+    urns = [
+        "urn:mace:egi.eu:group:atlas-ml:role=member#aai.egi.eu",
+        "urn:mace:egi.eu:group:vo.example.eu:gpu-users:role=member#aai.egi.eu",
+        "urn:mace:egi.eu:group:cms:role=manager#aai.egi.eu",
+        "urn:mace:egi.eu:group:atlas-ml:role=member#aai.egi.eu",
+        "urn:geant:other.org:res:thing",
+    ]
+    assert groups_from_entitlements(urns, EGI, ["member"]) == ["atlas-ml", "vo.example.eu:gpu-users"]
+    assert "cms" in groups_from_entitlements(urns, EGI, ["member", "manager"])
+
+
+def test_negative_cpu_is_an_error_with_position():
+    text = "profiles:\n  - slug: a\n    display_name: A\n    cpu: {limit: -2}\n    memory: {limit: 1Gi}\n    groups: ['*']\n"
+    _, errors = parse_profile_text(text, "x.yaml")
+    assert [str(e) for e in errors] == ["x.yaml:4 profiles[0].cpu.limit: -2 is negative"]
+
+
+def test_missing_required_field_is_named():
+    text = "profiles:\n  - slug: a\n    cpu: {limit: 1}\n    memory: {limit: 1Gi}\n    groups: ['*']\n"
+    _, errors = parse_profile_text(text, "x.yaml")
+    assert [str(e) for e in errors] == ["x.yaml:2 profiles[0] (a).display_name: is required"]
+
+
+def test_allocator_gives_each_device_once_and_frees_on_release():
+    pset = load_profile_dir(FIXTURES / "profiles")
+    mig, gpu = pset.get("mig-atlas"), pset.get("gpu-one")
+    alloc = DeviceAllocator(SimulatedInventory(FIXTURES / "inventory-a100-mig.yaml"))
+    assert (alloc.availability(mig).free, alloc.availability(mig).total) == (2, 2)
+    first = alloc.claim("alice/", mig)
+    second = alloc.claim("carol/", mig)
+    assert {d.uuid for d in first}.isdisjoint({d.uuid for d in second})
+    assert all(d.uuid.startswith("MIG-") for d in first + second)
+    with pytest.raises(NoCapacity, match="all 2 MIG 3g.20gb instances are in use"):
+        alloc.claim("dave/", mig)
+    # the MIG-split GPU is not offered whole; the other one is
+    assert [d.uuid for d in alloc.claim("bob/", gpu)] == ["GPU-11111111-aaaa-bbbb-cccc-000000000001"]
+    alloc.release("alice/")
+    assert alloc.availability(mig).free == 1
+    assert alloc.claim("dave/", mig)[0].uuid == first[0].uuid
+
+
+def test_store_keeps_last_good_profiles_when_an_edit_is_broken(tmp_path: Path, caplog):
+    directory = tmp_path / "profiles"
+    shutil.copytree(FIXTURES / "profiles", directory)
+    store = ProfileStore(directory, tmp_path / "snapshot.json", logging.getLogger("test-store"))
+    assert "small" in store.current().slugs
+    (directory / "cpu.yaml").write_text((directory / "cpu.yaml").read_text().replace("limit: 512Mi", "limit: lots"))
+    with caplog.at_level(logging.ERROR, logger="test-store"):
+        pset = store.current()
+    assert "small" in pset.slugs and pset.get("small").memory.limit == 512 * 2**20
+    assert "cpu.yaml:7 profiles[0].memory.limit: 'lots' is not a memory size" in caplog.text
+    # a restarted hub with the broken file still has the last good set (from the snapshot)
+    restarted = ProfileStore(directory, tmp_path / "snapshot.json", logging.getLogger("test-store"))
+    assert restarted.current().slugs == pset.slugs
+    assert json.loads((tmp_path / "snapshot.json").read_text())["profiles"][0]["slug"] == "small"
+    # a valid edit takes effect
+    (directory / "cpu.yaml").write_text((directory / "cpu.yaml").read_text().replace("limit: lots", "limit: 640Mi"))
+    assert store.current().get("small").memory.limit == 640 * 2**20
+    assert store.errors == []
+
+
+def test_profile_errors_lists_every_problem():
+    with pytest.raises(ProfileErrors) as e:
+        load_profile_dir(FIXTURES / "bad")
+    files = {err.file.rsplit("/", 1)[-1] for err in e.value.errors}
+    assert files == {"broken.yaml", "unknown_field.yaml", "absurd.yaml"}
