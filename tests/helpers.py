@@ -64,10 +64,12 @@ class RunningPlatform:
         return (self.log_dir / "hub.log").read_text(errors="replace")
 
 
-def start_platform(name: str, gpu_inventory: str = "nvml") -> RunningPlatform:
+def start_platform(
+    name: str, gpu_inventory: str = "nvml", profiles: Path = FIXTURES / "profiles", **overrides: Any
+) -> RunningPlatform:
     run_dir = state_root() / f"{name}-{uuid.uuid4().hex[:8]}"
     state_dir, log_dir, profiles_dir = run_dir / "state", run_dir / "logs", run_dir / "profiles"
-    shutil.copytree(FIXTURES / "profiles", profiles_dir)
+    shutil.copytree(profiles, profiles_dir)
     state_dir.mkdir(parents=True)
     token_file = run_dir / "ops-token"
     ops_token = secrets.token_hex(24)
@@ -84,6 +86,7 @@ def start_platform(name: str, gpu_inventory: str = "nvml") -> RunningPlatform:
         "dev_idp": {"port": idp_port},
         "gpu_inventory": gpu_inventory,
         "admin_api_token_file": str(token_file),
+        **overrides,
     }
     config_file = run_dir / "mlaas.yaml"
     config_file.write_text(yaml.safe_dump(config))
