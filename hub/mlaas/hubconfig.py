@@ -83,6 +83,7 @@ def configure(c, settings: Settings) -> None:
     sp.gpu_inventory = s.gpu_inventory
     sp.homes_dir = str(s.homes_dir)
     sp.isolation = s.isolation
+    sp.max_concurrent_starts = s.max_concurrent_starts
     c.Spawner.default_url = "/lab"
     c.Spawner.start_timeout = s.spawn_timeout
     c.Spawner.http_timeout = 30

@@ -70,7 +70,10 @@ class Settings(BaseModel):
     admin_api_token_file: Path | None = Field(
         None, description="If set, a service 'mlaas-ops' with the admin role uses the token in this file."
     )
-    spawn_timeout: int = 60
+    spawn_timeout: int = 120
+    max_concurrent_starts: int = Field(
+        0, ge=0, description="Local servers starting at once (0: one per CPU core, at least 2); others queue."
+    )
 
     # --- derived paths --------------------------------------------------------------------
     @property

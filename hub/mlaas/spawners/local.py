@@ -9,6 +9,7 @@ the server listens (the hub's own polling backs off up to seconds).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -18,8 +19,9 @@ import time
 from pathlib import Path
 
 from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
+from jupyterhub.utils import url_path_join
 from tornado import web
-from traitlets import Float, Unicode, default
+from traitlets import Float, Integer, Unicode, default
 
 from ..accounts import Account, account_name, ensure_account, own_account, untraversable_ancestor
 from ..capacity import NoCapacity
@@ -39,6 +41,16 @@ def limit_backend() -> LimitBackend:
     return backend
 
 
+_queues: dict[int, asyncio.Semaphore] = {}
+_waiting = [0]  # starts waiting for a slot (the hub runs one event loop)
+
+
+def _start_queue(limit: int) -> asyncio.Semaphore:
+    if limit not in _queues:
+        _queues[limit] = asyncio.Semaphore(limit)
+    return _queues[limit]
+
+
 class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
     homes_dir = Unicode("state/homes", config=True, help="Where per-user home directories live.")
     isolation = Unicode(
@@ -46,7 +58,16 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         config=True,
         help="'accounts' (a system account per user; needs root), 'single-account' (development), or 'auto'.",
     )
-    listen_poll_interval = Float(0.01, config=True, help="Seconds between checks that the new server listens.")
+    listen_poll_interval = Float(0.01, config=True, help="Seconds between checks that the new server answers.")
+    max_concurrent_starts = Integer(
+        0,
+        config=True,
+        help="""Servers that may be starting at the same time (0: one per CPU core, at least 2).
+
+        A server's start is CPU-bound for a few seconds. When many users arrive at once, starting
+        them all together makes everyone wait for the last; a short queue lets each start at full
+        speed. Queued users see their place in the progress messages.""",
+    )
 
     account: Account | None = None
     placement: Placement | None = None
@@ -180,35 +201,65 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
             f"Limits: {len(self.placement.cpus)} CPU core(s), {format_bytes(profile.memory.limit)} memory ({backend.name})",
         )
 
-        self.emit(50, "Starting JupyterLab")
         started = time.perf_counter()
         try:
-            ip, port = await super().start()
-            await self._wait_until_listening(ip, port)
+            async with self._start_slot():
+                self.emit(50, "Starting JupyterLab")
+                ip, port = await super().start()
+                await self._wait_until_answering(ip, port)
         except BaseException:
             self._release()
             raise
-        self.log.info("%s listens after %.2fs", self.owner_key, time.perf_counter() - started)
+        self.log.info("%s answers after %.2fs", self.owner_key, time.perf_counter() - started)
         self.emit(90, "JupyterLab is up; connecting you")
         return ip, port
 
-    async def _wait_until_listening(self, ip: str, port: int) -> None:
-        """Return as soon as the server accepts connections, so the hub's first check succeeds."""
+    @contextlib.asynccontextmanager
+    async def _start_slot(self):
+        """Wait for one of the `max_concurrent_starts` slots, telling the user their place."""
+        limit = self.max_concurrent_starts or max(2, os.cpu_count() or 2)
+        queue = _start_queue(limit)
+        if queue.locked():
+            self.emit(45, f"Queued: {_waiting[0] + 1} server start(s) ahead of yours on this machine")
+        _waiting[0] += 1
+        try:
+            await queue.acquire()
+        finally:
+            _waiting[0] -= 1
+        try:
+            yield
+        finally:
+            queue.release()
+
+    async def _wait_until_answering(self, ip: str, port: int) -> None:
+        """Return as soon as the server answers HTTP, so the hub's first check succeeds at once.
+
+        The hub's own check backs off (0.2 … 3.2 s between tries); polling here every 10 ms
+        makes a spawn as fast as the server itself.
+        """
+        path = url_path_join(self.server.base_url if self.server else "/", "api")
+        request = f"GET {path} HTTP/1.0\r\nHost: {ip}:{port}\r\n\r\n".encode()
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             status = self.proc.poll() if self.proc else None
             if status is not None:
                 raise web.HTTPError(
-                    500, f"The server exited with status {status} before it listened; the hub log has its output."
+                    500, f"The server exited with status {status} before it answered; the hub log has its output."
                 )
             try:
-                _, writer = await asyncio.open_connection(ip, port)
-            except OSError:
-                await asyncio.sleep(self.listen_poll_interval)
-                continue
-            writer.close()
-            return
-        raise asyncio.TimeoutError(f"Server did not listen on {ip}:{port} within {self.start_timeout}s")
+                reader, writer = await asyncio.open_connection(ip, port)
+                try:
+                    writer.write(request)
+                    line = await asyncio.wait_for(reader.readline(), timeout=self.start_timeout)
+                finally:
+                    writer.close()
+                code = int(line.split()[1]) if line.startswith(b"HTTP/") else 599
+                if code < 500:
+                    return
+            except (OSError, ValueError, IndexError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(self.listen_poll_interval)
+        raise asyncio.TimeoutError(f"Server on {ip}:{port} did not answer within {self.start_timeout}s")
 
     async def poll(self):
         status = await super().poll()

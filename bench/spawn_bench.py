@@ -1,0 +1,213 @@
+"""Spawn benchmark (numbers, not pass/fail): `make bench`.
+
+1. Time from the REST API's start-server call to a ready server with LocalProfileSpawner,
+   against a bare `jupyterhub-singleuser` started by hand (same machine, same run, same
+   environment variables), and their ratio. Rounds alternate to share background noise.
+2. 20 users asking for a server at once: p50/p95 of each one's time to ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from helpers import (  # noqa: E402  (the test helpers start the same platform as `make up`)
+    ARTIFACTS,
+    ensure_user,
+    free_port,
+    request_server,
+    start_platform,
+    stop_server,
+    user_token,
+    wait_ready,
+)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def time_our_spawn(hub, name: str, token: str) -> float:
+    t0 = time.perf_counter()
+    r = request_server(hub, name, token, {"profile": "cpu-small"})
+    if r.status_code == 202:
+        wait_ready(hub, name, timeout=300)
+    elif r.status_code != 201:
+        raise RuntimeError(f"spawn refused: {r.status_code} {r.text}")
+    elapsed = time.perf_counter() - t0
+    stop_server(hub, name)
+    return elapsed
+
+
+def time_bare_singleuser(hub, name: str, token: str) -> float:
+    """jupyterhub-singleuser by hand, with the environment the hub would give it; time to first answer."""
+    port = free_port()
+    prefix = f"/user/{name}/"
+    hub_api = f"http://127.0.0.1:{hub.platform.settings.hub_port}/hub/api"
+    env = {
+        "PATH": f"{sys.prefix}/bin:/usr/bin:/bin",
+        "HOME": str(hub.state_dir / "bare-home"),
+        "JUPYTERHUB_API_TOKEN": token,
+        "JPY_API_TOKEN": token,
+        "JUPYTERHUB_API_URL": hub_api,
+        "JUPYTERHUB_BASE_URL": "/",
+        "JUPYTERHUB_SERVICE_PREFIX": prefix,
+        "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}{prefix}",
+        "JUPYTERHUB_USER": name,
+        "JUPYTERHUB_CLIENT_ID": f"jupyterhub-user-{name}",
+        "JUPYTERHUB_OAUTH_CALLBACK_URL": f"{prefix}oauth_callback",
+        "JUPYTERHUB_HOST": "",
+        "JUPYTERHUB_DEFAULT_URL": "/lab",
+        "JUPYTER_CONFIG_PATH": str(REPO / "hub" / "user_env" / "jupyter"),
+    }
+    Path(env["HOME"]).mkdir(exist_ok=True)
+    args = [f"{sys.prefix}/bin/jupyterhub-singleuser", f"--port={port}", "--ip=127.0.0.1"]
+    if os.geteuid() == 0:
+        args.append("--ServerApp.allow_root=True")
+    url = f"http://127.0.0.1:{port}{prefix}api"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=env["HOME"])
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bare jupyterhub-singleuser exited with {proc.returncode}")
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except urllib.error.HTTPError as e:
+                if e.code < 500:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.01)
+        return time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_ready_by_events(hub, name: str, token: str) -> None:
+    """Wait on the spawn's progress stream (what the browser's progress page does), not by polling."""
+    url = f"{hub.url}/hub/api/users/{name}/server/progress"
+    with hub.api(token).get(url, stream=True, timeout=600) as r:
+        for line in r.iter_lines(decode_unicode=True):
+            if line and line.startswith("data:"):
+                event = json.loads(line[5:])
+                if event.get("ready"):
+                    return
+                if event.get("failed"):
+                    raise RuntimeError(f"{name}: {event.get('message')}")
+    wait_ready(hub, name, timeout=60)  # the stream ended: the spawn finished in between
+
+
+def concurrent_spawns(hub, n: int) -> list[float]:
+    names = [f"load-{i:02d}" for i in range(n)]
+    tokens = {}
+    for name in names:
+        ensure_user(hub, name, ["ml-users"])
+        tokens[name] = user_token(hub, name)
+    times: dict[str, float] = {}
+    barrier = threading.Barrier(n)
+
+    def one(name: str) -> None:
+        barrier.wait()
+        t0 = time.perf_counter()
+        r = request_server(hub, name, tokens[name], {"profile": "cpu-small"})
+        if r.status_code == 202:  # still starting after the hub's 10 s: follow its progress stream
+            wait_ready_by_events(hub, name, tokens[name])
+        elif r.status_code != 201:
+            raise RuntimeError(f"{name}: {r.status_code} {r.text}")
+        times[name] = time.perf_counter() - t0
+
+    threads = [threading.Thread(target=one, args=(name,)) for name in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name in names:
+        stop_server(hub, name, timeout=120)
+    if len(times) != n:
+        raise RuntimeError(f"only {len(times)} of {n} servers became ready")
+    return list(times.values())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--concurrent", type=int, default=20)
+    parser.add_argument("--no-compare", action="store_true", help="skip the burst without the start queue")
+    args = parser.parse_args()
+    hub = start_platform("bench", profiles=REPO / "spawner_profiles", spawn_timeout=600)
+    try:
+        results = measure(hub, args)
+    finally:
+        hub.platform.stop()
+    if not args.no_compare:
+        print(f"\nThe same burst with the start queue off (all {args.concurrent} start at once)…", flush=True)
+        unqueued = start_platform(
+            "bench-noqueue", profiles=REPO / "spawner_profiles", spawn_timeout=600,
+            max_concurrent_starts=args.concurrent,
+        )
+        try:
+            times = concurrent_spawns(unqueued, args.concurrent)
+        finally:
+            unqueued.platform.stop()
+        print(f"  p50 {percentile(times, 0.5):.2f} s   p95 {percentile(times, 0.95):.2f} s   max {max(times):.2f} s")
+        results["concurrent_without_queue"] = {"p50_s": percentile(times, 0.5), "p95_s": percentile(times, 0.95)}
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "bench-spawn.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def measure(hub, args) -> dict:
+    ensure_user(hub, "bench-ours", ["ml-users"])
+    ensure_user(hub, "bench-bare", ["ml-users"])
+    ours_token, bare_token = user_token(hub, "bench-ours"), user_token(hub, "bench-bare")
+    print("warming up (first spawn creates the account; caches fill)…", flush=True)
+    time_our_spawn(hub, "bench-ours", ours_token)
+    time_bare_singleuser(hub, "bench-bare", bare_token)
+    ours, bare = [], []
+    for i in range(args.rounds):
+        bare.append(time_bare_singleuser(hub, "bench-bare", bare_token))
+        ours.append(time_our_spawn(hub, "bench-ours", ours_token))
+        print(f"  round {i + 1}: bare {bare[-1]:.2f}s  ours {ours[-1]:.2f}s", flush=True)
+    ratio = statistics.median(ours) / statistics.median(bare)
+    print(f"\nSingle spawn, API call -> ready server ({args.rounds} rounds, median):")
+    print(f"  bare jupyterhub-singleuser : {statistics.median(bare):.2f} s")
+    print(f"  LocalProfileSpawner        : {statistics.median(ours):.2f} s")
+    print(f"  ratio                      : {ratio:.3f}  (target <= 1.05)")
+
+    print(f"\n{args.concurrent} users spawning at once…", flush=True)
+    t0 = time.perf_counter()
+    times = concurrent_spawns(hub, args.concurrent)
+    wall = time.perf_counter() - t0
+    print(f"  p50 {percentile(times, 0.5):.2f} s   p95 {percentile(times, 0.95):.2f} s   "
+          f"max {max(times):.2f} s   all ready+stopped in {wall:.1f} s  ({os.cpu_count()} CPUs)")
+    return {
+        "bare_s": bare, "ours_s": ours, "ratio_median": ratio,
+        "concurrent": {"n": args.concurrent, "p50_s": percentile(times, 0.5),
+                       "p95_s": percentile(times, 0.95), "times_s": sorted(times)},
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
