@@ -99,8 +99,10 @@ def cmd_up() -> int:
     try:
         load_profile_dir(settings.profiles_dir)
     except ProfileErrors as e:
-        print("The profile files have errors; fix them first:\n" + str(e), file=sys.stderr)
-        return 1
+        print(
+            f"WARNING: the profile files have errors; the hub keeps the last good profiles it has:\n{e}",
+            file=sys.stderr,
+        )
     platform = Platform(settings, Path(os.environ["MLAAS_CONFIG"]) if os.environ.get("MLAAS_CONFIG") else None)
     stopping = False
 
