@@ -120,10 +120,16 @@ def cmd_up() -> int:
         return 1
     pid_file = _pid_file()
     pid_file.write_text(str(os.getpid()))
+    import logging
+
+    from .limits import detect_backend
+
     mode = "per-user accounts" if os.geteuid() == 0 and settings.isolation != "single-account" else "single-account (development)"
+    limits = detect_backend(logging.getLogger("mlaas.limits")).describe()
     print("\n" + "=" * 72)
     print(f" MLaaS Hub is up:  {platform.url}/")
     print(f" Isolation: {mode}.  State: {settings.state_dir}")
+    print(f" Limits: {limits}")
     if settings.dev_idp.enabled:
         print(" Demo logins (development identity provider):")
         for line in _demo_logins(settings.dev_idp.users_file):

@@ -16,7 +16,7 @@ from .settings import REPO_ROOT, Settings, ensure_secret, prepare_state
 from .spawners.common import profile_store
 from .spawners.local import LocalProfileSpawner
 
-log = logging.getLogger("mlaas")
+log = logging.getLogger("JupyterHub.mlaas")  # under the hub's logger: same handlers and format
 
 OPS_SCOPES = ["admin:users", "admin:groups", "admin:servers", "access:servers", "read:hub", "tokens", "list:users"]
 

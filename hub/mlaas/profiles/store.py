@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 from .loader import ProfileError, ProfileErrors, ProfileSet, load_profile_dir, profile_files
@@ -23,7 +24,8 @@ class ProfileStore:
     def __init__(self, directory: str | Path, snapshot: str | Path | None = None, log: logging.Logger | None = None):
         self.directory = Path(directory)
         self.snapshot = Path(snapshot) if snapshot else None
-        self.log = log or logging.getLogger("mlaas.profiles")
+        self.log = log or logging.getLogger("JupyterHub.mlaas.profiles")
+        self._lock = threading.Lock()  # the hub's loop and the watcher thread both refresh
         self._signature: Signature | None = None
         self._good = ProfileSet()
         self.errors: list[ProfileError] = []
@@ -35,6 +37,10 @@ class ProfileStore:
 
     def refresh(self) -> bool:
         """Reload if the files changed; return True when a new set came into force."""
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> bool:
         signature = self._read_signature()
         if signature == self._signature:
             return False

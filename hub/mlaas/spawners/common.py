@@ -43,9 +43,7 @@ class ProfileSpawnerMixin(LoggingConfigurable):
     # --- shared services -------------------------------------------------------------------
     @property
     def store(self) -> ProfileStore:
-        store = profile_store(self.profiles_dir, self.profiles_snapshot)
-        store.log = self.log
-        return store
+        return profile_store(self.profiles_dir, self.profiles_snapshot)
 
     @property
     def allocator(self) -> DeviceAllocator:

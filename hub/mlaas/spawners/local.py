@@ -35,7 +35,7 @@ USER_JUPYTER_CONFIG = Path(__file__).resolve().parents[2] / "user_env" / "jupyte
 
 @functools.cache
 def limit_backend() -> LimitBackend:
-    log = logging.getLogger("mlaas.limits")
+    log = logging.getLogger("JupyterHub.mlaas.limits")
     backend = detect_backend(log)
     log.info("Resource limits for local servers: %s", backend.describe())
     return backend
