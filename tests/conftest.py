@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from helpers import ARTIFACTS, RunningPlatform, start_platform, state_root
+from helpers import ARTIFACTS, FIXTURES, RunningPlatform, start_platform, state_root
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -24,6 +24,16 @@ def hub() -> RunningPlatform:
     yield running
     running.platform.stop()
     shutil.copytree(running.log_dir, ARTIFACTS / "main-logs", dirs_exist_ok=True)
+
+
+@pytest.fixture(scope="session")
+def gpu_hub() -> RunningPlatform:
+    """A platform whose GPU inventory is simulated (tests/fixtures/inventory-a100-mig.yaml):
+    this machine has no NVIDIA GPU, so NVML is the one part replaced."""
+    running = start_platform("gpu", gpu_inventory=str(FIXTURES / "inventory-a100-mig.yaml"))
+    yield running
+    running.platform.stop()
+    shutil.copytree(running.log_dir, ARTIFACTS / "gpu-logs", dirs_exist_ok=True)
 
 
 needs_root = pytest.mark.skipif(

@@ -7,30 +7,15 @@ and one whole A100). The NVML path itself is exercised by `mlaas gpus` on a GPU 
 
 from __future__ import annotations
 
-import shutil
-
-import pytest
-
 from helpers import (
-    ARTIFACTS,
-    FIXTURES,
     ensure_user,
     error_message,
     kernel_json,
     request_server,
-    start_platform,
     start_server,
     stop_server,
     user_token,
 )
-
-
-@pytest.fixture(scope="module")
-def gpu_hub():
-    running = start_platform("gpu", gpu_inventory=str(FIXTURES / "inventory-a100-mig.yaml"))
-    yield running
-    running.platform.stop()
-    shutil.copytree(running.log_dir, ARTIFACTS / "gpu-logs", dirs_exist_ok=True)
 
 
 def visible_devices(hub, name, token) -> str:

@@ -1,6 +1,8 @@
-"""`GET /hub/api/mlaas/profiles`: the profiles the calling user may start, with availability.
+"""The platform's small REST API under the hub.
 
-The same data the spawn form shows, for scripts and clients (token or browser session).
+- `GET /hub/api/mlaas/profiles`: the profiles the calling user may start, with availability
+  (what the spawn form shows), for scripts and clients.
+- `GET /hub/api/mlaas/quotas`: per-group use against quota, with who holds what (admins).
 """
 
 from __future__ import annotations
@@ -8,7 +10,11 @@ from __future__ import annotations
 import json
 
 from jupyterhub.apihandlers.base import APIHandler
+from jupyterhub.scopes import needs_scope
 from tornado import web
+
+from . import quotas
+from .spawners.common import profile_store, usage_ledger
 
 
 class ProfilesAPIHandler(APIHandler):
@@ -39,3 +45,14 @@ class ProfilesAPIHandler(APIHandler):
                 }
             )
         )
+
+
+class QuotasAPIHandler(APIHandler):
+    def initialize(self, profiles_dir: str, snapshot: str) -> None:
+        # config values are deep-copied, so the handler gets the store's key, not the store
+        self.store = profile_store(profiles_dir, snapshot)
+
+    @needs_scope("admin:users")
+    async def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.write(json.dumps({"groups": quotas.report(self.store.current(), usage_ledger().holdings())}))

@@ -10,9 +10,10 @@ import os
 import threading
 from pathlib import Path
 
-from .api import ProfilesAPIHandler
+from .api import ProfilesAPIHandler, QuotasAPIHandler
 from .auth import MLaaSAuthenticator
 from .settings import REPO_ROOT, Settings, ensure_secret, prepare_state
+from .profiles import ProfileStore
 from .spawners.common import profile_store
 from .spawners.local import LocalProfileSpawner
 
@@ -21,9 +22,8 @@ log = logging.getLogger("JupyterHub.mlaas")  # under the hub's logger: same hand
 OPS_SCOPES = ["admin:users", "admin:groups", "admin:servers", "access:servers", "read:hub", "tokens", "list:users"]
 
 
-def start_profile_watcher(settings: Settings, interval: float = 2.0) -> None:
+def start_profile_watcher(store: ProfileStore, interval: float = 2.0) -> None:
     """Reload profiles in the background too, so a broken edit is logged when it is saved."""
-    store = profile_store(str(settings.profiles_dir), str(settings.hub_dir / "profiles.last-good.json"))
     store.refresh()
 
     def watch() -> None:
@@ -52,7 +52,12 @@ def configure(c, settings: Settings) -> None:
     c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{s.proxy_api_port}"
     c.ConfigurableHTTPProxy.command = [str(REPO_ROOT / "node_modules" / ".bin" / "configurable-http-proxy")]
     c.ConfigurableHTTPProxy.pid_file = str(hub_dir / "proxy.pid")
-    c.JupyterHub.extra_handlers = [(r"/api/mlaas/profiles", ProfilesAPIHandler)]
+    snapshot = str(hub_dir / "profiles.last-good.json")
+    store = profile_store(str(s.profiles_dir), snapshot)
+    c.JupyterHub.extra_handlers = [
+        (r"/api/mlaas/profiles", ProfilesAPIHandler),
+        (r"/api/mlaas/quotas", QuotasAPIHandler, {"profiles_dir": str(s.profiles_dir), "snapshot": snapshot}),
+    ]
 
     # --- login through the AAI ----------------------------------------------------------------
     c.JupyterHub.authenticator_class = MLaaSAuthenticator
@@ -79,7 +84,7 @@ def configure(c, settings: Settings) -> None:
     c.JupyterHub.spawner_class = LocalProfileSpawner
     sp = c.LocalProfileSpawner
     sp.profiles_dir = str(s.profiles_dir)
-    sp.profiles_snapshot = str(hub_dir / "profiles.last-good.json")
+    sp.profiles_snapshot = snapshot
     sp.gpu_inventory = s.gpu_inventory
     sp.homes_dir = str(s.homes_dir)
     sp.isolation = s.isolation
@@ -102,4 +107,4 @@ def configure(c, settings: Settings) -> None:
             "and users are not isolated from each other. Run the hub as root for per-user accounts.",
             os.environ.get("USER", "this account"),
         )
-    start_profile_watcher(s)
+    start_profile_watcher(store)

@@ -15,7 +15,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
-from .model import Profile, ProfileFile
+from .model import GroupQuota, Profile, ProfileFile
 
 PROFILE_SUFFIXES = (".yaml", ".yml")
 
@@ -46,6 +46,10 @@ class ProfileSet:
 
     profiles: tuple[Profile, ...] = ()
     sources: dict[str, str] = field(default_factory=dict)  # slug -> "file:line"
+    quotas: tuple[GroupQuota, ...] = ()
+
+    def quota_of(self, group: str) -> GroupQuota | None:
+        return next((q for q in self.quotas if q.group == group), None)
 
     def get(self, slug: str) -> Profile | None:
         return next((p for p in self.profiles if p.slug == slug), None)
@@ -70,42 +74,65 @@ def load_profile_dir(directory: str | Path) -> ProfileSet:
 def load_profile_files(paths: Iterable[Path]) -> ProfileSet:
     errors: list[ProfileError] = []
     loaded: list[tuple[Profile, str]] = []
+    quotas: list[tuple[GroupQuota, str]] = []
     for path in paths:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             errors.append(ProfileError(str(path), None, "", f"cannot be read: {e}"))
             continue
-        file_profiles, file_errors = parse_profile_text(text, str(path))
+        parsed, file_errors = parse_file(text, str(path))
         errors.extend(file_errors)
-        loaded.extend(file_profiles)
+        loaded.extend(parsed.profiles)
+        quotas.extend(parsed.quotas)
     errors.extend(_cross_file_errors(loaded))
+    errors.extend(_duplicates([(q.group, where) for q, where in quotas], "quota for group"))
     if errors:
         raise ProfileErrors(errors)
-    return ProfileSet(tuple(p for p, _ in loaded), {p.slug: where for p, where in loaded})
+    return ProfileSet(
+        tuple(p for p, _ in loaded), {p.slug: where for p, where in loaded}, tuple(q for q, _ in quotas)
+    )
+
+
+@dataclass
+class ParsedFile:
+    profiles: list[tuple[Profile, str]] = field(default_factory=list)  # with "file:line"
+    quotas: list[tuple[GroupQuota, str]] = field(default_factory=list)
 
 
 def parse_profile_text(text: str, filename: str) -> tuple[list[tuple[Profile, str]], list[ProfileError]]:
     """Validate one file's text; return its profiles (with 'file:line') or its errors."""
+    parsed, errors = parse_file(text, filename)
+    return parsed.profiles, errors
+
+
+def parse_file(text: str, filename: str) -> tuple[ParsedFile, list[ProfileError]]:
+    """Validate one file's text; return its profiles and quotas (with 'file:line') or its errors."""
     try:
         raw = YAML(typ="rt").load(text)
     except MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
         problem = e.problem or e.context or "YAML syntax error"
-        return [], [ProfileError(filename, line, "", f"YAML syntax error: {problem}")]
+        return ParsedFile(), [ProfileError(filename, line, "", f"YAML syntax error: {problem}")]
     except Exception as e:  # ruamel raises a few unmarked errors (duplicate keys, bad tags)
-        return [], [ProfileError(filename, None, "", f"YAML error: {e}")]
+        return ParsedFile(), [ProfileError(filename, None, "", f"YAML error: {e}")]
     if raw is None:
-        return [], []
+        return ParsedFile(), []
     if not isinstance(raw, dict):
-        return [], [ProfileError(filename, 1, "", "must be a mapping with a 'profiles:' list")]
+        return ParsedFile(), [ProfileError(filename, 1, "", "must be a mapping with a 'profiles:' and/or 'quotas:' list")]
     try:
         parsed = ProfileFile.model_validate(_plain(raw))
     except ValidationError as e:
-        return [], [_to_profile_error(err, raw, filename) for err in e.errors()]
-    items = raw.get("profiles") or []
-    return [(p, f"{filename}:{_item_line(items, i)}") for i, p in enumerate(parsed.profiles)], []
+        return ParsedFile(), [_to_profile_error(err, raw, filename) for err in e.errors()]
+    items, quota_items = raw.get("profiles") or [], raw.get("quotas") or []
+    return (
+        ParsedFile(
+            [(p, f"{filename}:{_item_line(items, i)}") for i, p in enumerate(parsed.profiles)],
+            [(q, f"{filename}:{_item_line(quota_items, i)}") for i, q in enumerate(parsed.quotas)],
+        ),
+        [],
+    )
 
 
 def _plain(node: Any) -> Any:
@@ -166,33 +193,32 @@ def _message(err: dict[str, Any]) -> str:
     return msg
 
 
-def _cross_file_errors(loaded: list[tuple[Profile, str]]) -> list[ProfileError]:
+def _position(where: str) -> tuple[str, int | None]:
+    file, _, line = where.rpartition(":")
+    return file, int(line) if line.isdigit() else None
+
+
+def _duplicates(named: list[tuple[str, str]], what: str) -> list[ProfileError]:
+    """Errors for names defined twice; `named` holds (name, "file:line") in reading order."""
     errors: list[ProfileError] = []
     seen: dict[str, str] = {}
-    for profile, where in loaded:
-        file, _, line = where.rpartition(":")
-        if profile.slug in seen:
-            errors.append(
-                ProfileError(
-                    file,
-                    int(line) if line.isdigit() else None,
-                    f"slug {profile.slug!r}",
-                    f"duplicate: already defined at {seen[profile.slug]}",
-                )
-            )
+    for name, where in named:
+        if name in seen:
+            errors.append(ProfileError(*_position(where), f"{what} {name!r}", f"duplicate: already defined at {seen[name]}"))
         else:
-            seen[profile.slug] = where
+            seen[name] = where
+    return errors
+
+
+def _cross_file_errors(loaded: list[tuple[Profile, str]]) -> list[ProfileError]:
+    errors = _duplicates([(p.slug, where) for p, where in loaded], "slug")
     defaults = [(p, where) for p, where in loaded if p.default]
-    if len(defaults) > 1:
-        first = defaults[0][1]
-        for p, where in defaults[1:]:
-            file, _, line = where.rpartition(":")
-            errors.append(
-                ProfileError(
-                    file,
-                    int(line) if line.isdigit() else None,
-                    f"profile {p.slug!r} default",
-                    f"only one profile can be the default; {defaults[0][0].slug!r} already is ({first})",
-                )
+    for p, where in defaults[1:]:
+        errors.append(
+            ProfileError(
+                *_position(where),
+                f"profile {p.slug!r} default",
+                f"only one profile can be the default; {defaults[0][0].slug!r} already is ({defaults[0][1]})",
             )
+        )
     return errors

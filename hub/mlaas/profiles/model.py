@@ -201,7 +201,40 @@ class Profile(_Strict):
         return ", ".join(parts)
 
 
+class GroupQuota(_Strict):
+    """What the members of a group may use together, counted from running servers.
+
+    CPU and memory count the profiles' limits. Every group of a user that has a quota counts
+    that user's servers, so each group's quota bounds what its members use together.
+    """
+
+    group: str
+    gpus: int | None = Field(None, ge=0, le=100_000, description="Whole GPUs.")
+    mig: dict[str, int] = Field(default_factory=dict, description="MIG slices by profile, e.g. {3g.20gb: 2}.")
+    cpu: Cores | None = Field(None, description="CPU cores (sum of limits).")
+    memory: Bytes | None = Field(None, description="Memory (sum of limits).")
+    servers_per_user: int | None = Field(None, ge=0, le=1000, description="Running servers of one member.")
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str) -> str:
+        if not GROUP_RE.match(value):
+            raise ValueError(f"{value!r} is not a group name (letters, digits and ._:@/+-)")
+        return value
+
+    @field_validator("mig")
+    @classmethod
+    def _mig(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, count in value.items():
+            if name not in ALL_MIG_PROFILES:
+                raise ValueError(f"{name!r} is not a MIG profile of any supported GPU")
+            if not isinstance(count, int) or count < 0:
+                raise ValueError(f"{name}: {count!r} is not a count of slices")
+        return value
+
+
 class ProfileFile(_Strict):
-    """One file of `spawner_profiles/`."""
+    """One file of `spawner_profiles/`: profiles, group quotas, or both."""
 
     profiles: list[Profile] = Field(default_factory=list)
+    quotas: list[GroupQuota] = Field(default_factory=list)

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from .loader import ProfileError, ProfileErrors, ProfileSet, load_profile_dir, profile_files
-from .model import Profile
+from .model import GroupQuota, Profile
 
 Signature = tuple[tuple[str, int, int], ...]
 
@@ -58,7 +58,7 @@ class ProfileStore:
                 "\n  ".join(str(err) for err in e.errors),
             )
             return False
-        changed = fresh.profiles != self._good.profiles or not self._loaded_once
+        changed = (fresh.profiles, fresh.quotas) != (self._good.profiles, self._good.quotas) or not self._loaded_once
         self.errors = []
         self._good, self._loaded_once = fresh, True
         if changed:
@@ -75,7 +75,11 @@ class ProfileStore:
     def _save_snapshot(self, pset: ProfileSet) -> None:
         if not self.snapshot:
             return
-        data = {"profiles": [p.model_dump(mode="json") for p in pset.profiles], "sources": pset.sources}
+        data = {
+            "profiles": [p.model_dump(mode="json") for p in pset.profiles],
+            "sources": pset.sources,
+            "quotas": [q.model_dump(mode="json") for q in pset.quotas],
+        }
         self.snapshot.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.snapshot.parent, prefix=".profiles-")
         with os.fdopen(fd, "w") as f:
@@ -87,7 +91,11 @@ class ProfileStore:
             return ProfileSet()
         try:
             data = json.loads(self.snapshot.read_text())
-            pset = ProfileSet(tuple(Profile.model_validate(p) for p in data["profiles"]), dict(data["sources"]))
+            pset = ProfileSet(
+                tuple(Profile.model_validate(p) for p in data["profiles"]),
+                dict(data["sources"]),
+                tuple(GroupQuota.model_validate(q) for q in data.get("quotas", [])),
+            )
         except Exception as e:  # a damaged snapshot must not stop the hub either
             self.log.error("Cannot read the last good profiles from %s: %s", self.snapshot, e)
             return ProfileSet()

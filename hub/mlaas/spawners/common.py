@@ -11,6 +11,7 @@ from tornado import web
 from traitlets import Unicode
 from traitlets.config import LoggingConfigurable
 
+from .. import quotas
 from ..capacity import DeviceAllocator, inventory_source
 from ..profiles import Profile, ProfileStore, allowed_profiles, may_use, preselected, refusal
 from .form import FormEntry, render_form
@@ -22,6 +23,12 @@ KNOWN_OPTIONS = frozenset({"profile"})
 @functools.cache
 def profile_store(directory: str, snapshot: str) -> ProfileStore:
     return ProfileStore(directory, snapshot or None)
+
+
+@functools.cache
+def usage_ledger() -> quotas.UsageLedger:
+    """Servers holding resources in this hub, for quotas (one per hub process)."""
+    return quotas.UsageLedger()
 
 
 @functools.cache
@@ -56,13 +63,33 @@ class ProfileSpawnerMixin(LoggingConfigurable):
     def user_groups(self) -> list[str]:
         return sorted(g.name for g in self.user.groups)
 
+    def quota_refusal(self, profile: Profile) -> str | None:
+        """Why a group quota does not allow this profile now, or None."""
+        others = usage_ledger().holdings(excluding=self.owner_key)
+        try:
+            quotas.check(self.store.current(), self.user.name, self.user_groups(), profile, others)
+        except quotas.QuotaExceeded as e:
+            return str(e)
+        return None
+
+    def hold(self, profile: Profile) -> None:
+        usage_ledger().hold(
+            self.owner_key, quotas.Holding(self.user.name, self.name, frozenset(self.user_groups()), profile)
+        )
+
+    def release_holding(self) -> None:
+        usage_ledger().release(self.owner_key)
+
     # --- the form --------------------------------------------------------------------------
     def form_entries(self) -> list[FormEntry]:
         entries = []
         for profile in allowed_profiles(self.store.current(), self.user_groups()):
             availability = self.allocator.availability(profile)
             capacity = f"{availability.free} of {availability.total} free" if profile.needs_accelerator else None
-            entries.append(FormEntry(profile, availability.reason if availability.free == 0 else None, capacity))
+            reason = availability.reason if availability.free == 0 else None
+            if reason is None and (quota := self.quota_refusal(profile)):
+                reason = f"your group's quota is used ({quota})"
+            entries.append(FormEntry(profile, reason, capacity))
         return entries
 
     def render_options_form(self) -> str:
@@ -110,12 +137,36 @@ class ProfileSpawnerMixin(LoggingConfigurable):
         return profile
 
     async def apply_profile(self, options: dict[str, Any]) -> None:
-        self.profile = self.resolve_profile(options)
+        profile = self.resolve_profile(options)
+        # The quota check and the holding happen without an await between them: no other spawn
+        # on the hub's event loop can slip in.
+        if quota := self.quota_refusal(profile):
+            self.log.warning("Quota refused %s for %s: %s", profile.slug, self.owner_key, quota)
+            raise web.HTTPError(403, f"Quota exceeded: {quota}")
+        self.hold(profile)
+        self.profile = profile
         self.cpu_limit = self.profile.cpu.limit
         self.cpu_guarantee = self.profile.cpu.guarantee or None
         self.mem_limit = self.profile.memory.limit
         self.mem_guarantee = self.profile.memory.guarantee or None
         self.log.info("%s starts profile %s (%s)", self.owner_key, self.profile.slug, self.profile.summary())
+
+    # --- state kept across hub restarts -----------------------------------------------------------
+    def get_state(self) -> dict:
+        state = super().get_state()
+        if self.profile is not None:
+            state["profile"] = self.profile.model_dump(mode="json")
+        return state
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self.profile = None
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        if "profile" in state:
+            self.profile = Profile.model_validate(state["profile"])
+            self.hold(self.profile)
 
     # --- progress ----------------------------------------------------------------------------
     def emit(self, progress: int, message: str) -> None:

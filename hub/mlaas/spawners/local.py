@@ -274,6 +274,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
             self._release()
 
     def _release(self) -> None:
+        self.release_holding()
         freed = self.allocator.release(self.owner_key)
         if freed:
             self.log.info("%s released %s", self.owner_key, ", ".join(freed))
