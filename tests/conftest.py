@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
+
+# KubeSpawner's mock mode still loads a kubeconfig when it is built: give it one that points
+# nowhere, before anything imports kubernetes_asyncio. No test talks to a cluster.
+_KUBECONFIG = Path(__file__).parent / "fixtures" / "kubeconfig-nowhere.yaml"
+os.environ["KUBECONFIG"] = str(_KUBECONFIG)
 
 import pytest
 

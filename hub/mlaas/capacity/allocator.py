@@ -6,21 +6,12 @@ follows it cannot interleave with another spawn's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..profiles.model import Profile
-from .base import Device, Inventory, InventorySource
+from .base import Availability, Device, Inventory, InventorySource
 
 
 class NoCapacity(Exception):
     """The profile's accelerators cannot be given now; the message is for the user."""
-
-
-@dataclass(frozen=True)
-class Availability:
-    free: int  # how many more servers of this profile fit now
-    total: int  # how many would fit on an idle machine
-    reason: str | None  # why none can be started, if free == 0
 
 
 def _matches(profile: Profile, device: Device) -> bool:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from ..profiles.model import Profile
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,21 @@ class Inventory:
     source: str = ""
     unavailable_reason: str | None = None  # why there are no devices at all, for the form
     mig_enabled_gpus: tuple[str, ...] = field(default=())  # whole GPUs that are split and not assignable
+
+
+@dataclass(frozen=True)
+class Availability:
+    """How many more servers of one profile can start now, and why none can if so."""
+
+    free: int  # how many more servers of this profile fit now
+    total: int  # how many would fit on the idle platform
+    reason: str | None  # why none can be started, if free == 0
+
+
+class CapacitySource(Protocol):
+    """What the form and the submit-time check ask: the local allocator or the Kubernetes cache."""
+
+    def availability(self, profile: "Profile") -> Availability: ...
 
 
 class InventorySource(Protocol):

@@ -137,6 +137,11 @@ class Profile(_Strict):
     gpu: GpuRequest | None = None
     mig: MigRequest | None = None
     groups: list[str] = Field(min_length=1, description="Groups that may use the profile; ['*'] for everyone.")
+    node_pool: str | None = Field(
+        None,
+        description="Kubernetes: run only on nodes labelled mlaas.io/node-pool=<pool>, tolerating that pool's taint "
+        "(how a group's reserved nodes are kept for its profiles). Ignored on one machine.",
+    )
     default: bool = False
     env: dict[str, str] = Field(default_factory=dict)
 
@@ -163,6 +168,13 @@ class Profile(_Strict):
             raise ValueError("'*' already means everyone: list it alone")
         if len(set(value)) != len(value):
             raise ValueError("a group is listed twice")
+        return value
+
+    @field_validator("node_pool")
+    @classmethod
+    def _node_pool(cls, value: str | None) -> str | None:
+        if value is not None and not SLUG_RE.match(value):
+            raise ValueError(f"{value!r} is not a node pool name (a label value: lower-case letters, digits, '-')")
         return value
 
     @field_validator("env")

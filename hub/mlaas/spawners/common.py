@@ -8,11 +8,11 @@ import functools
 from typing import Any
 
 from tornado import web
-from traitlets import Unicode
+from traitlets import Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from .. import quotas
-from ..capacity import DeviceAllocator, inventory_source
+from ..capacity import CapacitySource
 from ..profiles import Profile, ProfileStore, allowed_profiles, may_use, preselected, refusal
 from .form import FormEntry, render_form
 
@@ -31,11 +31,6 @@ def usage_ledger() -> quotas.UsageLedger:
     return quotas.UsageLedger()
 
 
-@functools.cache
-def device_allocator(spec: str) -> DeviceAllocator:
-    return DeviceAllocator(inventory_source(spec))
-
-
 class ProfileSpawnerMixin(LoggingConfigurable):
     """Mixed into a JupyterHub Spawner subclass (a configurable, so its traits take config)."""
 
@@ -43,9 +38,16 @@ class ProfileSpawnerMixin(LoggingConfigurable):
     profiles_snapshot = Unicode(
         "", config=True, help="File keeping the last good profiles, so a broken edit survives hub restarts."
     )
-    gpu_inventory = Unicode("nvml", config=True, help="'nvml' or the path of a simulated inventory YAML.")
 
     profile: Profile | None = None
+
+    @default("options_form")
+    def _options_form_default(self):
+        return lambda spawner: spawner.render_options_form()
+
+    @default("apply_user_options")
+    def _apply_user_options_default(self):
+        return lambda spawner, options: spawner.apply_profile(options)
 
     # --- shared services -------------------------------------------------------------------
     @property
@@ -53,8 +55,9 @@ class ProfileSpawnerMixin(LoggingConfigurable):
         return profile_store(self.profiles_dir, self.profiles_snapshot)
 
     @property
-    def allocator(self) -> DeviceAllocator:
-        return device_allocator(self.gpu_inventory)
+    def capacity(self) -> CapacitySource:
+        """Where availability comes from: the local allocator or the cluster's watch cache."""
+        raise NotImplementedError
 
     @property
     def owner_key(self) -> str:
@@ -84,7 +87,7 @@ class ProfileSpawnerMixin(LoggingConfigurable):
     def form_entries(self) -> list[FormEntry]:
         entries = []
         for profile in allowed_profiles(self.store.current(), self.user_groups()):
-            availability = self.allocator.availability(profile)
+            availability = self.capacity.availability(profile)
             capacity = f"{availability.free} of {availability.total} free" if profile.needs_accelerator else None
             reason = availability.reason if availability.free == 0 else None
             if reason is None and (quota := self.quota_refusal(profile)):
@@ -119,7 +122,7 @@ class ProfileSpawnerMixin(LoggingConfigurable):
         pset = self.store.current()
         allowed = allowed_profiles(pset, groups)
         if not slug:
-            usable = [p for p in allowed if self.allocator.availability(p).free > 0]
+            usable = [p for p in allowed if self.capacity.availability(p).free > 0]
             choice = preselected(usable)
             if choice is None:
                 raise web.HTTPError(403, "No resource profile is open to your groups; ask the platform admins.")
@@ -131,7 +134,7 @@ class ProfileSpawnerMixin(LoggingConfigurable):
         if not may_use(profile, groups):
             self.log.warning("Refused profile %s for %s (groups: %s)", slug, self.user.name, groups)
             raise web.HTTPError(403, refusal(profile, groups))
-        availability = self.allocator.availability(profile)
+        availability = self.capacity.availability(profile)
         if availability.free == 0:
             raise web.HTTPError(409, f"Profile {slug!r} cannot start now: {availability.reason}.")
         return profile

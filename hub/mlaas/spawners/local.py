@@ -24,13 +24,19 @@ from tornado import web
 from traitlets import Float, Integer, Unicode, default
 
 from ..accounts import Account, account_name, ensure_account, own_account, untraversable_ancestor
-from ..capacity import NoCapacity
+from ..capacity import DeviceAllocator, NoCapacity, inventory_source
 from ..limits import LimitBackend, Placement, detect_backend
 from ..profiles.quantities import format_bytes
 from .common import ProfileSpawnerMixin
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 USER_JUPYTER_CONFIG = Path(__file__).resolve().parents[2] / "user_env" / "jupyter"
+
+
+@functools.cache
+def device_allocator(spec: str) -> DeviceAllocator:
+    """One allocator per inventory in the hub process: a device is never given twice."""
+    return DeviceAllocator(inventory_source(spec))
 
 
 @functools.cache
@@ -53,6 +59,7 @@ def _start_queue(limit: int) -> asyncio.Semaphore:
 
 class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
     homes_dir = Unicode("state/homes", config=True, help="Where per-user home directories live.")
+    gpu_inventory = Unicode("nvml", config=True, help="'nvml' or the path of a simulated inventory YAML.")
     isolation = Unicode(
         "auto",
         config=True,
@@ -72,17 +79,13 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
     account: Account | None = None
     placement: Placement | None = None
 
-    @default("options_form")
-    def _options_form_default(self):
-        return lambda spawner: spawner.render_options_form()
-
-    @default("apply_user_options")
-    def _apply_user_options_default(self):
-        return lambda spawner, options: spawner.apply_profile(options)
-
     @default("cmd")
     def _cmd_default(self):
         return [str(Path(sys.prefix) / "bin" / "jupyterhub-singleuser")]
+
+    @property
+    def capacity(self) -> DeviceAllocator:
+        return device_allocator(self.gpu_inventory)
 
     @property
     def uses_accounts(self) -> bool:
@@ -158,7 +161,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         super().load_state(state)
         self.state_gpus = list(state.get("gpus", []))
         if self.state_gpus:
-            self.allocator.restore(self.owner_key, self.state_gpus)
+            self.capacity.restore(self.owner_key, self.state_gpus)
 
     def clear_state(self) -> None:
         super().clear_state()
@@ -186,7 +189,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
             self.emit(20, "Single-account development mode: servers share the hub's account")
 
         try:
-            devices = self.allocator.claim(self.owner_key, profile)
+            devices = self.capacity.claim(self.owner_key, profile)
         except NoCapacity as e:
             raise web.HTTPError(409, str(e)) from None
         self.state_gpus = [d.uuid for d in devices]
@@ -275,7 +278,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
 
     def _release(self) -> None:
         self.release_holding()
-        freed = self.allocator.release(self.owner_key)
+        freed = self.capacity.release(self.owner_key)
         if freed:
             self.log.info("%s released %s", self.owner_key, ", ".join(freed))
         limit_backend().release(self.placement_key)

@@ -1,0 +1,271 @@
+"""Live capacity of a Kubernetes cluster, from a watch cache of its Nodes and Pods.
+
+Nodes give allocatable CPU, memory, `nvidia.com/gpu` and `nvidia.com/mig-<profile>` (NVIDIA GPU
+operator naming; `mixed` MIG strategy) or, with the `single` strategy, `nvidia.com/gpu` on nodes
+whose product label ends in `-MIG-<profile>`. Pods bound to a node use their requests. The cache
+is kept current by list + watch (like KubeSpawner's reflectors): a form view reads memory only
+and makes no API call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..profiles.mig import GPU_MODELS
+from ..profiles.model import Profile
+from ..profiles.quantities import parse_bytes, parse_cpu
+from .base import Availability
+
+GPU = "nvidia.com/gpu"
+PRODUCT_LABEL = "nvidia.com/gpu.product"
+POOL_KEY = "mlaas.io/node-pool"
+MigStrategy = Literal["mixed", "single"]
+
+
+def product_label(model_name: str) -> str:
+    """The GPU operator's product label value for a catalogue model: 'NVIDIA-A100-SXM4-40GB'."""
+    return "NVIDIA-" + model_name.replace(" ", "-")
+
+
+def gpu_products(model: str | None) -> list[str]:
+    """Product label values of the catalogue models matching a profile's `gpu.model` ('A100')."""
+    wanted = (model or "").lower()
+    return [product_label(m.name) for m in GPU_MODELS if wanted in m.name.lower()]
+
+
+def mig_single_products(mig_profile: str) -> list[str]:
+    """Product label values of GPUs split into `mig_profile` slices under the `single` strategy."""
+    return [f"{product_label(m.name)}-MIG-{mig_profile}" for m in GPU_MODELS if mig_profile in m.mig_profiles]
+
+
+def _quantity(resource: str, value: Any) -> float:
+    if resource == "cpu":
+        return parse_cpu(value)
+    if resource == "memory" or resource.startswith("hugepages-") or resource == "ephemeral-storage":
+        return float(parse_bytes(value))
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+@dataclass
+class NodeInfo:
+    name: str
+    labels: dict[str, str]
+    allocatable: dict[str, float]
+    schedulable: bool
+    taints: list[dict[str, Any]]
+
+
+@dataclass
+class PodInfo:
+    node: str | None
+    requests: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What one server of a profile asks the scheduler for, and where it may land."""
+
+    requests: dict[str, float]
+    pool: str | None
+    products: tuple[str, ...] | None  # allowed product label values, None: any
+    tolerates_gpu_taint: bool
+    what: str  # for messages: "A100 GPU", "MIG 3g.20gb slice", "CPU and memory"
+
+
+def demand_of(profile: Profile, mig_strategy: MigStrategy = "mixed") -> Demand:
+    requests = {
+        "cpu": profile.cpu.guarantee or profile.cpu.limit,  # Kubernetes: no request means request = limit
+        "memory": float(profile.memory.guarantee or profile.memory.limit),
+    }
+    products: tuple[str, ...] | None = None
+    what = "room for its CPU and memory"
+    if profile.gpu:
+        requests[GPU] = profile.gpu.count
+        if profile.gpu.model:
+            products = tuple(gpu_products(profile.gpu.model))
+        what = f"{profile.gpu.model} GPU" if profile.gpu.model else "GPU"
+    elif profile.mig:
+        if mig_strategy == "mixed":
+            requests[profile.mig.resource_name] = profile.mig.count
+        else:
+            requests[GPU] = profile.mig.count
+            products = tuple(mig_single_products(profile.mig.profile))
+        what = f"MIG {profile.mig.profile} slice"
+    return Demand(requests, profile.node_pool, products, profile.needs_accelerator, what)
+
+
+class KubeCapacity:
+    def __init__(self, mig_strategy: MigStrategy = "mixed", log: logging.Logger | None = None):
+        self.mig_strategy = mig_strategy
+        self.log = log or logging.getLogger("JupyterHub.mlaas.capacity")
+        self.nodes: dict[str, NodeInfo] = {}
+        self.pods: dict[str, PodInfo] = {}
+        self.used: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.reservations: dict[str, Profile] = {}  # spawns whose pods are not in the cache yet
+        self.synced: set[str] = set()  # kinds listed at least once
+        self.unreachable: str | None = None
+        self.api_calls = 0
+
+    # --- feeding the cache ----------------------------------------------------------------------
+    def apply(self, kind: Literal["node", "pod"], event: str, obj: dict[str, Any]) -> None:
+        """Apply one list item or watch event (ADDED, MODIFIED, DELETED) of a Node or Pod."""
+        meta = obj.get("metadata") or {}
+        if kind == "node":
+            name = meta["name"]
+            if event == "DELETED":
+                self.nodes.pop(name, None)
+            else:
+                self.nodes[name] = self._node_info(obj)
+            return
+        key = f"{meta.get('namespace', '')}/{meta['name']}"
+        self._unbook(key)
+        self.reservations.pop(meta["name"], None)  # the spawn's pod is visible now
+        if event == "DELETED" or (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            return
+        info = PodInfo((obj.get("spec") or {}).get("nodeName"), self._pod_requests(obj))
+        self.pods[key] = info
+        if info.node:
+            for resource, amount in info.requests.items():
+                self.used[info.node][resource] += amount
+
+    def replace(self, kind: Literal["node", "pod"], items: list[dict[str, Any]]) -> None:
+        """A fresh list: forget what the cache knew of this kind."""
+        if kind == "node":
+            self.nodes.clear()
+        else:
+            self.pods.clear()
+            self.used.clear()
+        for item in items:
+            self.apply(kind, "ADDED", item)
+        self.synced.add(kind)
+
+    def _unbook(self, key: str) -> None:
+        old = self.pods.pop(key, None)
+        if old and old.node:
+            for resource, amount in old.requests.items():
+                self.used[old.node][resource] -= amount
+
+    @staticmethod
+    def _node_info(obj: dict[str, Any]) -> NodeInfo:
+        status, spec = obj.get("status") or {}, obj.get("spec") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        return NodeInfo(
+            name=obj["metadata"]["name"],
+            labels=dict(obj["metadata"].get("labels") or {}),
+            allocatable={r: _quantity(r, v) for r, v in (status.get("allocatable") or {}).items()},
+            schedulable=ready and not spec.get("unschedulable", False),
+            taints=list(spec.get("taints") or []),
+        )
+
+    @staticmethod
+    def _pod_requests(obj: dict[str, Any]) -> dict[str, float]:
+        total: dict[str, float] = defaultdict(float)
+        for container in (obj.get("spec") or {}).get("containers") or []:
+            resources = container.get("resources") or {}
+            requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
+            for resource in set(requests) | set(limits):
+                total[resource] += _quantity(resource, requests.get(resource, limits.get(resource)))
+        return dict(total)
+
+    # --- reservations for spawns in flight ------------------------------------------------------
+    def reserve(self, pod_name: str, profile: Profile) -> None:
+        self.reservations[pod_name] = profile
+
+    def release(self, pod_name: str) -> None:
+        self.reservations.pop(pod_name, None)
+
+    # --- the question the form asks ---------------------------------------------------------------
+    def _eligible(self, node: NodeInfo, demand: Demand) -> bool:
+        if not node.schedulable:
+            return False
+        if demand.pool is not None and node.labels.get(POOL_KEY) != demand.pool:
+            return False
+        if demand.products is not None and node.labels.get(PRODUCT_LABEL) not in demand.products:
+            return False
+        for taint in node.taints:
+            if taint.get("effect") not in ("NoSchedule", "NoExecute"):
+                continue
+            key = taint.get("key")
+            if key == GPU and demand.tolerates_gpu_taint:
+                continue
+            if key == POOL_KEY and taint.get("value") == demand.pool:
+                continue
+            return False
+        return True
+
+    @staticmethod
+    def _fits(free: dict[str, float], requests: dict[str, float]) -> int:
+        counts = [math.floor(free.get(r, 0.0) / need + 1e-9) for r, need in requests.items() if need > 0]
+        return max(0, min(counts)) if counts else 0
+
+    def availability(self, profile: Profile) -> Availability:
+        if self.unreachable:
+            return Availability(0, 0, f"the cluster is unreachable ({self.unreachable})")
+        if "node" not in self.synced:
+            return Availability(0, 0, "the cluster's capacity is not known yet; try again in a moment")
+        demand = demand_of(profile, self.mig_strategy)
+        # spawns in flight take their place first, on the first node they fit
+        booked: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        for reserved in self.reservations.values():
+            d = demand_of(reserved, self.mig_strategy)
+            for node in self.nodes.values():
+                if self._eligible(node, d) and self._fits(self._free(node, booked), d.requests) > 0:
+                    for r, amount in d.requests.items():
+                        booked[node.name][r] += amount
+                    break
+        total = free = 0
+        for node in self.nodes.values():
+            if not self._eligible(node, demand):
+                continue
+            total += self._fits(node.allocatable, demand.requests)
+            free += self._fits(self._free(node, booked), demand.requests)
+        if total == 0:
+            return Availability(0, 0, f"no node of this platform has a {demand.what}")
+        if free == 0:
+            return Availability(0, total, f"none free: every node's {demand.what} is in use")
+        return Availability(free, total, None)
+
+    def _free(self, node: NodeInfo, booked: dict[str, dict[str, float]]) -> dict[str, float]:
+        used = self.used.get(node.name, {})
+        extra = booked.get(node.name, {})
+        return {r: node.allocatable[r] - used.get(r, 0.0) - extra.get(r, 0.0) for r in node.allocatable}
+
+    # --- list + watch ----------------------------------------------------------------------------
+    async def run(self, api_client: Any, retry_seconds: float = 5.0) -> None:
+        """Keep the cache current from the API server until cancelled (one task per kind)."""
+        from kubernetes_asyncio import client
+
+        v1 = client.CoreV1Api(api_client)
+        await asyncio.gather(
+            self._reflect("node", v1.list_node, api_client, retry_seconds),
+            self._reflect("pod", v1.list_pod_for_all_namespaces, api_client, retry_seconds),
+        )
+
+    async def _reflect(self, kind: Literal["node", "pod"], list_fn: Any, api_client: Any, retry: float) -> None:
+        from kubernetes_asyncio import watch
+
+        while True:
+            try:
+                self.api_calls += 1
+                listed = await list_fn()
+                self.replace(kind, [api_client.sanitize_for_serialization(i) for i in listed.items])
+                self.unreachable = None
+                version = listed.metadata.resource_version
+                stream = watch.Watch().stream(list_fn, resource_version=version, timeout_seconds=300)
+                self.api_calls += 1
+                async for event in stream:
+                    self.apply(kind, event["type"], api_client.sanitize_for_serialization(event["object"]))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the API server is down or the watch expired: list again
+                self.unreachable = f"{type(e).__name__}: {e}"[:200]
+                self.log.warning("Capacity watch of %ss failed, relisting in %ss: %s", kind, retry, e)
+                await asyncio.sleep(retry)

@@ -1,0 +1,150 @@
+"""KubeProfileSpawner: the same profiles, form, access and quota checks, as Kubernetes pods.
+
+`pod_settings()` maps a profile to what KubeSpawner puts into the pod: requests and limits,
+`nvidia.com/gpu` or `nvidia.com/mig-<profile>` extended resources, node selection by GPU product
+and node pool, tolerations for GPU and reserved-pool taints, the runtime class, and a
+restricted security context (non-root, no privilege escalation, RuntimeDefault seccomp, no
+capabilities). Capacity comes from a watch cache of the cluster's nodes and pods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubespawner import KubeSpawner
+from traitlets import Enum, Unicode
+
+from ..capacity.kube import GPU, POOL_KEY, PRODUCT_LABEL, KubeCapacity, MigStrategy, gpu_products, mig_single_products
+from ..profiles import Profile
+from .common import ProfileSpawnerMixin
+
+RESTRICTED_CONTAINER = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_POD = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
+
+
+@dataclass
+class PodSettings:
+    extra_resource_limits: dict[str, str] = field(default_factory=dict)
+    extra_resource_guarantees: dict[str, str] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    node_affinity_required: list[dict[str, Any]] = field(default_factory=list)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    runtime_class: str | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def _product_affinity(products: list[str]) -> dict[str, Any]:
+    return {"matchExpressions": [{"key": PRODUCT_LABEL, "operator": "In", "values": products}]}
+
+
+def pod_settings(profile: Profile, mig_strategy: MigStrategy = "mixed", gpu_runtime_class: str = "") -> PodSettings:
+    s = PodSettings(environment=dict(profile.env), labels={"mlaas.io/profile": profile.slug})
+    s.environment["MLAAS_PROFILE"] = profile.slug
+    if profile.gpu:
+        s.extra_resource_limits[GPU] = s.extra_resource_guarantees[GPU] = str(profile.gpu.count)
+        if profile.gpu.model:
+            s.node_affinity_required.append(_product_affinity(gpu_products(profile.gpu.model)))
+    elif profile.mig:
+        if mig_strategy == "mixed":
+            name, count = profile.mig.resource_name, str(profile.mig.count)
+            s.extra_resource_limits[name] = s.extra_resource_guarantees[name] = count
+        else:  # single: MIG devices look like whole GPUs on nodes labelled with the MIG product
+            s.extra_resource_limits[GPU] = s.extra_resource_guarantees[GPU] = str(profile.mig.count)
+            s.node_affinity_required.append(_product_affinity(mig_single_products(profile.mig.profile)))
+    if profile.needs_accelerator:
+        s.tolerations.append(dict(GPU_TOLERATION))
+        s.runtime_class = gpu_runtime_class or None
+    else:
+        s.environment["NVIDIA_VISIBLE_DEVICES"] = "void"  # no GPU through a default nvidia runtime either
+    if profile.node_pool:
+        s.node_selector[POOL_KEY] = profile.node_pool
+        s.tolerations.append({"key": POOL_KEY, "operator": "Equal", "value": profile.node_pool, "effect": "NoSchedule"})
+    return s
+
+
+@functools.cache
+def kube_capacity(mig_strategy: str) -> KubeCapacity:
+    return KubeCapacity(mig_strategy)  # type: ignore[arg-type]
+
+
+class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
+    mig_strategy = Enum(["mixed", "single"], "mixed", config=True, help="The GPU operator's MIG strategy.")
+    gpu_runtime_class = Unicode("", config=True, help="runtimeClassName for GPU pods (e.g. 'nvidia'), if any.")
+
+    @property
+    def capacity(self) -> KubeCapacity:
+        return kube_capacity(self.mig_strategy)
+
+    async def load_user_options(self) -> None:
+        """The profile was applied by `apply_profile` (server-side checks included); KubeSpawner's
+        own profile_list handling stays off."""
+
+    async def apply_profile(self, options: dict[str, Any]) -> None:
+        await super().apply_profile(options)
+        profile = self.profile
+        assert profile is not None
+        s = pod_settings(profile, self.mig_strategy, self.gpu_runtime_class)
+        if profile.image:
+            self.image = profile.image
+        self.extra_resource_limits = s.extra_resource_limits
+        self.extra_resource_guarantees = s.extra_resource_guarantees
+        self.node_selector = {**self.node_selector, **s.node_selector}
+        self.node_affinity_required = [*self.node_affinity_required, *s.node_affinity_required]
+        self.tolerations = [*self.tolerations, *s.tolerations]
+        self.environment = {**self.environment, **s.environment}
+        self.extra_labels = {**self.extra_labels, **s.labels}
+        if s.runtime_class:
+            self.extra_pod_config = {**self.extra_pod_config, "runtimeClassName": s.runtime_class}
+        self.container_security_context = {**RESTRICTED_CONTAINER, "runAsUser": self.uid or 1000}
+        self.pod_security_context = {**RESTRICTED_POD, **({"fsGroup": self.fs_gid} if self.fs_gid else {})}
+        self.capacity.reserve(self.pod_name, profile)  # until the pod shows up in the watch cache
+
+    async def start(self):
+        self.reset_progress()
+        if self.profile is not None:
+            self.emit(10, f"Profile {self.profile.display_name}: {self.profile.summary()}")
+        return await super().start()
+
+    async def stop(self, now: bool = False):
+        try:
+            await super().stop(now=now)
+        finally:
+            self.release_holding()
+            self.capacity.release(self.pod_name)
+
+    async def poll(self):
+        status = await super().poll()
+        if status is not None:
+            self.release_holding()
+        return status
+
+    async def progress(self):
+        """Our events first, then KubeSpawner's (pod scheduling, image pulls)."""
+        async for event in _merge(ProfileSpawnerMixin.progress(self), KubeSpawner.progress(self)):
+            yield event
+
+
+async def _merge(*generators):
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(gen):
+        async for item in gen:
+            await queue.put(item)
+
+    tasks = [asyncio.ensure_future(pump(g)) for g in generators]
+    try:
+        while True:
+            yield await queue.get()
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -1,0 +1,205 @@
+"""The Kubernetes side without a cluster: pod manifests of KubeProfileSpawner (KubeSpawner's own
+mock mode) for every shipped profile, validated against the real Kubernetes schema, and the
+capacity cache fed with schema-valid Node and Pod objects (what a watch delivers)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from kubernetes_asyncio.client import ApiClient
+from tornado import web
+from traitlets.config import Config
+
+from kube_objects import node, pod, validated
+from mlaas.capacity.kube import KubeCapacity
+from mlaas.profiles import load_profile_dir
+from mlaas.spawners.kube import KubeProfileSpawner, kube_capacity
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = load_profile_dir(REPO / "spawner_profiles")
+A100 = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"}
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+POOL_TAINT = {"key": "mlaas.io/node-pool", "value": "atlas-reserved", "effect": "NoSchedule"}
+
+
+class _Group:
+    def __init__(self, name: str):
+        self.name = name
+
+
+class _User:
+    """The slice of JupyterHub's User that the spawner reads (KubeSpawner's mock mode has no hub)."""
+
+    id, admin = 1, False
+
+    def __init__(self, name: str, groups: list[str]):
+        self.name, self.url = name, f"/user/{name}/"
+        self.groups = [_Group(g) for g in groups]
+
+
+def cluster_nodes() -> list[dict]:
+    return [
+        node("gpu-1", extended={"nvidia.com/gpu": "8"}, labels=A100, taints=[GPU_TAINT]),
+        node("mig-1", extended={"nvidia.com/mig-3g.20gb": "2", "nvidia.com/mig-1g.10gb": "4"}, labels=A100,
+             taints=[GPU_TAINT]),
+        node("atlas-1", extended={"nvidia.com/gpu": "4"},
+             labels={**A100, "mlaas.io/node-pool": "atlas-reserved"}, taints=[GPU_TAINT, POOL_TAINT]),
+        node("cpu-1", cpu="32", memory="128Gi"),
+    ]
+
+
+def spawner_for(user: str, groups: list[str], mig_strategy: str = "mixed") -> KubeProfileSpawner:
+    c = Config()
+    c.KubeProfileSpawner.profiles_dir = str(REPO / "spawner_profiles")
+    c.KubeProfileSpawner.mig_strategy = mig_strategy
+    c.KubeProfileSpawner.gpu_runtime_class = "nvidia"
+    return KubeProfileSpawner(_mock=True, user=_User(user, groups), config=c)
+
+
+def manifest(slug: str, groups=("atlas-ml", "ml-users"), mig_strategy="mixed") -> dict:
+    cache = kube_capacity(mig_strategy)
+    cache.replace("node", cluster_nodes() if mig_strategy == "mixed" else single_strategy_nodes())
+    cache.replace("pod", [])
+
+    async def build():
+        s = spawner_for("alice", list(groups), mig_strategy)
+        await s.apply_profile({"profile": slug})
+        return ApiClient().sanitize_for_serialization(await s.get_pod_manifest())
+
+    return asyncio.run(build())
+
+
+def single_strategy_nodes() -> list[dict]:
+    return [
+        node("mig-single", extended={"nvidia.com/gpu": "2"},
+             labels={"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB-MIG-3g.20gb", "nvidia.com/mig.strategy": "single"},
+             taints=[GPU_TAINT]),
+        node("gpu-1", extended={"nvidia.com/gpu": "8"}, labels=A100, taints=[GPU_TAINT]),
+        node("cpu-1", cpu="32", memory="128Gi"),
+    ]
+
+
+@pytest.mark.parametrize("slug", [p.slug for p in SHIPPED.profiles])
+def test_every_shipped_profile_makes_a_valid_restricted_pod(slug):
+    profile = SHIPPED.get(slug)
+    pod_obj = validated(manifest(slug))  # the Kubernetes 1.33 schema, strict: no unknown fields
+    spec = pod_obj["spec"]
+    container = spec["containers"][0]
+    resources = container["resources"]
+    assert float(resources["limits"]["cpu"]) == profile.cpu.limit
+    assert int(resources["limits"]["memory"]) == profile.memory.limit
+    assert float(resources["requests"]["cpu"]) == (profile.cpu.guarantee or profile.cpu.limit)
+    sc = container["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not sc.get("privileged")
+    assert pod_obj["metadata"]["labels"]["mlaas.io/profile"] == slug
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MLAAS_PROFILE"] == slug
+    tolerations = spec.get("tolerations") or []
+    if profile.needs_accelerator:
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+        assert spec["runtimeClassName"] == "nvidia"
+    else:
+        assert env["NVIDIA_VISIBLE_DEVICES"] == "void" and "runtimeClassName" not in spec
+        assert not any(r.startswith("nvidia.com/") for r in resources["limits"])
+    if profile.gpu:
+        assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == str(profile.gpu.count)
+        terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        products = terms[0]["matchExpressions"][0]["values"]
+        assert "NVIDIA-A100-SXM4-40GB" in products and all("A100" in p for p in products)
+    if profile.mig:
+        name = f"nvidia.com/mig-{profile.mig.profile}"
+        assert resources["limits"][name] == resources["requests"][name] == str(profile.mig.count)
+    if profile.node_pool:
+        assert spec["nodeSelector"]["mlaas.io/node-pool"] == profile.node_pool
+        assert {"key": "mlaas.io/node-pool", "operator": "Equal", "value": profile.node_pool,
+                "effect": "NoSchedule"} in tolerations
+
+
+def test_single_mig_strategy_requests_gpus_on_mig_labelled_nodes():
+    spec = validated(manifest("mig-3g-20gb", mig_strategy="single"))["spec"]
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    expr = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0][
+        "matchExpressions"][0]
+    assert expr["key"] == "nvidia.com/gpu.product" and "NVIDIA-A100-SXM4-40GB-MIG-3g.20gb" in expr["values"]
+
+
+def test_kube_spawner_applies_the_same_access_and_quota_checks():
+    cache = kube_capacity("mixed")
+    cache.replace("node", cluster_nodes())
+    cache.replace("pod", [])
+
+    async def forged():
+        await spawner_for("bob", ["ml-users"]).apply_profile({"profile": "atlas-2xa100"})
+
+    with pytest.raises(web.HTTPError) as refused:
+        asyncio.run(forged())
+    assert refused.value.status_code == 403
+    assert "reserved for the groups atlas-ml" in refused.value.log_message
+
+
+# --- the capacity cache --------------------------------------------------------------------------
+def fresh_cache(strategy="mixed") -> KubeCapacity:
+    cache = KubeCapacity(strategy)
+    cache.replace("node", cluster_nodes() if strategy == "mixed" else single_strategy_nodes())
+    cache.replace("pod", [])
+    return cache
+
+
+def test_capacity_counts_nodes_minus_running_pods():
+    cache = fresh_cache()
+    gpu, mig3, mig1, pool = (SHIPPED.get(s) for s in ("gpu-a100", "mig-3g-20gb", "mig-1g-10gb", "atlas-2xa100"))
+    assert (cache.availability(gpu).free, cache.availability(gpu).total) == (8, 8)  # the pool's GPUs are not for it
+    assert cache.availability(pool).total == 2  # 4 reserved GPUs, 2 per server
+    assert cache.availability(mig3).total == 2 and cache.availability(mig1).total == 4
+    for i in range(5):
+        cache.apply("pod", "ADDED", pod(f"p{i}", "gpu-1", {"cpu": "4", "memory": "32Gi", "nvidia.com/gpu": "1"}))
+    cache.apply("pod", "ADDED", pod("m0", "mig-1", {"cpu": "2", "memory": "8Gi", "nvidia.com/mig-3g.20gb": "1"}))
+    cache.apply("pod", "ADDED", pod("pending", None, {"nvidia.com/gpu": "1"}, phase="Pending"))
+    assert cache.availability(gpu).free == 3
+    assert cache.availability(mig3).free == 1
+    cache.apply("pod", "ADDED", pod("m1", "mig-1", {"nvidia.com/mig-3g.20gb": "1"}))
+    none_free = cache.availability(mig3)
+    assert none_free.free == 0 and none_free.reason == "none free: every node's MIG 3g.20gb slice is in use"
+    cache.apply("pod", "MODIFIED", pod("m1", "mig-1", {"nvidia.com/mig-3g.20gb": "1"}, phase="Succeeded"))
+    cache.apply("pod", "DELETED", pod("p0", "gpu-1", {"nvidia.com/gpu": "1"}))
+    assert cache.availability(mig3).free == 1 and cache.availability(gpu).free == 4
+
+
+def test_capacity_reasons_for_missing_hardware_unready_nodes_and_no_cluster():
+    cache = fresh_cache()
+    h100 = SHIPPED.get("gpu-a100").model_copy(update={"gpu": SHIPPED.get("gpu-a100").gpu.model_copy(update={"model": "H100"})})
+    assert cache.availability(h100).reason == "no node of this platform has a H100 GPU"
+    cache.apply("node", "MODIFIED", node("gpu-1", extended={"nvidia.com/gpu": "8"}, labels=A100, ready=False))
+    assert cache.availability(SHIPPED.get("gpu-a100")).total == 0
+    assert KubeCapacity().availability(SHIPPED.get("cpu-small")).reason.startswith("the cluster's capacity is not known yet")
+    cache.unreachable = "ClientConnectorError: connection refused"
+    assert "the cluster is unreachable" in cache.availability(SHIPPED.get("cpu-small")).reason
+
+
+def test_single_strategy_capacity_and_reservations_for_spawns_in_flight():
+    cache = fresh_cache("single")
+    mig3 = SHIPPED.get("mig-3g-20gb")
+    assert (cache.availability(mig3).free, cache.availability(mig3).total) == (2, 2)
+    cache.reserve("jupyter-alice", mig3)  # submitted, pod not yet in the cache
+    assert cache.availability(mig3).free == 1
+    cache.apply("pod", "ADDED", pod("jupyter-alice", "mig-single", {"nvidia.com/gpu": "1"}))
+    assert cache.reservations == {} and cache.availability(mig3).free == 1
+
+
+def test_kube_form_shows_live_counts_from_the_cache():
+    cache = kube_capacity("mixed")
+    cache.replace("node", cluster_nodes())
+    cache.replace("pod", [pod("x", "mig-1", {"nvidia.com/mig-1g.10gb": "3"})])
+
+    async def form():
+        return spawner_for("alice", ["atlas-ml", "ml-users"]).form_entries()
+
+    entries = {e.profile.slug: e for e in asyncio.run(form())}
+    assert entries["mig-1g-10gb"].capacity == "1 of 4 free"
+    assert entries["gpu-a100"].capacity == "8 of 8 free"
+    assert entries["cpu-small"].unavailable is None
