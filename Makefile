@@ -38,6 +38,7 @@ test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 bench: install
+	$(VENV)/bin/python bench/form_bench.py
 	$(VENV)/bin/python bench/spawn_bench.py
 
 clean:

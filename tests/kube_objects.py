@@ -27,6 +27,7 @@ def node(
     taints: list[dict[str, str]] | None = None,
     ready: bool = True,
     unschedulable: bool = False,
+    validate: bool = True,
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {}
     if taints:
@@ -34,7 +35,7 @@ def node(
     if unschedulable:
         spec["unschedulable"] = True
     allocatable = {"cpu": cpu, "memory": memory, "pods": "110", **(extended or {})}
-    return validated(
+    return (validated if validate else dict)(
         {
             "apiVersion": "v1",
             "kind": "Node",
@@ -55,6 +56,7 @@ def pod(
     requests: dict[str, str],
     phase: str = "Running",
     namespace: str = "jupyter",
+    validate: bool = True,
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "containers": [
@@ -63,7 +65,7 @@ def pod(
     }
     if node_name:
         spec["nodeName"] = node_name
-    return validated(
+    return (validated if validate else dict)(
         {
             "apiVersion": "v1",
             "kind": "Pod",

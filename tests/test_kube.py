@@ -55,6 +55,7 @@ def spawner_for(user: str, groups: list[str], mig_strategy: str = "mixed") -> Ku
     c.KubeProfileSpawner.profiles_dir = str(REPO / "spawner_profiles")
     c.KubeProfileSpawner.mig_strategy = mig_strategy
     c.KubeProfileSpawner.gpu_runtime_class = "nvidia"
+    c.KubeProfileSpawner.watch_capacity = False  # the tests fill the cache with their own objects
     return KubeProfileSpawner(_mock=True, user=_User(user, groups), config=c)
 
 
@@ -164,7 +165,7 @@ def test_capacity_counts_nodes_minus_running_pods():
     assert cache.availability(mig3).free == 1
     cache.apply("pod", "ADDED", pod("m1", "mig-1", {"nvidia.com/mig-3g.20gb": "1"}))
     none_free = cache.availability(mig3)
-    assert none_free.free == 0 and none_free.reason == "none free: every node's MIG 3g.20gb slice is in use"
+    assert none_free.free == 0 and none_free.reason == "none free: all MIG 3g.20gb slices are in use"
     cache.apply("pod", "MODIFIED", pod("m1", "mig-1", {"nvidia.com/mig-3g.20gb": "1"}, phase="Succeeded"))
     cache.apply("pod", "DELETED", pod("p0", "gpu-1", {"nvidia.com/gpu": "1"}))
     assert cache.availability(mig3).free == 1 and cache.availability(gpu).free == 4
@@ -173,7 +174,7 @@ def test_capacity_counts_nodes_minus_running_pods():
 def test_capacity_reasons_for_missing_hardware_unready_nodes_and_no_cluster():
     cache = fresh_cache()
     h100 = SHIPPED.get("gpu-a100").model_copy(update={"gpu": SHIPPED.get("gpu-a100").gpu.model_copy(update={"model": "H100"})})
-    assert cache.availability(h100).reason == "no node of this platform has a H100 GPU"
+    assert cache.availability(h100).reason == "no node of this platform has H100 GPUs"
     cache.apply("node", "MODIFIED", node("gpu-1", extended={"nvidia.com/gpu": "8"}, labels=A100, ready=False))
     assert cache.availability(SHIPPED.get("gpu-a100")).total == 0
     assert KubeCapacity().availability(SHIPPED.get("cpu-small")).reason.startswith("the cluster's capacity is not known yet")

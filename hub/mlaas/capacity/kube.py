@@ -77,7 +77,7 @@ class Demand:
     pool: str | None
     products: tuple[str, ...] | None  # allowed product label values, None: any
     tolerates_gpu_taint: bool
-    what: str  # for messages: "A100 GPU", "MIG 3g.20gb slice", "CPU and memory"
+    what: str  # for messages: "A100 GPUs", "MIG 3g.20gb slices"; "" for CPU and memory only
 
 
 def demand_of(profile: Profile, mig_strategy: MigStrategy = "mixed") -> Demand:
@@ -86,19 +86,19 @@ def demand_of(profile: Profile, mig_strategy: MigStrategy = "mixed") -> Demand:
         "memory": float(profile.memory.guarantee or profile.memory.limit),
     }
     products: tuple[str, ...] | None = None
-    what = "room for its CPU and memory"
+    what = ""
     if profile.gpu:
         requests[GPU] = profile.gpu.count
         if profile.gpu.model:
             products = tuple(gpu_products(profile.gpu.model))
-        what = f"{profile.gpu.model} GPU" if profile.gpu.model else "GPU"
+        what = f"{profile.gpu.model} GPUs" if profile.gpu.model else "GPUs"
     elif profile.mig:
         if mig_strategy == "mixed":
             requests[profile.mig.resource_name] = profile.mig.count
         else:
             requests[GPU] = profile.mig.count
             products = tuple(mig_single_products(profile.mig.profile))
-        what = f"MIG {profile.mig.profile} slice"
+        what = f"MIG {profile.mig.profile} slices"
     return Demand(requests, profile.node_pool, products, profile.needs_accelerator, what)
 
 
@@ -217,7 +217,7 @@ class KubeCapacity:
         for reserved in self.reservations.values():
             d = demand_of(reserved, self.mig_strategy)
             for node in self.nodes.values():
-                if self._eligible(node, d) and self._fits(self._free(node, booked), d.requests) > 0:
+                if self._eligible(node, d) and self._fits(self._free(node, booked, d.requests), d.requests) > 0:
                     for r, amount in d.requests.items():
                         booked[node.name][r] += amount
                     break
@@ -226,17 +226,20 @@ class KubeCapacity:
             if not self._eligible(node, demand):
                 continue
             total += self._fits(node.allocatable, demand.requests)
-            free += self._fits(self._free(node, booked), demand.requests)
+            free += self._fits(self._free(node, booked, demand.requests), demand.requests)
         if total == 0:
-            return Availability(0, 0, f"no node of this platform has a {demand.what}")
+            missing = f"has {demand.what}" if demand.what else "has room for its CPU and memory"
+            return Availability(0, 0, f"no node of this platform {missing}")
         if free == 0:
-            return Availability(0, total, f"none free: every node's {demand.what} is in use")
+            full = f"all {demand.what} are in use" if demand.what else "every node that fits it is full"
+            return Availability(0, total, f"none free: {full}")
         return Availability(free, total, None)
 
-    def _free(self, node: NodeInfo, booked: dict[str, dict[str, float]]) -> dict[str, float]:
+    def _free(self, node: NodeInfo, booked: dict[str, dict[str, float]], wanted: dict[str, float]) -> dict[str, float]:
+        """What is left on a node of the resources a demand asks for."""
         used = self.used.get(node.name, {})
         extra = booked.get(node.name, {})
-        return {r: node.allocatable[r] - used.get(r, 0.0) - extra.get(r, 0.0) for r in node.allocatable}
+        return {r: node.allocatable.get(r, 0.0) - used.get(r, 0.0) - extra.get(r, 0.0) for r in wanted}
 
     # --- list + watch ----------------------------------------------------------------------------
     async def run(self, api_client: Any, retry_seconds: float = 5.0) -> None:

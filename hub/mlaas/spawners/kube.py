@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubespawner import KubeSpawner
-from traitlets import Enum, Unicode
+from traitlets import Bool, Enum, Unicode
 
 from ..capacity.kube import GPU, POOL_KEY, PRODUCT_LABEL, KubeCapacity, MigStrategy, gpu_products, mig_single_products
 from ..profiles import Profile
@@ -77,13 +77,29 @@ def kube_capacity(mig_strategy: str) -> KubeCapacity:
     return KubeCapacity(mig_strategy)  # type: ignore[arg-type]
 
 
+_watches: dict[int, asyncio.Task] = {}
+
+
+def _ensure_watch(cache: KubeCapacity, api_client: Any) -> None:
+    """Start the cache's list + watch once per hub process (like KubeSpawner's reflectors)."""
+    task = _watches.get(id(cache))
+    if task is None or task.done():
+        _watches[id(cache)] = asyncio.ensure_future(cache.run(api_client))
+
+
 class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
     mig_strategy = Enum(["mixed", "single"], "mixed", config=True, help="The GPU operator's MIG strategy.")
     gpu_runtime_class = Unicode("", config=True, help="runtimeClassName for GPU pods (e.g. 'nvidia'), if any.")
+    watch_capacity = Bool(
+        True, config=True, help="Keep the capacity cache current by watching nodes and pods (off only in tests)."
+    )
 
     @property
     def capacity(self) -> KubeCapacity:
-        return kube_capacity(self.mig_strategy)
+        cache = kube_capacity(self.mig_strategy)
+        if self.watch_capacity:
+            _ensure_watch(cache, self.api.api_client)
+        return cache
 
     async def load_user_options(self) -> None:
         """The profile was applied by `apply_profile` (server-side checks included); KubeSpawner's
