@@ -34,6 +34,12 @@ def test_mig_instances_go_to_one_server_each_and_come_back_on_stop(gpu_hub):
         a = visible_devices(gpu_hub, "mig-a", tokens["mig-a"])
         b = visible_devices(gpu_hub, "mig-b", tokens["mig-b"])
         assert a.startswith("MIG-") and b.startswith("MIG-") and a != b
+        # admins see which server holds which device
+        capacity = gpu_hub.api().get(f"{gpu_hub.url}/hub/api/mlaas/capacity").json()
+        held = {d["uuid"]: d["held_by"] for d in capacity["devices"]}
+        assert held[a] == "mig-a/" and held[b] == "mig-b/"
+        assert capacity["mig_enabled_gpus"] == ["GPU-11111111-aaaa-bbbb-cccc-000000000002"]
+        assert gpu_hub.api(tokens["mig-a"]).get(f"{gpu_hub.url}/hub/api/mlaas/capacity").status_code == 403
 
         listed = gpu_hub.api(tokens["mig-c"]).get(f"{gpu_hub.url}/hub/api/mlaas/profiles").json()
         mig = next(p for p in listed["profiles"] if p["slug"] == "mig-atlas")

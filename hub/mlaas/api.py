@@ -3,6 +3,8 @@
 - `GET /hub/api/mlaas/profiles`: the profiles the calling user may start, with availability
   (what the spawn form shows), for scripts and clients.
 - `GET /hub/api/mlaas/quotas`: per-group use against quota, with who holds what (admins).
+- `GET /hub/api/mlaas/capacity`: this machine's GPUs and MIG instances and which server holds
+  each (admins).
 """
 
 from __future__ import annotations
@@ -56,3 +58,37 @@ class QuotasAPIHandler(APIHandler):
     async def get(self) -> None:
         self.set_header("Content-Type", "application/json")
         self.write(json.dumps({"groups": quotas.report(self.store.current(), usage_ledger().holdings())}))
+
+
+class CapacityAPIHandler(APIHandler):
+    def initialize(self, gpu_inventory: str) -> None:
+        from .spawners.local import device_allocator
+
+        self.allocator = device_allocator(gpu_inventory)
+
+    @needs_scope("admin:users")
+    async def get(self) -> None:
+        inventory = self.allocator.inventory()
+        held = self.allocator.held()
+        self.set_header("Content-Type", "application/json")
+        self.write(
+            json.dumps(
+                {
+                    "source": inventory.source,
+                    "unavailable_reason": inventory.unavailable_reason,
+                    "mig_enabled_gpus": list(inventory.mig_enabled_gpus),
+                    "devices": [
+                        {
+                            "uuid": d.uuid,
+                            "kind": d.kind,
+                            "index": d.index,
+                            "model": d.model,
+                            "mig_profile": d.mig_profile,
+                            "memory_bytes": d.memory_bytes,
+                            "held_by": held.get(d.uuid),
+                        }
+                        for d in inventory.devices
+                    ],
+                }
+            )
+        )

@@ -10,7 +10,7 @@ import os
 import threading
 from pathlib import Path
 
-from .api import ProfilesAPIHandler, QuotasAPIHandler
+from .api import CapacityAPIHandler, ProfilesAPIHandler, QuotasAPIHandler
 from .auth import MLaaSAuthenticator
 from .settings import REPO_ROOT, Settings, ensure_secret, prepare_state
 from .profiles import ProfileStore
@@ -57,6 +57,7 @@ def configure(c, settings: Settings) -> None:
     c.JupyterHub.extra_handlers = [
         (r"/api/mlaas/profiles", ProfilesAPIHandler),
         (r"/api/mlaas/quotas", QuotasAPIHandler, {"profiles_dir": str(s.profiles_dir), "snapshot": snapshot}),
+        (r"/api/mlaas/capacity", CapacityAPIHandler, {"gpu_inventory": s.gpu_inventory}),
     ]
 
     # --- login through the AAI ----------------------------------------------------------------
