@@ -75,7 +75,7 @@ def start_platform(
     ops_token = secrets.token_hex(24)
     token_file.write_text(ops_token)
     os.chmod(token_file, 0o600)
-    port, idp_port = free_port(), free_port()
+    port, idp_port, origin_port, cache_port = free_port(), free_port(), free_port(), free_port()
     config = {
         "state_dir": str(state_dir),
         "profiles_dir": str(profiles_dir),
@@ -86,6 +86,11 @@ def start_platform(
         "dev_idp": {"port": idp_port},
         "gpu_inventory": gpu_inventory,
         "admin_api_token_file": str(token_file),
+        "data": {
+            "demo_origin": {"port": origin_port},
+            "origins": [{"name": "demo", "url": f"root://127.0.0.1:{origin_port}", "namespace": "/store/demo",
+                         "cache_port": cache_port}],
+        },
         **overrides,
     }
     config_file = run_dir / "mlaas.yaml"

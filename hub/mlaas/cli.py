@@ -130,6 +130,8 @@ def cmd_up() -> int:
     print(f" MLaaS Hub is up:  {platform.url}/")
     print(f" Isolation: {mode}.  State: {settings.state_dir}")
     print(f" Limits: {limits}")
+    for notice in platform.notices:
+        print(f" {notice}")
     if settings.dev_idp.enabled:
         print(" Demo logins (development identity provider):")
         for line in _demo_logins(settings.dev_idp.users_file):

@@ -16,6 +16,7 @@ from .settings import REPO_ROOT, Settings, ensure_secret, prepare_state
 from .profiles import ProfileStore
 from .spawners.common import profile_store
 from .spawners.local import LocalProfileSpawner
+from .xcache import client_env
 
 log = logging.getLogger("JupyterHub.mlaas")  # under the hub's logger: same handlers and format
 
@@ -94,6 +95,8 @@ def configure(c, settings: Settings) -> None:
     c.Spawner.start_timeout = s.spawn_timeout
     c.Spawner.http_timeout = 30
     c.Spawner.env_keep = ["LANG", "LC_ALL"]
+    if s.data.enabled:
+        c.Spawner.environment = client_env(s.data)  # where the site's caches are, for mlaas.data
 
     # --- an admin-scoped service token for automation, if asked for ----------------------------
     if s.admin_api_token_file:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from .settings import REPO_ROOT, Settings, ensure_secret, prepare_state
+from .xcache import INSTALL_HINT, XRootDProcess, cache_process, origin_process, xrootd_binary
 
 NODE_MODULES = REPO_ROOT / "node_modules"
 HUB_CONFIG = REPO_ROOT / "hub" / "jupyterhub_config.py"
@@ -68,6 +69,8 @@ class Platform:
     extra_env: dict[str, str] = field(default_factory=dict)
     idp: subprocess.Popen | None = None
     hub: subprocess.Popen | None = None
+    data_servers: list[XRootDProcess] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
     _logs: list[IO] = field(default_factory=list)
 
     @property
@@ -96,12 +99,34 @@ class Platform:
         prepare_state(s)
         ensure_secret(s.client_secret_file)
         try:
+            if s.data.enabled:
+                self._start_data()
             if s.dev_idp.enabled:
                 self._start_idp(timeout)
             self._start_hub(timeout)
         except BaseException:
             self.stop()
             raise
+
+    def _start_data(self) -> None:
+        """The demo origin (sample data made here) and one XCache per configured origin."""
+        data = self.settings.data
+        if xrootd_binary() is None:
+            self.notices.append(f"No XCache: {INSTALL_HINT}.")
+            return
+        if data.demo_origin.enabled:
+            from .demo_data import write_demo_data
+
+            origin = origin_process("demo", data.demo_origin.port, self.settings.state_dir / "origins" / "demo" / "data",
+                                    self.settings.state_dir)
+            write_demo_data(origin.base_dir / "data")
+            self.data_servers.append(origin)
+            origin.start()
+        for configured in data.origins:
+            cache = cache_process(configured, data, self.settings.state_dir)
+            self.data_servers.append(cache)
+            cache.start()
+            self.notices.append(f"XCache for {configured.url} on root://{data.cache_host}:{configured.cache_port}")
 
     def _start_idp(self, timeout: float) -> None:
         s = self.settings
@@ -139,6 +164,9 @@ class Platform:
     def stop(self) -> None:
         _stop(self.hub, 40)  # the hub stops the users' servers and its proxy first
         _stop(self.idp, 10)
+        for server in reversed(self.data_servers):
+            server.stop()
+        self.data_servers.clear()
         for f in self._logs:
             f.close()
         self._logs.clear()

@@ -14,6 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .xcache import DataSettings
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -61,6 +63,7 @@ class Settings(BaseModel):
     proxy_api_port: int = 8001
     oidc: OidcSettings = OidcSettings()
     dev_idp: DevIdpSettings = DevIdpSettings()
+    data: DataSettings = DataSettings()
     isolation: Literal["auto", "accounts", "single-account"] = Field(
         "auto", description="auto: per-user system accounts when the hub runs as root, else one account."
     )
@@ -119,7 +122,7 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
             raise SettingsError(f"{path}: {e}") from e
     for name, field in Settings.model_fields.items():
         value = environ.get(f"MLAAS_{name.upper()}")
-        if value is not None and field.annotation not in (OidcSettings, DevIdpSettings):
+        if value is not None and field.annotation not in (OidcSettings, DevIdpSettings, DataSettings):
             data[name] = value
     try:
         return Settings.model_validate(data)

@@ -1,0 +1,160 @@
+"""Remote data through XCache: real XRootD origins and fixed-origin caches on loopback
+(Debian's xrootd-server), read with the real client through `mlaas.data`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from helpers import free_port, kernel_json, start_server, stop_server, ensure_user, user_token, state_root
+from mlaas import data
+from mlaas.xcache import DataSettings, OriginSettings, cache_process, client_env, origin_process, xrootd_binary
+
+pytestmark = pytest.mark.skipif(
+    xrootd_binary() is None and not os.environ.get("CI"),
+    reason="xrootd-server is not installed (apt-get install xrootd-server xrootd-server-plugins); CI installs it",
+)
+
+
+def sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def site():
+    """Two origins that both serve /store/same/x.txt (different bytes), a cache for each."""
+    root = state_root() / f"xcache-{os.getpid()}"
+    shutil.rmtree(root, ignore_errors=True)
+    origins = {}
+    for name in ("alpha", "beta"):
+        port = free_port()
+        server = origin_process(name, port, root / "origins" / name / "data", root)
+        store = server.base_dir / "data" / "store"
+        (store / "same").mkdir(parents=True)
+        (store / "same" / "x.txt").write_bytes(f"bytes of {name}\n".encode())
+        (store / name).mkdir()
+        (store / name / "big.bin").write_bytes(os.urandom(8 * 2**20))
+        (store / name / "cold.bin").write_bytes(os.urandom(2**20))
+        server.start()
+        origins[name] = (port, server)
+    settings = DataSettings(
+        origins=[
+            OriginSettings(name=n, url=f"root://127.0.0.1:{p}", namespace=f"/store/{n}", cache_port=free_port())
+            for n, (p, _) in origins.items()
+        ]
+    )
+    caches = [cache_process(o, settings, root) for o in settings.origins]
+    for c in caches:
+        c.start()
+    env = client_env(settings)
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield {"root": root, "settings": settings, "origins": origins, "caches": caches}
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    for c in caches:
+        c.stop()
+    for _, server in origins.values():
+        server.stop()
+
+
+def origin_url(site, name: str, path: str) -> str:
+    return f"root://127.0.0.1:{site['origins'][name][0]}//{path.lstrip('/')}"
+
+
+def test_read_through_the_cache_is_byte_identical_and_then_cached(site):
+    original = (site["origins"]["alpha"][1].base_dir / "data" / "store" / "alpha" / "big.bin").read_bytes()
+    assert sha(data.read_bytes("/store/alpha/big.bin")) == sha(original)  # logical path
+    assert sha(data.read_bytes(origin_url(site, "alpha", "/store/alpha/big.bin"))) == sha(original)  # origin URL
+    cached = site["root"] / "xcache" / "alpha" / "data" / "store" / "alpha"
+    assert (cached / "big.bin").exists() and (cached / "big.bin.cinfo").exists()
+
+
+def test_two_origins_with_the_same_path_never_share_bytes(site):
+    assert data.read_bytes(origin_url(site, "alpha", "/store/same/x.txt")) == b"bytes of alpha\n"
+    assert data.read_bytes(origin_url(site, "beta", "/store/same/x.txt")) == b"bytes of beta\n"
+    assert data.read_bytes(origin_url(site, "alpha", "/store/same/x.txt")) == b"bytes of alpha\n"
+
+
+def test_the_cache_is_not_an_open_proxy(site):
+    import fsspec
+
+    alpha_cache = data.url("/store/alpha/big.bin").split("//store")[0]
+    forwarding = f"{alpha_cache}//{origin_url(site, 'beta', '/store/same/x.txt')}"
+    with pytest.raises(OSError, match=r"\[3011\]"):
+        with fsspec.open(forwarding, "rb") as f:
+            f.read()
+    with pytest.raises(data.OriginNotPermitted, match=r"origin root://127.0.0.1:1 is not served by this site's caches"):
+        data.read_bytes("root://127.0.0.1:1//store/same/x.txt")
+    with pytest.raises(data.OriginNotPermitted, match="is under no namespace this site serves"):
+        data.read_bytes("/store/gamma/x.txt")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["http://example.org/file", "root://127.0.0.1:1094/no-double-slash", "root://nohost//x", "/store/alpha/../beta/x",
+     "relative/path.txt", "/store/alpha//x"],
+)
+def test_bad_urls_are_refused_with_the_reason(site, bad):
+    with pytest.raises(data.BadDataURL) as e:
+        data.resolve(bad)
+    assert repr(bad) in str(e.value)
+
+
+def test_missing_file_is_named(site):
+    with pytest.raises(data.DataAccessError, match=r"/store/alpha/nope.bin does not exist at origin root://127.0.0.1:\d+"):
+        data.read_bytes("/store/alpha/nope.bin")
+
+
+def test_two_readers_of_one_cold_file_both_get_the_right_bytes(site):
+    original = (site["origins"]["beta"][1].base_dir / "data" / "store" / "beta" / "big.bin").read_bytes()
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(sha(data.read_bytes("/store/beta/big.bin")))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [sha(original)] * 2
+
+
+def test_origin_down_cached_files_still_read_uncached_fail_clearly(site):
+    data.read_bytes("/store/alpha/big.bin")  # make sure it is cached
+    port, origin = site["origins"]["alpha"]
+    origin.stop()
+    try:
+        assert len(data.read_bytes("/store/alpha/big.bin")) == 8 * 2**20
+        with pytest.raises(data.DataAccessError) as e:
+            data.read_bytes("/store/alpha/cold.bin")
+        assert f"origin root://127.0.0.1:{port} is unreachable and /store/alpha/cold.bin is not in the site cache" in str(e.value)
+    finally:
+        origin.start()
+
+
+def test_a_users_notebook_reads_the_demo_dataset_through_the_platforms_cache(hub):
+    ensure_user(hub, "reader", ["ml-users"])
+    token = user_token(hub, "reader")
+    start_server(hub, "reader", token, {"profile": "small"})
+    try:
+        facts = kernel_json(
+            hub, "reader", token,
+            """
+import json, pandas
+from mlaas import data
+df = pandas.read_parquet(data.open("/store/demo/events.parquet"))
+print(json.dumps({"rows": len(df), "columns": sorted(df.columns), "url": data.url("/store/demo/events.parquet")}))
+""",
+        )
+    finally:
+        stop_server(hub, "reader")
+    assert facts["rows"] == 20_000
+    assert facts["columns"] == ["eta", "label", "mass", "njets", "pt"]
+    cache_port = hub.platform.settings.data.origins[0].cache_port
+    assert facts["url"] == f"root://127.0.0.1:{cache_port}//store/demo/events.parquet"
