@@ -86,6 +86,7 @@ def start_platform(
         "dev_idp": {"port": idp_port},
         "gpu_inventory": gpu_inventory,
         "admin_api_token_file": str(token_file),
+        "dask_gateway": {"port": free_port(), "api_port": free_port(), "tcp_port": free_port()},
         "data": {
             "demo_origin": {"port": origin_port},
             "origins": [{"name": "demo", "url": f"root://127.0.0.1:{origin_port}", "namespace": "/store/demo",
@@ -179,7 +180,7 @@ def run_in_kernel(hub: RunningPlatform, name: str, token: str, code: str, timeou
     """Run code in a new kernel of `name`'s server (through the proxy); return stdout and error."""
     base = f"{hub.url}/user/{name}"
     api = hub.api(token)
-    r = api.post(f"{base}/api/kernels", json={"name": "python3"})
+    r = api.post(f"{base}/api/kernels", json={"name": "python3"}, timeout=timeout)
     r.raise_for_status()
     kernel_id = r.json()["id"]
     ws = websocket.create_connection(
@@ -218,7 +219,7 @@ def run_in_kernel(hub: RunningPlatform, name: str, token: str, code: str, timeou
                 break
     finally:
         ws.close()
-        api.delete(f"{base}/api/kernels/{kernel_id}")
+        api.delete(f"{base}/api/kernels/{kernel_id}", timeout=timeout)
     return {"stdout": "".join(stdout), "error": error}
 
 

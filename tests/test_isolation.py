@@ -74,3 +74,29 @@ print(json.dumps({{
     # bob's server survived all of it
     model = hub.api().get(f"{hub.url}/hub/api/users/iso-bob").json()
     assert model["servers"][""]["ready"]
+
+
+def test_an_existing_account_is_moved_to_this_platforms_home(hub):
+    """Accounts outlive a state directory (reinstall, a moved state dir, earlier test runs):
+    the server must still start in the current private home, never in a stale one."""
+    import pwd
+    import subprocess
+
+    from mlaas.accounts import account_name
+
+    ensure_user(hub, "iso-mover", ["ml-users"])
+    token = user_token(hub, "iso-mover")
+    name = account_name("iso-mover")
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", "--home-dir", "/nonexistent/old-home", name], check=True)
+    subprocess.run(["usermod", "--home", "/nonexistent/old-home", name], check=True)
+    start_server(hub, "iso-mover", token, {"profile": "small"})
+    try:
+        where = kernel_json(hub, "iso-mover", token, "import os, json; print(json.dumps([os.getcwd(), os.path.expanduser('~')]))")
+    finally:
+        stop_server(hub, "iso-mover")
+    expected = str(hub.state_dir / "homes" / name)
+    assert where == [expected, expected]
+    assert pwd.getpwnam(name).pw_dir == expected

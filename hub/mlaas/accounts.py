@@ -43,8 +43,12 @@ class Account:
 
 
 def ensure_account(username: str, home: Path) -> Account:
-    """Create the system account (if missing) and its private home; return it."""
-    name = account_name(username)
+    """Create the hub user's system account (if missing) and its private home; return it."""
+    return ensure_system_account(account_name(username), home, f"MLaaS Hub user {username}", "/bin/bash")
+
+
+def ensure_system_account(name: str, home: Path, comment: str, shell: str = "/usr/sbin/nologin") -> Account:
+    """Create a locked system account (if missing) with a private home; return it."""
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
@@ -53,15 +57,18 @@ def ensure_account(username: str, home: Path) -> Account:
                 "useradd",
                 "--no-create-home",
                 "--home-dir", str(home),
-                "--shell", "/bin/bash",
+                "--shell", shell,
                 "--user-group",
-                "--comment", f"MLaaS Hub user {username}"[:60],
+                "--comment", comment[:60],
                 name,
             ],
             check=True,
             capture_output=True,
             text=True,
         )
+        entry = pwd.getpwnam(name)
+    if entry.pw_dir != str(home):  # an account from an earlier installation or state directory
+        subprocess.run(["usermod", "--home", str(home), name], check=True, capture_output=True, text=True)
         entry = pwd.getpwnam(name)
     home.mkdir(parents=True, exist_ok=True)
     os.chown(home, entry.pw_uid, entry.pw_gid)

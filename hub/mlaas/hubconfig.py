@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
+from . import dask_gateway as gateway
+from .accounts import ensure_system_account
 from .api import CapacityAPIHandler, ProfilesAPIHandler, QuotasAPIHandler
 from .auth import MLaaSAuthenticator
 from .settings import REPO_ROOT, Settings, ensure_secret, prepare_state
@@ -36,6 +39,41 @@ def start_profile_watcher(store: ProfileStore, interval: float = 2.0) -> None:
                 log.exception("Profile watcher error")
 
     threading.Thread(target=watch, name="mlaas-profile-watcher", daemon=True).start()
+
+
+def gateway_client_env(s: Settings) -> dict[str, str]:
+    """What `Gateway()` in a user's server needs to work with no arguments."""
+    return {
+        "DASK_GATEWAY__ADDRESS": s.public_url.rstrip("/") + gateway.PREFIX,
+        "DASK_GATEWAY__PROXY_ADDRESS": f"gateway://127.0.0.1:{s.dask_gateway.tcp_port}",
+        "DASK_GATEWAY__PUBLIC_ADDRESS": gateway.PREFIX,
+        "DASK_GATEWAY__AUTH__TYPE": "jupyterhub",
+    }
+
+
+def gateway_service(s: Settings) -> dict:
+    """dask-gateway-server as a hub-managed service, under its own unprivileged account."""
+    state = s.state_dir / "dask-gateway"
+    service: dict = {
+        "name": gateway.SERVICE_NAME,
+        "url": f"http://127.0.0.1:{s.dask_gateway.port}",
+        "command": [str(Path(sys.prefix) / "bin" / "dask-gateway-server"), "-f", str(REPO_ROOT / "hub" / "dask_gateway_config.py")],
+        "cwd": str(state),
+        "environment": {
+            "PATH": f"{Path(sys.prefix) / 'bin'}:/usr/local/bin:/usr/bin:/bin",
+            "MLAAS_CONFIG": os.environ.get("MLAAS_CONFIG", ""),
+            "HOME": str(state),
+        },
+        "display": False,
+    }
+    if os.geteuid() == 0:
+        account = ensure_system_account(s.dask_gateway.account, state, "MLaaS Hub Dask Gateway")
+        (state / "clusters").mkdir(exist_ok=True)
+        os.chown(state / "clusters", account.uid, account.gid)
+        service["user"] = account.name
+    else:
+        (state / "clusters").mkdir(parents=True, exist_ok=True)
+    return service
 
 
 def configure(c, settings: Settings) -> None:
@@ -95,14 +133,30 @@ def configure(c, settings: Settings) -> None:
     c.Spawner.start_timeout = s.spawn_timeout
     c.Spawner.http_timeout = 30
     c.Spawner.env_keep = ["LANG", "LC_ALL"]
+    environment: dict[str, str] = {}
     if s.data.enabled:
-        c.Spawner.environment = client_env(s.data)  # where the site's caches are, for mlaas.data
+        environment.update(client_env(s.data))  # where the site's caches are, for mlaas.data
+    services: list[dict] = []
+    roles: list[dict] = []
+    if s.dask_gateway.enabled:
+        environment.update(gateway_client_env(s))
+        services.append(gateway_service(s))
+        # users may use the gateway, and so may their servers' tokens (nothing else may)
+        roles.append({"name": "user", "scopes": ["self", f"access:services!service={gateway.SERVICE_NAME}"]})
+        c.Spawner.server_token_scopes = [
+            "access:servers!server",
+            "users:activity!user",
+            f"access:services!service={gateway.SERVICE_NAME}",
+        ]
+    c.Spawner.environment = environment
 
     # --- an admin-scoped service token for automation, if asked for ----------------------------
     if s.admin_api_token_file:
         token = Path(s.admin_api_token_file).read_text().strip()
-        c.JupyterHub.services = [{"name": "mlaas-ops", "api_token": token}]
-        c.JupyterHub.load_roles = [{"name": "mlaas-ops", "scopes": OPS_SCOPES, "services": ["mlaas-ops"]}]
+        services.append({"name": "mlaas-ops", "api_token": token})
+        roles.append({"name": "mlaas-ops", "scopes": OPS_SCOPES, "services": ["mlaas-ops"]})
+    c.JupyterHub.services = services
+    c.JupyterHub.load_roles = roles
 
     running_as_root = os.geteuid() == 0
     if s.isolation == "single-account" or (s.isolation == "auto" and not running_as_root):

@@ -113,9 +113,9 @@ def _kill_and_remove(directory: Path) -> None:
 class CgroupV2(LimitBackend):
     name = "cgroup-v2"
 
-    def __init__(self, log: logging.Logger, root: Path):
+    def __init__(self, log: logging.Logger, root: Path, group: str = GROUP):
         super().__init__(log)
-        self.base = root / GROUP
+        self.base = root / group
         self.base.mkdir(exist_ok=True)
         (self.base / "cgroup.subtree_control").write_text("+memory +cpu")
 
@@ -145,10 +145,10 @@ class CgroupV2(LimitBackend):
 class CgroupV1(LimitBackend):
     name = "cgroup-v1"
 
-    def __init__(self, log: logging.Logger, memory_root: Path, cpu_root: Path):
+    def __init__(self, log: logging.Logger, memory_root: Path, cpu_root: Path, group: str = GROUP):
         super().__init__(log)
-        self.memory = memory_root / GROUP
-        self.cpu = cpu_root / GROUP
+        self.memory = memory_root / group
+        self.cpu = cpu_root / group
         self.memory.mkdir(exist_ok=True)
         self.cpu.mkdir(exist_ok=True)
 
@@ -177,19 +177,22 @@ def _controllers(directory: Path) -> set[str]:
         return set()
 
 
-def detect_backend(log: logging.Logger, root: Path = CGROUP_ROOT) -> LimitBackend:
-    """The best backend this machine allows; never raises."""
+def detect_backend(log: logging.Logger, root: Path = CGROUP_ROOT, group: str = GROUP) -> LimitBackend:
+    """The best backend this machine allows; never raises.
+
+    `group` names this platform's cgroup subtree; platforms sharing a machine (a test run beside
+    `make up`) use different ones, so one never ends the other's processes."""
     if os.geteuid() == 0:
         for unified in (root, root / "unified"):
             if {"memory", "cpu"} <= _controllers(unified) and os.access(unified, os.W_OK):
                 try:
-                    return CgroupV2(log, unified)
+                    return CgroupV2(log, unified, group)
                 except OSError as e:
                     log.warning("cgroup v2 at %s is not usable: %s", unified, e)
         memory_root, cpu_root = root / "memory", root / "cpu"
         if (memory_root / "memory.limit_in_bytes").exists() and (cpu_root / "cpu.cfs_quota_us").exists():
             try:
-                return CgroupV1(log, memory_root, cpu_root)
+                return CgroupV1(log, memory_root, cpu_root, group)
             except OSError as e:
                 log.warning("cgroup v1 is not usable: %s", e)
     return LimitBackend(log)

@@ -53,6 +53,16 @@ class DevIdpSettings(BaseModel):
     users_file: Path = REPO_ROOT / "hub" / "dev_idp" / "users.yaml"
 
 
+class DaskGatewaySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    port: int = 8002  # the gateway's HTTP proxy; the hub's proxy forwards /services/dask-gateway to it
+    api_port: int = 8003  # its private API
+    tcp_port: int = 8786  # scheduler traffic from clients
+    account: str = Field("mlaas-dask", description="System account the gateway and its clusters run as (root hub).")
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -64,6 +74,7 @@ class Settings(BaseModel):
     oidc: OidcSettings = OidcSettings()
     dev_idp: DevIdpSettings = DevIdpSettings()
     data: DataSettings = DataSettings()
+    dask_gateway: DaskGatewaySettings = DaskGatewaySettings()
     isolation: Literal["auto", "accounts", "single-account"] = Field(
         "auto", description="auto: per-user system accounts when the hub runs as root, else one account."
     )
@@ -122,7 +133,7 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
             raise SettingsError(f"{path}: {e}") from e
     for name, field in Settings.model_fields.items():
         value = environ.get(f"MLAAS_{name.upper()}")
-        if value is not None and field.annotation not in (OidcSettings, DevIdpSettings, DataSettings):
+        if value is not None and field.annotation not in (OidcSettings, DevIdpSettings, DataSettings, DaskGatewaySettings):
             data[name] = value
     try:
         return Settings.model_validate(data)

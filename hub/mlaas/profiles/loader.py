@@ -15,7 +15,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
-from .model import GroupQuota, Profile, ProfileFile
+from .model import DaskPolicy, GroupQuota, Profile, ProfileFile
 
 PROFILE_SUFFIXES = (".yaml", ".yml")
 
@@ -47,6 +47,7 @@ class ProfileSet:
     profiles: tuple[Profile, ...] = ()
     sources: dict[str, str] = field(default_factory=dict)  # slug -> "file:line"
     quotas: tuple[GroupQuota, ...] = ()
+    dask: DaskPolicy = field(default_factory=DaskPolicy)
 
     def quota_of(self, group: str) -> GroupQuota | None:
         return next((q for q in self.quotas if q.group == group), None)
@@ -75,6 +76,7 @@ def load_profile_files(paths: Iterable[Path]) -> ProfileSet:
     errors: list[ProfileError] = []
     loaded: list[tuple[Profile, str]] = []
     quotas: list[tuple[GroupQuota, str]] = []
+    dask: list[tuple[DaskPolicy, str]] = []
     for path in paths:
         try:
             text = path.read_text(encoding="utf-8")
@@ -85,12 +87,17 @@ def load_profile_files(paths: Iterable[Path]) -> ProfileSet:
         errors.extend(file_errors)
         loaded.extend(parsed.profiles)
         quotas.extend(parsed.quotas)
+        dask.extend(parsed.dask)
     errors.extend(_cross_file_errors(loaded))
     errors.extend(_duplicates([(q.group, where) for q, where in quotas], "quota for group"))
+    errors.extend(_duplicates([("dask", where) for _, where in dask], "section"))
     if errors:
         raise ProfileErrors(errors)
     return ProfileSet(
-        tuple(p for p, _ in loaded), {p.slug: where for p, where in loaded}, tuple(q for q, _ in quotas)
+        tuple(p for p, _ in loaded),
+        {p.slug: where for p, where in loaded},
+        tuple(q for q, _ in quotas),
+        dask[0][0] if dask else DaskPolicy(),
     )
 
 
@@ -98,6 +105,7 @@ def load_profile_files(paths: Iterable[Path]) -> ProfileSet:
 class ParsedFile:
     profiles: list[tuple[Profile, str]] = field(default_factory=list)  # with "file:line"
     quotas: list[tuple[GroupQuota, str]] = field(default_factory=list)
+    dask: list[tuple[DaskPolicy, str]] = field(default_factory=list)
 
 
 def parse_profile_text(text: str, filename: str) -> tuple[list[tuple[Profile, str]], list[ProfileError]]:
@@ -126,10 +134,12 @@ def parse_file(text: str, filename: str) -> tuple[ParsedFile, list[ProfileError]
     except ValidationError as e:
         return ParsedFile(), [_to_profile_error(err, raw, filename) for err in e.errors()]
     items, quota_items = raw.get("profiles") or [], raw.get("quotas") or []
+    dask_line = raw.lc.key("dask")[0] + 1 if parsed.dask is not None else None
     return (
         ParsedFile(
             [(p, f"{filename}:{_item_line(items, i)}") for i, p in enumerate(parsed.profiles)],
             [(q, f"{filename}:{_item_line(quota_items, i)}") for i, q in enumerate(parsed.quotas)],
+            [(parsed.dask, f"{filename}:{dask_line}")] if parsed.dask is not None else [],
         ),
         [],
     )

@@ -213,6 +213,42 @@ class Profile(_Strict):
         return ", ".join(parts)
 
 
+class DaskLimits(_Strict):
+    """Limits on Dask clusters, summed over all clusters of a user (or of a group's members)."""
+
+    clusters: int | None = Field(None, ge=0, le=1000)
+    cores: Cores | None = None  # worker cores (workers x cores per worker)
+    memory: Bytes | None = None  # worker memory
+    gpus: int | None = Field(None, ge=0, le=10_000)
+
+
+class DaskPolicy(_Strict):
+    """What Dask Gateway offers: worker sizes to choose from and limits per cluster and per user."""
+
+    worker_cores: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+    worker_memory: list[Bytes] = Field(default_factory=lambda: [2 * 2**30, 4 * 2**30], min_length=1)
+    worker_gpus: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    cluster_max_workers: int = Field(8, ge=1, le=10_000)
+    cluster_max_cores: Cores = 16.0
+    cluster_max_memory: Bytes = 64 * 2**30
+    idle_timeout: int = Field(1800, ge=0, description="Seconds without work before a cluster is shut down (0: never).")
+    per_user: DaskLimits = DaskLimits(clusters=2, cores=16.0, memory=64 * 2**30)
+
+    @field_validator("worker_cores")
+    @classmethod
+    def _cores(cls, value: list[int]) -> list[int]:
+        if any(v < 1 or v > 256 for v in value):
+            raise ValueError("cores per worker must be whole numbers between 1 and 256")
+        return value
+
+    @field_validator("worker_gpus")
+    @classmethod
+    def _gpus(cls, value: list[int]) -> list[int]:
+        if any(v < 0 or v > MAX_GPUS for v in value):
+            raise ValueError(f"GPUs per worker must be between 0 and {MAX_GPUS}")
+        return value
+
+
 class GroupQuota(_Strict):
     """What the members of a group may use together, counted from running servers.
 
@@ -226,6 +262,7 @@ class GroupQuota(_Strict):
     cpu: Cores | None = Field(None, description="CPU cores (sum of limits).")
     memory: Bytes | None = Field(None, description="Memory (sum of limits).")
     servers_per_user: int | None = Field(None, ge=0, le=1000, description="Running servers of one member.")
+    dask: DaskLimits = Field(default_factory=DaskLimits, description="Dask clusters of all members together.")
 
     @field_validator("group")
     @classmethod
@@ -250,3 +287,4 @@ class ProfileFile(_Strict):
 
     profiles: list[Profile] = Field(default_factory=list)
     quotas: list[GroupQuota] = Field(default_factory=list)
+    dask: DaskPolicy | None = None

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from .loader import ProfileError, ProfileErrors, ProfileSet, load_profile_dir, profile_files
-from .model import GroupQuota, Profile
+from .model import DaskPolicy, GroupQuota, Profile
 
 Signature = tuple[tuple[str, int, int], ...]
 
@@ -58,7 +58,9 @@ class ProfileStore:
                 "\n  ".join(str(err) for err in e.errors),
             )
             return False
-        changed = (fresh.profiles, fresh.quotas) != (self._good.profiles, self._good.quotas) or not self._loaded_once
+        changed = (fresh.profiles, fresh.quotas, fresh.dask) != (
+            self._good.profiles, self._good.quotas, self._good.dask
+        ) or not self._loaded_once
         self.errors = []
         self._good, self._loaded_once = fresh, True
         if changed:
@@ -79,6 +81,7 @@ class ProfileStore:
             "profiles": [p.model_dump(mode="json") for p in pset.profiles],
             "sources": pset.sources,
             "quotas": [q.model_dump(mode="json") for q in pset.quotas],
+            "dask": pset.dask.model_dump(mode="json"),
         }
         self.snapshot.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.snapshot.parent, prefix=".profiles-")
@@ -95,6 +98,7 @@ class ProfileStore:
                 tuple(Profile.model_validate(p) for p in data["profiles"]),
                 dict(data["sources"]),
                 tuple(GroupQuota.model_validate(q) for q in data.get("quotas", [])),
+                DaskPolicy.model_validate(data.get("dask", {})),
             )
         except Exception as e:  # a damaged snapshot must not stop the hub either
             self.log.error("Cannot read the last good profiles from %s: %s", self.snapshot, e)

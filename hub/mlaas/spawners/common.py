@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from typing import Any
 
 from tornado import web
@@ -153,6 +154,25 @@ class ProfileSpawnerMixin(LoggingConfigurable):
         self.mem_limit = self.profile.memory.limit
         self.mem_guarantee = self.profile.memory.guarantee or None
         self.log.info("%s starts profile %s (%s)", self.owner_key, self.profile.slug, self.profile.summary())
+
+    # --- Dask clusters live no longer than the server that made them ------------------------------
+    async def stop_dask_clusters(self) -> None:
+        """Stop this user's Dask Gateway clusters (with the server's own token, still valid here)."""
+        address = (self.environment or {}).get("DASK_GATEWAY__ADDRESS")
+        if not address or not self.api_token:
+            return
+        from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+        client = AsyncHTTPClient()
+        headers = {"Authorization": f"jupyterhub {self.api_token}"}  # the gateway's auth scheme
+        try:
+            response = await client.fetch(f"{address}/api/v1/clusters/", headers=headers, request_timeout=10)
+            for name in json.loads(response.body):
+                await client.fetch(f"{address}/api/v1/clusters/{name}", method="DELETE", headers=headers,
+                                   request_timeout=10)
+                self.log.info("Stopped Dask cluster %s of %s with its server", name, self.owner_key)
+        except (HTTPClientError, OSError, ValueError) as e:
+            self.log.warning("Could not stop the Dask clusters of %s: %s", self.owner_key, e)
 
     # --- state kept across hub restarts -----------------------------------------------------------
     def get_state(self) -> dict:

@@ -132,6 +132,7 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
         return await super().start()
 
     async def stop(self, now: bool = False):
+        await self.stop_dask_clusters()
         try:
             await super().stop(now=now)
         finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -40,9 +41,11 @@ def device_allocator(spec: str) -> DeviceAllocator:
 
 
 @functools.cache
-def limit_backend() -> LimitBackend:
+def limit_backend(instance: str) -> LimitBackend:
+    """One per platform instance (named after its homes directory)."""
     log = logging.getLogger("JupyterHub.mlaas.limits")
-    backend = detect_backend(log)
+    digest = hashlib.sha256(instance.encode()).hexdigest()[:10]
+    backend = detect_backend(log, group=f"mlaas-{digest}")
     log.info("Resource limits for local servers: %s", backend.describe())
     return backend
 
@@ -135,7 +138,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
     def make_preexec_fn(self, name: str):
         placement, account = self.placement, self.account
         assert placement is not None and account is not None
-        switch_user = set_user_setuid(account.name) if self.uses_accounts else None
+        switch_user = set_user_setuid(account.name, chdir=False) if self.uses_accounts else None
         home = str(account.home)
 
         def preexec() -> None:
@@ -143,8 +146,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
             os.umask(0o077)
             if switch_user:
                 switch_user()
-            else:
-                os.chdir(home)
+            os.chdir(home)  # ours, not whatever /etc/passwd says; fails loudly if it cannot
 
         return preexec
 
@@ -197,7 +199,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
             names = ", ".join(f"{d.mig_profile or d.model} ({d.uuid})" for d in devices)
             self.emit(30, f"Assigned {names}")
 
-        backend = limit_backend()
+        backend = limit_backend(str(Path(self.homes_dir).resolve()))
         self.placement = backend.place(self.placement_key, profile.cpu.limit, profile.memory.limit)
         self.emit(
             40,
@@ -271,6 +273,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         return status
 
     async def stop(self, now: bool = False):
+        await self.stop_dask_clusters()
         try:
             await super().stop(now=now)
         finally:
@@ -281,4 +284,4 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         freed = self.capacity.release(self.owner_key)
         if freed:
             self.log.info("%s released %s", self.owner_key, ", ".join(freed))
-        limit_backend().release(self.placement_key)
+        limit_backend(str(Path(self.homes_dir).resolve())).release(self.placement_key)

@@ -1,0 +1,235 @@
+"""Dask Gateway from the same profile and group model: cluster options and limits.
+
+dask-gateway itself only limits single clusters. Here the `dask:` section of the profile files
+gives the worker sizes users may choose and the per-cluster limits, `dask.per_user` limits all
+clusters of one user together, and a group quota's `dask:` limits all clusters of the group's
+members together (clusters, worker cores, memory, GPUs). They are checked when a cluster is
+created, when it is scaled (a clear error naming the limit and the current use), and on every
+scheduler heartbeat (adaptive scaling is capped, never refused).
+
+One machine: `UnsafeLocalBackend`, the local backend that works without per-user system
+accounts. Every cluster runs under the gateway's own unprivileged account (`mlaas-dask`), so
+users' Dask processes are isolated from the hub but not from each other; the Kubernetes backend
+(with the chart) runs each cluster in its own pods.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dask_gateway_server.backends.local import UnsafeLocalBackend
+from dask_gateway_server.options import Options, Select
+from dask_gateway_server.backends.base import PublicException
+from traitlets import Unicode
+
+from .profiles import ProfileSet, ProfileStore, allowed_profiles
+from .profiles.model import DaskLimits
+from .profiles.quantities import format_bytes, parse_bytes
+
+SERVICE_NAME = "dask-gateway"
+PREFIX = f"/services/{SERVICE_NAME}"
+
+
+def gpu_entitled(pset: ProfileSet, groups: Iterable[str]) -> bool:
+    """GPU workers are for users who may start some GPU or MIG profile."""
+    return any(p.needs_accelerator for p in allowed_profiles(pset, groups))
+
+
+def _memory_label(n: int) -> str:
+    """'2Gi', '512Mi': what users choose, in the notation of the profile files."""
+    for unit, factor in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if n % factor == 0:
+            return f"{n // factor}{unit}"
+    return str(n)
+
+
+def cluster_options_for(pset: ProfileSet, groups: Iterable[str], environment: dict[str, str]) -> Options:
+    policy = pset.dask
+    fields = [
+        Select("worker_cores", [str(c) for c in policy.worker_cores], default=str(policy.worker_cores[0]),
+               label="Worker cores"),
+        Select("worker_memory", [_memory_label(m) for m in policy.worker_memory],
+               default=_memory_label(policy.worker_memory[0]), label="Worker memory"),
+    ]
+    gpu_choices = sorted(set(policy.worker_gpus) | {0})
+    if gpu_entitled(pset, groups) and len(gpu_choices) > 1:
+        fields.append(Select("worker_gpus", [str(g) for g in gpu_choices], default="0", label="GPUs per worker"))
+
+    def handler(options: Any, user: Any) -> dict[str, Any]:
+        gpus = int(getattr(options, "worker_gpus", 0) or 0)
+        if gpus:
+            raise PublicException(
+                "GPU workers need the Kubernetes backend; this one-machine gateway runs CPU workers only."
+            )
+        return {
+            "worker_cores": int(options.worker_cores),
+            "worker_threads": int(options.worker_cores),
+            "worker_memory": parse_bytes(options.worker_memory),
+            "cluster_max_workers": policy.cluster_max_workers,
+            "cluster_max_cores": policy.cluster_max_cores,
+            "cluster_max_memory": policy.cluster_max_memory,
+            "idle_timeout": float(policy.idle_timeout),
+            "environment": dict(environment),
+        }
+
+    return Options(*fields, handler=handler)
+
+
+# --- accounting over all clusters ----------------------------------------------------------------
+@dataclass(frozen=True)
+class ClusterUse:
+    name: str
+    user: str
+    groups: frozenset[str]
+    workers: int
+    cores_per_worker: float
+    memory_per_worker: int
+    gpus_per_worker: int
+
+    def total(self, dim: str, workers: int | None = None) -> float:
+        n = self.workers if workers is None else workers
+        per = {"cores": self.cores_per_worker, "memory": self.memory_per_worker, "gpus": self.gpus_per_worker}[dim]
+        return n * per
+
+
+def _show(dim: str, value: float) -> str:
+    return format_bytes(int(value)) if dim == "memory" else f"{value:g} {'worker cores' if dim == 'cores' else 'GPUs'}"
+
+
+def scale_refusal(
+    pset: ProfileSet, clusters: list[ClusterUse], cluster: ClusterUse, new_workers: int
+) -> tuple[str | None, int]:
+    """(why scaling `cluster` to `new_workers` breaks a user or group limit, the most that fits)."""
+    scopes: list[tuple[str, DaskLimits, list[ClusterUse]]] = [
+        (f"user {cluster.user}", pset.dask.per_user, [c for c in clusters if c.user == cluster.user])
+    ]
+    for group in sorted(cluster.groups):
+        quota = pset.quota_of(group)
+        if quota is not None:
+            scopes.append((f"group {group}", quota.dask, [c for c in clusters if group in c.groups]))
+    fits, reason = new_workers, None
+    for who, limits, members in scopes:
+        others = [c for c in members if c.name != cluster.name]
+        for dim in ("cores", "memory", "gpus"):
+            limit = getattr(limits, dim)
+            per_worker = cluster.total(dim, 1)
+            if limit is None or per_worker == 0:
+                continue
+            used = sum(c.total(dim) for c in others)
+            room = int((limit - used) // per_worker) if limit >= used else 0
+            if new_workers > room and room < fits:
+                fits = max(room, 0)
+                held = ", ".join(f"{c.name}: {_show(dim, c.total(dim))}" for c in others if c.total(dim)) or "none"
+                reason = (
+                    f"{who} may use {_show(dim, limit)} in Dask clusters; other clusters use {_show(dim, used)} "
+                    f"({held}), so cluster {cluster.name} can have at most {max(room, 0)} workers of "
+                    f"{_show(dim, per_worker)} each, not {new_workers}"
+                )
+    return reason, fits
+
+
+def new_cluster_refusal(pset: ProfileSet, clusters: list[ClusterUse], user: str, groups: Iterable[str]) -> str | None:
+    mine = [c for c in clusters if c.user == user]
+    limit = pset.dask.per_user.clusters
+    if limit is not None and len(mine) >= limit:
+        return f"user {user} may have {limit} Dask cluster(s) and has {len(mine)}: {', '.join(c.name for c in mine)}"
+    for group in sorted(groups):
+        quota = pset.quota_of(group)
+        if quota is None or quota.dask.clusters is None:
+            continue
+        members = [c for c in clusters if group in c.groups]
+        if len(members) >= quota.dask.clusters:
+            owners = ", ".join(f"{c.name} ({c.user})" for c in members)
+            return f"group {group} may have {quota.dask.clusters} Dask cluster(s) and has {len(members)}: {owners}"
+    return None
+
+
+class MLaaSLocalBackend(UnsafeLocalBackend):
+    """UnsafeLocalBackend with options and limits from the profile files (see module doc)."""
+
+    profiles_dir = Unicode("spawner_profiles", config=True, help="Directory of profile YAML files.")
+
+    @property
+    def store(self) -> ProfileStore:
+        if not hasattr(self, "_store"):
+            self._store = ProfileStore(self.profiles_dir, log=self.log)
+        return self._store
+
+    async def get_cluster_options(self, user: Any) -> Options:
+        environment = dict(self.cluster_config_class(parent=self).environment)
+        return cluster_options_for(self.store.current(), user.groups, environment)
+
+    async def process_cluster_options(self, user: Any, request: dict) -> tuple[dict, Any]:
+        options, config = await super().process_cluster_options(user, request)
+        options = dict(options)
+        options["mlaas_groups"] = sorted(user.groups)  # kept with the cluster, for group limits
+        return options, config
+
+    def _uses(self) -> list[ClusterUse]:
+        uses = []
+        for c in self.db.active_clusters():
+            uses.append(
+                ClusterUse(
+                    name=c.name,
+                    user=c.username,
+                    groups=frozenset(c.options.get("mlaas_groups", [])),
+                    workers=c.count,
+                    cores_per_worker=float(c.config.get("worker_cores", 1)),
+                    memory_per_worker=int(c.config.get("worker_memory", 0)),
+                    gpus_per_worker=int(c.options.get("worker_gpus", 0) or 0),
+                )
+            )
+        return uses
+
+    async def start_cluster(self, user: Any, cluster_options: dict) -> str:
+        refusal = new_cluster_refusal(self.store.current(), self._uses(), user.name, user.groups)
+        if refusal:
+            raise PublicException(f"New Dask cluster refused: {refusal}.")
+        return await super().start_cluster(user, cluster_options)
+
+    async def forward_message_to_scheduler(self, cluster: Any, msg: dict) -> None:
+        if msg.get("op") == "scale":
+            uses = self._uses()
+            this = next((u for u in uses if u.name == cluster.name), None)
+            if this is not None:
+                reason, _ = scale_refusal(self.store.current(), uses, this, int(msg["count"]))
+                if reason:
+                    raise PublicException(f"Scale refused: {reason}.")
+        await super().forward_message_to_scheduler(cluster, msg)
+
+    async def on_cluster_heartbeat(self, cluster_name: str, msg: dict) -> None:
+        """Adaptive scaling asks through heartbeats: cap it at what the limits allow."""
+        uses = self._uses()
+        this = next((u for u in uses if u.name == cluster_name), None)
+        if this is not None and msg.get("count", 0) > this.workers:
+            reason, fits = scale_refusal(self.store.current(), uses, this, int(msg["count"]))
+            if reason:
+                self.log.info("Capping cluster %s at %d workers: %s", cluster_name, fits, reason)
+                msg = {**msg, "count": fits}
+        await super().on_cluster_heartbeat(cluster_name, msg)
+
+
+def configure(c: Any, settings: Any) -> None:
+    """dask-gateway-server's configuration, as a JupyterHub-managed service of the platform."""
+    gw = settings.dask_gateway
+    state = settings.state_dir / "dask-gateway"
+    venv_bin = Path(sys.prefix) / "bin"
+    c.DaskGateway.backend_class = MLaaSLocalBackend
+    c.DaskGateway.authenticator_class = "dask_gateway_server.auth.JupyterHubAuthenticator"
+    c.JupyterHubAuthenticator.jupyterhub_service_name = SERVICE_NAME  # only tokens with its access scope
+    c.DaskGateway.address = f"127.0.0.1:{gw.api_port}"
+    c.Proxy.address = f"127.0.0.1:{gw.port}"
+    c.Proxy.tcp_address = f"127.0.0.1:{gw.tcp_port}"
+    c.Proxy.prefix = PREFIX
+    c.MLaaSLocalBackend.profiles_dir = str(settings.profiles_dir)
+    c.MLaaSLocalBackend.clusters_directory = str(state / "clusters")
+    c.ClusterConfig.scheduler_cmd = [str(venv_bin / "dask"), "scheduler"]
+    c.ClusterConfig.worker_cmd = [str(venv_bin / "dask"), "worker"]
+    from .xcache import client_env
+
+    if settings.data.enabled:  # workers read through the site cache like the notebook does
+        c.ClusterConfig.environment = client_env(settings.data)

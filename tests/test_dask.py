@@ -1,0 +1,170 @@
+"""Dask Gateway from users' servers on the real platform: the gateway runs as a hub service,
+`Gateway()` works with no arguments inside a server, a real model is trained on a 2-worker
+cluster with data read through the site cache, and users' clusters stay theirs."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from helpers import ensure_user, kernel_json, run_in_kernel, start_server, stop_server, user_token
+
+TRAIN = """
+import json, joblib, pandas
+from dask_gateway import Gateway
+from mlaas import data
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.model_selection import train_test_split
+
+gateway = Gateway()
+cluster = gateway.new_cluster(shutdown_on_close=False)  # outlives this kernel; stops with the server
+cluster.scale(2)
+client = cluster.get_client()
+client.wait_for_workers(2, timeout=180)
+
+def rows_on_worker():
+    import pandas
+    from mlaas import data
+    return len(pandas.read_parquet(data.open("/store/demo/events.parquet")))
+
+df = pandas.read_parquet(data.open("/store/demo/events.parquet"))
+X, y = df[["pt", "eta", "mass", "njets"]], df["label"]
+X_train, X_test, y_train, y_test = train_test_split(X, y, random_state=0)
+with joblib.parallel_backend("dask"):
+    model = RandomForestClassifier(n_estimators=40, n_jobs=-1, random_state=0).fit(X_train, y_train)
+workers = client.scheduler_info()["workers"]
+print(json.dumps({
+    "cluster": cluster.name,
+    "workers": len(workers),
+    "tasks_on_workers": sum(1 for w in workers.values() if w.get("metrics", {}).get("executing", 0) >= 0),
+    "accuracy": model.score(X_test, y_test),
+    "rows_read_on_a_worker": client.submit(rows_on_worker, pure=False).result(),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def dask_users(hub):
+    tokens = {}
+    for name in ("dask-ann", "dask-ben"):
+        ensure_user(hub, name, ["ml-users", "dask-testers"])
+        tokens[name] = user_token(hub, name)
+        start_server(hub, name, tokens[name], {"profile": "dask-notebook"})
+    yield tokens
+    for name in tokens:
+        stop_server(hub, name)
+
+
+def gateway_api(hub, token: str, path: str = "", method: str = "GET") -> requests.Response:
+    return requests.request(method, f"{hub.url}/services/dask-gateway/api/v1/clusters/{path}",
+                            headers={"Authorization": f"jupyterhub {token}"}, timeout=30)
+
+
+def test_train_a_model_on_a_two_worker_cluster_from_a_users_server(hub, dask_users):
+    result = kernel_json(hub, "dask-ann", dask_users["dask-ann"], TRAIN)
+    assert result["workers"] == 2
+    assert result["accuracy"] > 0.8  # the demo data's classes are well separated
+    assert result["rows_read_on_a_worker"] == 20_000  # workers read through the cache too
+    clusters = gateway_api(hub, dask_users["dask-ann"]).json()
+    assert list(clusters) == [result["cluster"]]
+
+
+def test_users_cannot_see_or_stop_each_others_clusters(hub, dask_users):
+    (ann_cluster,) = gateway_api(hub, dask_users["dask-ann"]).json()
+    assert gateway_api(hub, dask_users["dask-ben"]).json() == {}
+    assert gateway_api(hub, dask_users["dask-ben"], ann_cluster).status_code == 403
+    assert gateway_api(hub, dask_users["dask-ben"], ann_cluster, "DELETE").status_code == 403
+    assert gateway_api(hub, dask_users["dask-ann"], ann_cluster).json()["status"] == "RUNNING"
+
+
+def test_tokens_without_the_gateway_scope_are_refused(hub, dask_users):
+    r = hub.api().post(f"{hub.url}/hub/api/users/dask-ben/tokens", json={"scopes": ["read:users:name!user"]})
+    narrow = r.json()["token"]
+    assert gateway_api(hub, narrow).status_code in (401, 403)
+
+
+def test_limits_are_refused_with_the_limit_and_the_use(hub, dask_users):
+    out = run_in_kernel(hub, "dask-ann", dask_users["dask-ann"], """
+from dask_gateway import Gateway
+g = Gateway()
+(report,) = g.list_clusters()
+cluster = g.connect(report.name)
+try:
+    cluster.scale(3)
+    print("SCALE: allowed")
+except Exception as e:
+    print("SCALE:", e)
+try:
+    g.new_cluster()
+    print("NEW: allowed")
+except Exception as e:
+    print("NEW:", e)
+""")
+    assert out["error"] is None, out
+    text = out["stdout"]
+    assert (
+        "SCALE: Scale refused: user dask-ann may use 2 worker cores in Dask clusters; other clusters use "
+        "0 worker cores (none), so cluster" in text
+    )
+    assert "can have at most 2 workers of 1 worker cores each, not 3." in text
+    assert f"NEW: New Dask cluster refused: user dask-ann may have 1 Dask cluster(s) and has 1: {report_name(hub, dask_users)}" in text
+
+
+def report_name(hub, dask_users) -> str:
+    (name,) = gateway_api(hub, dask_users["dask-ann"]).json()
+    return name
+
+
+def test_clusters_stop_with_the_server_that_made_them(hub, dask_users):
+    assert gateway_api(hub, dask_users["dask-ann"]).json() != {}
+    stop_server(hub, "dask-ann")
+    remaining = gateway_api(hub, dask_users["dask-ann"], "?status=running,pending").json()
+    assert remaining == {}
+
+
+def test_gpu_workers_only_for_users_entitled_to_gpus():
+    """Options are built from the profile model: the GPU choice appears only for users whose
+    groups may start a GPU or MIG profile, and this one-machine backend refuses GPU workers."""
+    from pathlib import Path
+
+    from mlaas.dask_gateway import cluster_options_for
+    from mlaas.profiles import load_profile_dir
+
+    shipped = load_profile_dir(Path(__file__).resolve().parents[1] / "spawner_profiles")
+    cpu_only = shipped.__class__(tuple(p for p in shipped.profiles if not p.needs_accelerator), {}, (), shipped.dask)
+    names = lambda options: [f.field for f in options.fields]  # noqa: E731
+    assert names(cluster_options_for(shipped, ["atlas-ml"], {})) == ["worker_cores", "worker_memory", "worker_gpus"]
+    assert names(cluster_options_for(cpu_only, ["ml-users"], {})) == ["worker_cores", "worker_memory"]
+    options = cluster_options_for(shipped, ["atlas-ml"], {"MLAAS_XCACHE": "{}"})
+    overrides = options.get_configuration(options.parse_options({"worker_cores": "2", "worker_memory": "4Gi"}), None)
+    assert overrides["worker_cores"] == 2 and overrides["worker_memory"] == 4 * 2**30
+    assert overrides["environment"] == {"MLAAS_XCACHE": "{}"}
+    with pytest.raises(Exception, match="GPU workers need the Kubernetes backend"):
+        options.get_configuration(options.parse_options({"worker_gpus": "1"}), None)
+    with pytest.raises(Exception):
+        cluster_options_for(cpu_only, ["ml-users"], {}).parse_options({"worker_gpus": "1"})
+
+
+def test_the_example_notebook_runs_in_a_users_server(hub, dask_users):
+    """docs/examples/train-with-dask.ipynb, uploaded to a server and executed there (nbclient)."""
+    import json
+    from pathlib import Path
+
+    notebook = json.loads((Path(__file__).resolve().parents[1] / "docs" / "examples" / "train-with-dask.ipynb").read_text())
+    r = hub.api(dask_users["dask-ben"]).put(
+        f"{hub.url}/user/dask-ben/api/contents/train-with-dask.ipynb",
+        json={"type": "notebook", "format": "json", "content": notebook}, timeout=30,
+    )
+    assert r.status_code in (200, 201), r.text
+    out = run_in_kernel(hub, "dask-ben", dask_users["dask-ben"], """
+import json, nbclient, nbformat
+nb = nbformat.read("train-with-dask.ipynb", as_version=4)
+nbclient.NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+               if o.get("output_type") == "stream")
+print(json.dumps({"stdout": text}))
+""", timeout=300)
+    assert out["error"] is None, out["error"]
+    printed = json.loads(out["stdout"].strip().splitlines()[-1])["stdout"]
+    assert "//store/demo/events.parquet" in printed and "test accuracy: 0." in printed
+    assert gateway_api(hub, dask_users["dask-ben"]).json() == {}  # the notebook shut its cluster down
