@@ -39,6 +39,7 @@ test: install
 
 bench: install
 	$(VENV)/bin/python bench/form_bench.py
+	$(VENV)/bin/python bench/data_bench.py
 	$(VENV)/bin/python bench/spawn_bench.py
 
 clean:

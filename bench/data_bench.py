@@ -1,0 +1,137 @@
+"""Data and Dask benchmark (numbers, not pass/fail): `make bench`.
+
+1. Read throughput of one 1 GB file, same run: through the XCache cold (first read, fetched
+   from the origin) and warm (second read, from the cache), directly from the origin, and from
+   local disk. The OS page cache is dropped before each read where this machine allows it.
+2. Time from `Gateway().new_cluster()` in a user's server to a cluster with 2 ready workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from helpers import (  # noqa: E402
+    ARTIFACTS,
+    ensure_user,
+    free_port,
+    kernel_json,
+    start_platform,
+    start_server,
+    state_root,
+    stop_server,
+    user_token,
+)
+
+from mlaas import data  # noqa: E402
+from mlaas.xcache import DataSettings, OriginSettings, cache_process, client_env, origin_process  # noqa: E402
+
+SIZE = 1 << 30
+CHUNK = 16 << 20
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed_read(open_file) -> float:
+    t0 = time.perf_counter()
+    n = 0
+    with open_file() as f:
+        while chunk := f.read(CHUNK):
+            n += len(chunk)
+    assert n == SIZE, n
+    return SIZE / (time.perf_counter() - t0) / 1e6
+
+
+def throughput() -> dict:
+    root = state_root() / f"bench-data-{os.getpid()}"
+    shutil.rmtree(root, ignore_errors=True)
+    port = free_port()
+    origin = origin_process("bench", port, root / "origins" / "bench" / "data", root)
+    target = origin.base_dir / "data" / "store" / "bench"
+    target.mkdir(parents=True)
+    with open(target / "1g.bin", "wb") as f:
+        for _ in range(SIZE // CHUNK):
+            f.write(os.urandom(CHUNK))
+    origin.start()
+    settings = DataSettings(origins=[OriginSettings(name="bench", url=f"root://127.0.0.1:{port}",
+                                                    namespace="/store/bench", cache_port=free_port())])
+    cache = cache_process(settings.origins[0], settings, root)
+    cache.start()
+    os.environ.update(client_env(settings))
+    import fsspec
+
+    results = {}
+    try:
+        dropped = drop_page_cache()
+        results["cache_cold_MBps"] = timed_read(lambda: data.open("/store/bench/1g.bin"))
+        drop_page_cache()
+        results["cache_warm_MBps"] = timed_read(lambda: data.open("/store/bench/1g.bin"))
+        drop_page_cache()
+        results["origin_direct_MBps"] = timed_read(
+            lambda: fsspec.open(f"root://127.0.0.1:{port}//store/bench/1g.bin", "rb").open())
+        drop_page_cache()
+        results["local_disk_MBps"] = timed_read(lambda: open(target / "1g.bin", "rb"))
+        results["page_cache_dropped"] = dropped
+    finally:
+        cache.stop()
+        origin.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def dask_cluster_start() -> float:
+    hub = start_platform("bench-dask")
+    try:
+        ensure_user(hub, "bench-dask", ["ml-users", "dask-testers"])
+        token = user_token(hub, "bench-dask")
+        start_server(hub, "bench-dask", token, {"profile": "dask-notebook"})
+        result = kernel_json(hub, "bench-dask", token, """
+import json, time
+from dask_gateway import Gateway
+t0 = time.perf_counter()
+cluster = Gateway().new_cluster()
+cluster.scale(2)
+client = cluster.get_client()
+client.wait_for_workers(2, timeout=180)
+elapsed = time.perf_counter() - t0
+cluster.shutdown()
+print(json.dumps({"seconds": elapsed}))
+""")
+        stop_server(hub, "bench-dask")
+        return result["seconds"]
+    finally:
+        hub.platform.stop()
+
+
+def main() -> int:
+    print(f"Reading one {SIZE >> 20} MiB file in {CHUNK >> 20} MiB chunks…", flush=True)
+    r = throughput()
+    local = r["local_disk_MBps"]
+    note = "" if r["page_cache_dropped"] else "  (page cache could not be dropped: reads may be from memory)"
+    for key, label in (("cache_cold_MBps", "through XCache, cold"), ("cache_warm_MBps", "through XCache, warm"),
+                       ("origin_direct_MBps", "origin directly"), ("local_disk_MBps", "local disk")):
+        print(f"  {label:22} {r[key]:8.0f} MB/s   {r[key] / local:5.2f} x local disk")
+    print(f"  warm/cold {r['cache_warm_MBps'] / r['cache_cold_MBps']:.2f}   cold/origin {r['cache_cold_MBps'] / r['origin_direct_MBps']:.2f}{note}")
+    seconds = dask_cluster_start()
+    print(f"\nDask: Gateway().new_cluster() in a user's server to 2 ready workers: {seconds:.2f} s")
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "bench-data.json").write_text(json.dumps({**r, "dask_two_workers_s": seconds}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
