@@ -86,3 +86,32 @@ def test_profile_errors_lists_every_problem():
         load_profile_dir(FIXTURES / "bad")
     files = {err.file.rsplit("/", 1)[-1] for err in e.value.errors}
     assert files == {"broken.yaml", "unknown_field.yaml", "absurd.yaml"}
+
+
+def test_dask_group_limits_count_all_members_clusters():
+    from mlaas.dask_gateway import ClusterUse, new_cluster_refusal, scale_refusal
+    from mlaas.profiles.loader import parse_file
+
+    text = (
+        "quotas:\n  - group: atlas-ml\n    dask: {clusters: 2, cores: 10}\n"
+        "dask:\n  per_user: {clusters: 5, cores: 100}\n"
+    )
+    parsed, errors = parse_file(text, "q.yaml")
+    assert errors == []
+    from mlaas.profiles import ProfileSet
+
+    pset = ProfileSet((), {}, tuple(q for q, _ in parsed.quotas), parsed.dask[0][0])
+    team = frozenset({"atlas-ml"})
+    a = ClusterUse("c-alice", "alice", team, workers=4, cores_per_worker=2, memory_per_worker=2**30, gpus_per_worker=0)
+    b = ClusterUse("c-bob", "bob", team, workers=0, cores_per_worker=1, memory_per_worker=2**30, gpus_per_worker=0)
+    reason, fits = scale_refusal(pset, [a, b], b, 3)
+    assert fits == 2
+    assert reason == (
+        "group atlas-ml may use 10 worker cores in Dask clusters; other clusters use 8 worker cores "
+        "(c-alice: 8 worker cores), so cluster c-bob can have at most 2 workers of 1 worker cores each, not 3"
+    )
+    assert scale_refusal(pset, [a, b], b, 2) == (None, 2)
+    assert new_cluster_refusal(pset, [a, b], "carol", ["atlas-ml"]) == (
+        "group atlas-ml may have 2 Dask cluster(s) and has 2: c-alice (alice), c-bob (bob)"
+    )
+    assert new_cluster_refusal(pset, [a, b], "carol", ["cms"]) is None
