@@ -120,12 +120,14 @@ def cmd_up() -> int:
         return 1
     pid_file = _pid_file()
     pid_file.write_text(str(os.getpid()))
-    import logging
-
-    from .limits import detect_backend
+    from .limits import backend_kind
 
     mode = "per-user accounts" if os.geteuid() == 0 and settings.isolation != "single-account" else "single-account (development)"
-    limits = detect_backend(logging.getLogger("mlaas.limits")).describe()
+    limits = {
+        "cgroup-v2": "cgroup v2 (memory.max, cpu.max) and CPU affinity",
+        "cgroup-v1": "cgroup v1 (memory, cpu) and CPU affinity",
+        "rlimits": "rlimits (RLIMIT_AS) and CPU affinity; no writable cgroups",
+    }[backend_kind()]
     print("\n" + "=" * 72)
     print(f" MLaaS Hub is up:  {platform.url}/")
     print(f" Isolation: {mode}.  State: {settings.state_dir}")
@@ -144,8 +146,13 @@ def cmd_up() -> int:
                 print(f"JupyterHub exited with status {platform.hub.returncode}", file=sys.stderr)
                 break
             time.sleep(0.5)
+    except OSError:
+        pass
     finally:
-        print("Stopping MLaaS Hub…", flush=True)
+        try:
+            print("Stopping MLaaS Hub…", flush=True)
+        except OSError:  # the terminal or pipe is gone (e.g. `| tee` got the same Ctrl-C): stop anyway
+            pass
         platform.stop()
         pid_file.unlink(missing_ok=True)
     return 0

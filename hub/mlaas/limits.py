@@ -110,16 +110,29 @@ def _kill_and_remove(directory: Path) -> None:
         pass
 
 
+def _remove_if_empty(directory: Path) -> None:
+    """Remove this platform's cgroup tree once its last server is gone (rmdir fails otherwise)."""
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
+
+
 class CgroupV2(LimitBackend):
     name = "cgroup-v2"
 
     def __init__(self, log: logging.Logger, root: Path, group: str = GROUP):
         super().__init__(log)
         self.base = root / group
-        self.base.mkdir(exist_ok=True)
-        (self.base / "cgroup.subtree_control").write_text("+memory +cpu")
+        self._ensure_base()
+
+    def _ensure_base(self) -> None:
+        if not self.base.exists():
+            self.base.mkdir()
+            (self.base / "cgroup.subtree_control").write_text("+memory +cpu")
 
     def _confine(self, placement: Placement, cpu_limit: float, mem_limit: int) -> None:
+        self._ensure_base()
         directory = self.base / placement.key
         directory.mkdir(exist_ok=True)
         (directory / "memory.max").write_text(str(mem_limit))
@@ -137,6 +150,7 @@ class CgroupV2(LimitBackend):
             except OSError:
                 pass
         _kill_and_remove(directory)
+        _remove_if_empty(self.base)
 
     def describe(self) -> str:
         return f"cgroup v2 (memory.max, cpu.max) under {self.base}, and CPU affinity"
@@ -155,8 +169,8 @@ class CgroupV1(LimitBackend):
     def _confine(self, placement: Placement, cpu_limit: float, mem_limit: int) -> None:
         mem = self.memory / placement.key
         cpu = self.cpu / placement.key
-        mem.mkdir(exist_ok=True)
-        cpu.mkdir(exist_ok=True)
+        mem.mkdir(parents=True, exist_ok=True)
+        cpu.mkdir(parents=True, exist_ok=True)
         (mem / "memory.limit_in_bytes").write_text(str(mem_limit))
         (cpu / "cpu.cfs_period_us").write_text(str(PERIOD_US))
         (cpu / "cpu.cfs_quota_us").write_text(str(int(cpu_limit * PERIOD_US)))
@@ -165,6 +179,8 @@ class CgroupV1(LimitBackend):
     def _remove(self, key: str) -> None:
         _kill_and_remove(self.memory / key)
         _kill_and_remove(self.cpu / key)
+        _remove_if_empty(self.memory)
+        _remove_if_empty(self.cpu)
 
     def describe(self) -> str:
         return f"cgroup v1 (memory {self.memory}, cpu {self.cpu}), and CPU affinity"
@@ -177,22 +193,34 @@ def _controllers(directory: Path) -> set[str]:
         return set()
 
 
+def _choose(root: Path) -> tuple[str, tuple[Path, ...]]:
+    """Which backend this machine allows, and where; creates nothing."""
+    if os.geteuid() == 0:
+        for unified in (root, root / "unified"):
+            if {"memory", "cpu"} <= _controllers(unified) and os.access(unified, os.W_OK):
+                return "cgroup-v2", (unified,)
+        memory_root, cpu_root = root / "memory", root / "cpu"
+        if (memory_root / "memory.limit_in_bytes").exists() and (cpu_root / "cpu.cfs_quota_us").exists():
+            return "cgroup-v1", (memory_root, cpu_root)
+    return "rlimits", ()
+
+
+def backend_kind(root: Path = CGROUP_ROOT) -> str:
+    """'cgroup-v2', 'cgroup-v1' or 'rlimits': what `detect_backend` would use here."""
+    return _choose(root)[0]
+
+
 def detect_backend(log: logging.Logger, root: Path = CGROUP_ROOT, group: str = GROUP) -> LimitBackend:
     """The best backend this machine allows; never raises.
 
     `group` names this platform's cgroup subtree; platforms sharing a machine (a test run beside
     `make up`) use different ones, so one never ends the other's processes."""
-    if os.geteuid() == 0:
-        for unified in (root, root / "unified"):
-            if {"memory", "cpu"} <= _controllers(unified) and os.access(unified, os.W_OK):
-                try:
-                    return CgroupV2(log, unified, group)
-                except OSError as e:
-                    log.warning("cgroup v2 at %s is not usable: %s", unified, e)
-        memory_root, cpu_root = root / "memory", root / "cpu"
-        if (memory_root / "memory.limit_in_bytes").exists() and (cpu_root / "cpu.cfs_quota_us").exists():
-            try:
-                return CgroupV1(log, memory_root, cpu_root, group)
-            except OSError as e:
-                log.warning("cgroup v1 is not usable: %s", e)
+    kind, paths = _choose(root)
+    try:
+        if kind == "cgroup-v2":
+            return CgroupV2(log, paths[0], group)
+        if kind == "cgroup-v1":
+            return CgroupV1(log, paths[0], paths[1], group)
+    except OSError as e:
+        log.warning("%s is not usable (%s); falling back to rlimits", kind, e)
     return LimitBackend(log)
