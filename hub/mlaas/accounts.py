@@ -44,11 +44,17 @@ class Account:
 
 def ensure_account(username: str, home: Path) -> Account:
     """Create the hub user's system account (if missing) and its private home; return it."""
-    return ensure_system_account(account_name(username), home, f"MLaaS Hub user {username}", "/bin/bash")
+    return ensure_system_account(account_name(username), home, f"MLaaS Hub user {username}", "/bin/bash", move_home=True)
 
 
-def ensure_system_account(name: str, home: Path, comment: str, shell: str = "/usr/sbin/nologin") -> Account:
-    """Create a locked system account (if missing) with a private home; return it."""
+def ensure_system_account(
+    name: str, home: Path, comment: str, shell: str = "/usr/sbin/nologin", move_home: bool = False
+) -> Account:
+    """Create a locked system account (if missing) with a private home; return it.
+
+    Servers get their home by HOME and working directory, never from /etc/passwd; with
+    `move_home`, /etc/passwd is updated too where it can be (usermod refuses while the account
+    runs processes, e.g. for another platform instance on this machine)."""
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
@@ -67,13 +73,13 @@ def ensure_system_account(name: str, home: Path, comment: str, shell: str = "/us
             text=True,
         )
         entry = pwd.getpwnam(name)
-    if entry.pw_dir != str(home):  # an account from an earlier installation or state directory
-        subprocess.run(["usermod", "--home", str(home), name], check=True, capture_output=True, text=True)
+    if move_home and entry.pw_dir != str(home):  # an account from an earlier installation or state dir
+        subprocess.run(["usermod", "--home", str(home), name], check=False, capture_output=True, text=True)
         entry = pwd.getpwnam(name)
     home.mkdir(parents=True, exist_ok=True)
     os.chown(home, entry.pw_uid, entry.pw_gid)
     os.chmod(home, 0o700)
-    return Account(name, entry.pw_uid, entry.pw_gid, home)
+    return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, home)
 
 
 def own_account(home: Path) -> Account:
