@@ -28,7 +28,9 @@ class LaunchError(Exception):
     pass
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+def wait_http(
+    url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "", interval: float = 0.1
+) -> None:
     """Wait for an HTTP 200 at url; fail early if `proc` exits."""
     deadline = time.monotonic() + timeout
     last = ""
@@ -43,7 +45,7 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, wh
             last = f"HTTP {e.code}"
         except OSError as e:
             last = str(e)
-        time.sleep(0.1)
+        time.sleep(interval)
     raise LaunchError(f"{what or url} not ready after {timeout:.0f}s ({last})")
 
 
@@ -159,7 +161,9 @@ class Platform:
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,
         )
-        wait_http(f"{self.url}/hub/health", timeout, self.hub, "JupyterHub")
+        # the hub itself first (quietly), then through the proxy once its route is there
+        wait_http(f"http://127.0.0.1:{self.settings.hub_port}/hub/health", timeout, self.hub, "JupyterHub")
+        wait_http(f"{self.url}/hub/health", timeout, self.hub, "JupyterHub (through its proxy)", interval=0.5)
 
     def stop(self) -> None:
         _stop(self.hub, 40)  # the hub stops the users' servers and its proxy first

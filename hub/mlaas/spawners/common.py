@@ -155,6 +155,24 @@ class ProfileSpawnerMixin(LoggingConfigurable):
         self.mem_guarantee = self.profile.memory.guarantee or None
         self.log.info("%s starts profile %s (%s)", self.owner_key, self.profile.slug, self.profile.summary())
 
+    # --- the end of a server: the same steps in every spawner -------------------------------------
+    def release_resources(self) -> None:
+        """What a stopped server gives back: its quota holding; spawners add their own."""
+        self.release_holding()
+
+    async def poll(self):
+        status = await super().poll()
+        if status is not None:  # it ended on its own
+            self.release_resources()
+        return status
+
+    async def stop(self, now: bool = False):
+        await self.stop_dask_clusters()
+        try:
+            await super().stop(now=now)
+        finally:
+            self.release_resources()
+
     # --- Dask clusters live no longer than the server that made them ------------------------------
     async def stop_dask_clusters(self) -> None:
         """Stop this user's Dask Gateway clusters (with the server's own token, still valid here)."""

@@ -131,19 +131,9 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
             self.emit(10, f"Profile {self.profile.display_name}: {self.profile.summary()}")
         return await super().start()
 
-    async def stop(self, now: bool = False):
-        await self.stop_dask_clusters()
-        try:
-            await super().stop(now=now)
-        finally:
-            self.release_holding()
-            self.capacity.release(self.pod_name)
-
-    async def poll(self):
-        status = await super().poll()
-        if status is not None:
-            self.release_holding()
-        return status
+    def release_resources(self) -> None:
+        super().release_resources()
+        self.capacity.release(self.pod_name)
 
     async def progress(self):
         """Our events first, then KubeSpawner's (pod scheduling, image pulls)."""

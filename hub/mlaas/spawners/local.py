@@ -213,7 +213,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
                 ip, port = await super().start()
                 await self._wait_until_answering(ip, port)
         except BaseException:
-            self._release()
+            self.release_resources()
             raise
         self.log.info("%s answers after %.2fs", self.owner_key, time.perf_counter() - started)
         self.emit(90, "JupyterLab is up; connecting you")
@@ -266,21 +266,8 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
             await asyncio.sleep(self.listen_poll_interval)
         raise asyncio.TimeoutError(f"Server on {ip}:{port} did not answer within {self.start_timeout}s")
 
-    async def poll(self):
-        status = await super().poll()
-        if status is not None:
-            self._release()
-        return status
-
-    async def stop(self, now: bool = False):
-        await self.stop_dask_clusters()
-        try:
-            await super().stop(now=now)
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        self.release_holding()
+    def release_resources(self) -> None:
+        super().release_resources()
         freed = self.capacity.release(self.owner_key)
         if freed:
             self.log.info("%s released %s", self.owner_key, ", ".join(freed))
