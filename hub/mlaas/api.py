@@ -68,27 +68,5 @@ class CapacityAPIHandler(APIHandler):
 
     @needs_scope("admin:users")
     async def get(self) -> None:
-        inventory = self.allocator.inventory()
-        held = self.allocator.held()
         self.set_header("Content-Type", "application/json")
-        self.write(
-            json.dumps(
-                {
-                    "source": inventory.source,
-                    "unavailable_reason": inventory.unavailable_reason,
-                    "mig_enabled_gpus": list(inventory.mig_enabled_gpus),
-                    "devices": [
-                        {
-                            "uuid": d.uuid,
-                            "kind": d.kind,
-                            "index": d.index,
-                            "model": d.model,
-                            "mig_profile": d.mig_profile,
-                            "memory_bytes": d.memory_bytes,
-                            "held_by": held.get(d.uuid),
-                        }
-                        for d in inventory.devices
-                    ],
-                }
-            )
-        )
+        self.write(json.dumps(self.allocator.inventory().as_dict(held=self.allocator.held())))

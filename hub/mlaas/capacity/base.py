@@ -27,6 +27,21 @@ class Inventory:
     unavailable_reason: str | None = None  # why there are no devices at all, for the form
     mig_enabled_gpus: tuple[str, ...] = field(default=())  # whole GPUs that are split and not assignable
 
+    def as_dict(self, held: dict[str, str] | None = None) -> dict:
+        """The inventory as JSON-ready data; `held` adds which server holds each device."""
+        devices = []
+        for d in self.devices:
+            entry = dict(d.__dict__)
+            if held is not None:
+                entry["held_by"] = held.get(d.uuid)
+            devices.append(entry)
+        return {
+            "source": self.source,
+            "unavailable_reason": self.unavailable_reason,
+            "mig_enabled_gpus": list(self.mig_enabled_gpus),
+            "devices": devices,
+        }
+
 
 @dataclass(frozen=True)
 class Availability:
