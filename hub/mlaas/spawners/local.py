@@ -50,14 +50,17 @@ def limit_backend(instance: str) -> LimitBackend:
     return backend
 
 
-_queues: dict[int, asyncio.Semaphore] = {}
-_waiting = [0]  # starts waiting for a slot (the hub runs one event loop)
+class StartQueue:
+    """At most `limit` servers starting at once; knows how many wait (the hub runs one loop)."""
+
+    def __init__(self, limit: int):
+        self.slots = asyncio.Semaphore(limit)
+        self.waiting = 0
 
 
-def _start_queue(limit: int) -> asyncio.Semaphore:
-    if limit not in _queues:
-        _queues[limit] = asyncio.Semaphore(limit)
-    return _queues[limit]
+@functools.cache
+def start_queue(limit: int) -> StartQueue:
+    return StartQueue(limit)
 
 
 class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
@@ -89,6 +92,10 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
     @property
     def capacity(self) -> DeviceAllocator:
         return device_allocator(self.gpu_inventory)
+
+    @property
+    def limits(self) -> LimitBackend:
+        return limit_backend(str(Path(self.homes_dir).resolve()))
 
     @property
     def uses_accounts(self) -> bool:
@@ -199,7 +206,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
             names = ", ".join(f"{d.mig_profile or d.model} ({d.uuid})" for d in devices)
             self.emit(30, f"Assigned {names}")
 
-        backend = limit_backend(str(Path(self.homes_dir).resolve()))
+        backend = self.limits
         self.placement = backend.place(self.placement_key, profile.cpu.limit, profile.memory.limit)
         self.emit(
             40,
@@ -222,19 +229,18 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
     @contextlib.asynccontextmanager
     async def _start_slot(self):
         """Wait for one of the `max_concurrent_starts` slots, telling the user their place."""
-        limit = self.max_concurrent_starts or max(2, os.cpu_count() or 2)
-        queue = _start_queue(limit)
-        if queue.locked():
-            self.emit(45, f"Queued: {_waiting[0] + 1} server start(s) ahead of yours on this machine")
-        _waiting[0] += 1
+        queue = start_queue(self.max_concurrent_starts or max(2, os.cpu_count() or 2))
+        if queue.slots.locked():
+            self.emit(45, f"Queued: {queue.waiting + 1} server start(s) ahead of yours on this machine")
+        queue.waiting += 1
         try:
-            await queue.acquire()
+            await queue.slots.acquire()
         finally:
-            _waiting[0] -= 1
+            queue.waiting -= 1
         try:
             yield
         finally:
-            queue.release()
+            queue.slots.release()
 
     async def _wait_until_answering(self, ip: str, port: int) -> None:
         """Return as soon as the server answers HTTP, so the hub's first check succeeds at once.
@@ -271,4 +277,4 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         freed = self.capacity.release(self.owner_key)
         if freed:
             self.log.info("%s released %s", self.owner_key, ", ".join(freed))
-        limit_backend(str(Path(self.homes_dir).resolve())).release(self.placement_key)
+        self.limits.release(self.placement_key)
