@@ -63,9 +63,7 @@ def cmd_gpus(spec: str, as_json: bool) -> int:
 
     inv = inventory_source(spec).inventory()
     if as_json:
-        print(json.dumps({"source": inv.source, "unavailable_reason": inv.unavailable_reason,
-                          "mig_enabled_gpus": list(inv.mig_enabled_gpus),
-                          "devices": [d.__dict__ for d in inv.devices]}, indent=2))
+        print(json.dumps(inv.as_dict(), indent=2))
         return 0
     print(f"source: {inv.source}")
     if inv.unavailable_reason:
@@ -120,14 +118,10 @@ def cmd_up() -> int:
         return 1
     pid_file = _pid_file()
     pid_file.write_text(str(os.getpid()))
-    from .limits import backend_kind
+    from .limits import KIND_SUMMARY, backend_kind
 
     mode = "per-user accounts" if os.geteuid() == 0 and settings.isolation != "single-account" else "single-account (development)"
-    limits = {
-        "cgroup-v2": "cgroup v2 (memory.max, cpu.max) and CPU affinity",
-        "cgroup-v1": "cgroup v1 (memory, cpu) and CPU affinity",
-        "rlimits": "rlimits (RLIMIT_AS) and CPU affinity; no writable cgroups",
-    }[backend_kind()]
+    limits = KIND_SUMMARY[backend_kind()]
     print("\n" + "=" * 72)
     print(f" MLaaS Hub is up:  {platform.url}/")
     print(f" Isolation: {mode}.  State: {settings.state_dir}")

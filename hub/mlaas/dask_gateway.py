@@ -28,7 +28,7 @@ from traitlets import Unicode
 
 from .profiles import ProfileSet, ProfileStore, allowed_profiles
 from .profiles.model import DaskLimits
-from .profiles.quantities import format_bytes, parse_bytes
+from .profiles.quantities import format_bytes, parse_bytes, to_quantity
 
 SERVICE_NAME = "dask-gateway"
 PREFIX = f"/services/{SERVICE_NAME}"
@@ -39,21 +39,13 @@ def gpu_entitled(pset: ProfileSet, groups: Iterable[str]) -> bool:
     return any(p.needs_accelerator for p in allowed_profiles(pset, groups))
 
 
-def _memory_label(n: int) -> str:
-    """'2Gi', '512Mi': what users choose, in the notation of the profile files."""
-    for unit, factor in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
-        if n % factor == 0:
-            return f"{n // factor}{unit}"
-    return str(n)
-
-
 def cluster_options_for(pset: ProfileSet, groups: Iterable[str], environment: dict[str, str]) -> Options:
     policy = pset.dask
     fields = [
         Select("worker_cores", [str(c) for c in policy.worker_cores], default=str(policy.worker_cores[0]),
                label="Worker cores"),
-        Select("worker_memory", [_memory_label(m) for m in policy.worker_memory],
-               default=_memory_label(policy.worker_memory[0]), label="Worker memory"),
+        Select("worker_memory", [to_quantity(m) for m in policy.worker_memory],
+               default=to_quantity(policy.worker_memory[0]), label="Worker memory"),
     ]
     gpu_choices = sorted(set(policy.worker_gpus) | {0})
     if gpu_entitled(pset, groups) and len(gpu_choices) > 1:

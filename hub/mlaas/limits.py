@@ -205,6 +205,13 @@ def _choose(root: Path) -> tuple[str, tuple[Path, ...]]:
     return "rlimits", ()
 
 
+KIND_SUMMARY = {
+    "cgroup-v2": "cgroup v2 (memory.max, cpu.max) and CPU affinity",
+    "cgroup-v1": "cgroup v1 (memory, cpu) and CPU affinity",
+    "rlimits": "rlimits (RLIMIT_AS) and CPU affinity; no writable cgroups",
+}
+
+
 def backend_kind(root: Path = CGROUP_ROOT) -> str:
     """'cgroup-v2', 'cgroup-v1' or 'rlimits': what `detect_backend` would use here."""
     return _choose(root)[0]

@@ -59,5 +59,13 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def to_quantity(n: int) -> str:
+    """Bytes in the notation of the profile files, exact: 2147483648 -> '2Gi' (parse_bytes' inverse)."""
+    for unit, factor in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if n and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return str(n)
+
+
 def format_cpu(cores: float) -> str:
     return f"{cores:g} CPU" if cores == 1 else f"{cores:g} CPUs"
