@@ -115,3 +115,38 @@ def test_dask_group_limits_count_all_members_clusters():
         "group atlas-ml may have 2 Dask cluster(s) and has 2: c-alice (alice), c-bob (bob)"
     )
     assert new_cluster_refusal(pset, [a, b], "carol", ["cms"]) is None
+
+
+def test_project_names_are_valid_and_distinct_for_awkward_group_names():
+    from mlaas.projects import project_user, role_name, unix_group
+
+    assert project_user("atlas-ml") == "project-atlas-ml"
+    assert role_name("atlas-ml") == "mlaas-project-atlas-ml"
+    awkward = ["vo.example.eu:atlas-ml", "vo.example.eu/atlas-ml", "Atlas-ML", "a" * 120]
+    users = {project_user(g) for g in awkward} | {project_user("atlas-ml")}
+    assert len(users) == len(awkward) + 1  # never two groups on one project user
+    for g in awkward:
+        assert len(unix_group(g)) <= 32 and unix_group(g).startswith("mlaas-p-")
+        assert project_user(g).replace("-", "").isalnum()
+
+
+def test_nobody_may_log_in_under_a_project_name():
+    import asyncio
+
+    from tornado import web
+
+    from mlaas.auth import MLaaSAuthenticator
+
+    auth = MLaaSAuthenticator(allowed_groups={"atlas-ml"}, manage_groups=True)
+    with pytest.raises(web.HTTPError) as refused:
+        asyncio.run(auth.check_allowed("project-atlas-ml", {"name": "project-atlas-ml", "groups": ["atlas-ml"]}))
+    assert refused.value.status_code == 403 and "reserved for group projects" in refused.value.log_message
+
+
+def test_projects_section_is_validated_with_file_and_line(tmp_path):
+    bad = "projects:\n  - group: atlas-ml\n  - group: '*'\n  - group: atlas-ml\n"
+    (tmp_path / "p.yaml").write_text(bad)
+    with pytest.raises(ProfileErrors) as e:
+        load_profile_dir(tmp_path)
+    text = str(e.value)
+    assert "p.yaml:3 projects[1].group" in text and "is not a group name" in text

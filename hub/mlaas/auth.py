@@ -11,7 +11,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from oauthenticator.generic import GenericOAuthenticator
+from tornado import web
 from traitlets import List, Unicode, default
+
+from .projects.names import PROJECT_USER_PREFIX, is_project_user
 
 
 def groups_from_entitlements(
@@ -84,3 +87,11 @@ class MLaaSAuthenticator(GenericOAuthenticator):
             if name not in groups:
                 groups.append(name)
         return groups
+
+    async def check_allowed(self, username: str, auth_model: dict[str, Any]) -> bool:
+        if is_project_user(username):  # names of group projects' hub users are not people
+            self.log.warning("Refused a login as %s: names starting with %s are reserved", username, PROJECT_USER_PREFIX)
+            raise web.HTTPError(
+                403, f"The name {username!r} is reserved for group projects; ask the platform admins."
+            )
+        return await super().check_allowed(username, auth_model)

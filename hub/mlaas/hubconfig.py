@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -17,6 +18,9 @@ from .api import CapacityAPIHandler, ProfilesAPIHandler, QuotasAPIHandler
 from .auth import MLaaSAuthenticator
 from .settings import REPO_ROOT, Settings, ensure_secret, prepare_state
 from .profiles import ProfileStore
+from .projects import project_role_specs
+from .projects.home import template_var as project_servers_var
+from .projects.sync import keep_in_sync
 from .spawners.common import profile_store
 from .spawners.local import LocalProfileSpawner
 from .xcache import client_env
@@ -39,6 +43,25 @@ def start_profile_watcher(store: ProfileStore, interval: float = 2.0) -> None:
                 log.exception("Profile watcher error")
 
     threading.Thread(target=watch, name="mlaas-profile-watcher", daemon=True).start()
+
+
+_background: set[asyncio.Task] = set()
+
+
+def start_project_sync(store: ProfileStore) -> None:
+    """Follow project changes in the profile files while the hub runs (see mlaas.projects.sync)."""
+    try:
+        loop = asyncio.get_running_loop()  # the hub loads its config inside its event loop
+    except RuntimeError:
+        return  # config loaded outside a running hub (e.g. --generate-config)
+    from jupyterhub.app import JupyterHub
+
+    def running_app():
+        return JupyterHub.instance() if JupyterHub.initialized() else None
+
+    task = loop.create_task(keep_in_sync(running_app, lambda: store.current().projects))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def gateway_client_env(s: Settings) -> dict[str, str]:
@@ -133,11 +156,16 @@ def configure(c, settings: Settings) -> None:
     c.Spawner.start_timeout = s.spawn_timeout
     c.Spawner.http_timeout = 30
     c.Spawner.env_keep = ["LANG", "LC_ALL"]
+    sp.projects_dir = str(s.projects_dir)
+
+    # --- group projects: a role per project, granted to its group --------------------------------
+    c.JupyterHub.template_paths = [str(Path(__file__).parent / "templates")]
+    c.JupyterHub.template_vars = {"mlaas_projects": project_servers_var(store)}
     environment: dict[str, str] = {}
     if s.data.enabled:
         environment.update(client_env(s.data))  # where the site's caches are, for mlaas.data
     services: list[dict] = []
-    roles: list[dict] = []
+    roles: list[dict] = project_role_specs(store.current().projects)
     if s.dask_gateway.enabled:
         environment.update(gateway_client_env(s))
         services.append(gateway_service(s))
@@ -166,3 +194,4 @@ def configure(c, settings: Settings) -> None:
             os.environ.get("USER", "this account"),
         )
     start_profile_watcher(store)
+    start_project_sync(store)

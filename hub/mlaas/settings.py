@@ -99,6 +99,10 @@ class Settings(BaseModel):
         return self.state_dir / "homes"
 
     @property
+    def projects_dir(self) -> Path:
+        return self.state_dir / "projects"
+
+    @property
     def secrets_dir(self) -> Path:
         return self.state_dir / "secrets"
 
@@ -163,6 +167,7 @@ def prepare_state(settings: Settings) -> None:
         (settings.hub_dir, 0o700),
         (settings.secrets_dir, 0o700),
         (settings.homes_dir, 0o711),
+        (settings.projects_dir, 0o711),
     ):
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, mode)

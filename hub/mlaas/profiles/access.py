@@ -9,7 +9,8 @@ from .model import Profile
 
 
 def may_use(profile: Profile, groups: Iterable[str]) -> bool:
-    return profile.for_everyone or bool(set(profile.groups) & set(groups))
+    """Whether these groups may start the profile (a disabled profile: nobody)."""
+    return profile.enabled and (profile.for_everyone or bool(set(profile.groups) & set(groups)))
 
 
 def allowed_profiles(pset: ProfileSet, groups: Iterable[str]) -> list[Profile]:
@@ -23,6 +24,8 @@ def preselected(allowed: list[Profile]) -> Profile | None:
 
 
 def refusal(profile: Profile, groups: Iterable[str]) -> str:
+    if not profile.enabled:
+        return f"Profile {profile.slug!r} is disabled by the platform admins; choose another profile."
     mine = ", ".join(sorted(groups)) or "no groups"
     return (
         f"Profile {profile.slug!r} is reserved for the groups {', '.join(profile.groups)}; "

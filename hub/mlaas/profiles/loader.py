@@ -15,7 +15,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
-from .model import DaskPolicy, GroupQuota, Profile, ProfileFile
+from .model import DaskPolicy, GroupQuota, Profile, ProfileFile, Project
 
 PROFILE_SUFFIXES = (".yaml", ".yml")
 
@@ -48,6 +48,10 @@ class ProfileSet:
     sources: dict[str, str] = field(default_factory=dict)  # slug -> "file:line"
     quotas: tuple[GroupQuota, ...] = ()
     dask: DaskPolicy = field(default_factory=DaskPolicy)
+    projects: tuple[Project, ...] = ()
+
+    def project_of(self, group: str) -> Project | None:
+        return next((p for p in self.projects if p.group == group), None)
 
     def quota_of(self, group: str) -> GroupQuota | None:
         return next((q for q in self.quotas if q.group == group), None)
@@ -77,6 +81,7 @@ def load_profile_files(paths: Iterable[Path]) -> ProfileSet:
     loaded: list[tuple[Profile, str]] = []
     quotas: list[tuple[GroupQuota, str]] = []
     dask: list[tuple[DaskPolicy, str]] = []
+    projects: list[tuple[Project, str]] = []
     for path in paths:
         try:
             text = path.read_text(encoding="utf-8")
@@ -88,9 +93,11 @@ def load_profile_files(paths: Iterable[Path]) -> ProfileSet:
         loaded.extend(parsed.profiles)
         quotas.extend(parsed.quotas)
         dask.extend(parsed.dask)
+        projects.extend(parsed.projects)
     errors.extend(_cross_file_errors(loaded))
     errors.extend(_duplicates([(q.group, where) for q, where in quotas], "quota for group"))
     errors.extend(_duplicates([("dask", where) for _, where in dask], "section"))
+    errors.extend(_duplicates([(p.group, where) for p, where in projects], "project of group"))
     if errors:
         raise ProfileErrors(errors)
     return ProfileSet(
@@ -98,6 +105,7 @@ def load_profile_files(paths: Iterable[Path]) -> ProfileSet:
         {p.slug: where for p, where in loaded},
         tuple(q for q, _ in quotas),
         dask[0][0] if dask else DaskPolicy(),
+        tuple(p for p, _ in projects),
     )
 
 
@@ -106,6 +114,7 @@ class ParsedFile:
     profiles: list[tuple[Profile, str]] = field(default_factory=list)  # with "file:line"
     quotas: list[tuple[GroupQuota, str]] = field(default_factory=list)
     dask: list[tuple[DaskPolicy, str]] = field(default_factory=list)
+    projects: list[tuple[Project, str]] = field(default_factory=list)
 
 
 def parse_profile_text(text: str, filename: str) -> tuple[list[tuple[Profile, str]], list[ProfileError]]:
@@ -128,18 +137,19 @@ def parse_file(text: str, filename: str) -> tuple[ParsedFile, list[ProfileError]
     if raw is None:
         return ParsedFile(), []
     if not isinstance(raw, dict):
-        return ParsedFile(), [ProfileError(filename, 1, "", "must be a mapping with a 'profiles:' and/or 'quotas:' list")]
+        return ParsedFile(), [ProfileError(filename, 1, "", "must be a mapping with 'profiles:', 'quotas:' or 'projects:' lists")]
     try:
         parsed = ProfileFile.model_validate(_plain(raw))
     except ValidationError as e:
         return ParsedFile(), [_to_profile_error(err, raw, filename) for err in e.errors()]
-    items, quota_items = raw.get("profiles") or [], raw.get("quotas") or []
+    items, quota_items, project_items = raw.get("profiles") or [], raw.get("quotas") or [], raw.get("projects") or []
     dask_line = raw.lc.key("dask")[0] + 1 if parsed.dask is not None else None
     return (
         ParsedFile(
             [(p, f"{filename}:{_item_line(items, i)}") for i, p in enumerate(parsed.profiles)],
             [(q, f"{filename}:{_item_line(quota_items, i)}") for i, q in enumerate(parsed.quotas)],
             [(parsed.dask, f"{filename}:{dask_line}")] if parsed.dask is not None else [],
+            [(p, f"{filename}:{_item_line(project_items, i)}") for i, p in enumerate(parsed.projects)],
         ),
         [],
     )

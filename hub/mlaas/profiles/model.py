@@ -143,6 +143,9 @@ class Profile(_Strict):
         "(how a group's reserved nodes are kept for its profiles). Ignored on one machine.",
     )
     default: bool = False
+    enabled: bool = Field(
+        True, description="false: kept in the file but offered to nobody and refused on start (set by admins)."
+    )
     env: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("slug")
@@ -282,9 +285,32 @@ class GroupQuota(_Strict):
         return value
 
 
+class Project(_Strict):
+    """A group's project: shared storage, and project servers that every member may start and open.
+
+    A project server runs with the group's profiles and counts against the group's quota.
+    """
+
+    group: str
+    display_name: str = Field("", max_length=80, description="Shown on the hub's home page; the group's name if empty.")
+    description: str = Field("", max_length=500)
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str) -> str:
+        if value == EVERYONE or not GROUP_RE.match(value):
+            raise ValueError(f"{value!r} is not a group name (letters, digits and ._:@/+-)")
+        return value
+
+    @property
+    def title(self) -> str:
+        return self.display_name or self.group
+
+
 class ProfileFile(_Strict):
-    """One file of `spawner_profiles/`: profiles, group quotas, or both."""
+    """One file of `spawner_profiles/`: profiles, group quotas, projects, or any mix."""
 
     profiles: list[Profile] = Field(default_factory=list)
     quotas: list[GroupQuota] = Field(default_factory=list)
+    projects: list[Project] = Field(default_factory=list)
     dask: DaskPolicy | None = None

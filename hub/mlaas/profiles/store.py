@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from .loader import ProfileError, ProfileErrors, ProfileSet, load_profile_dir, profile_files
-from .model import DaskPolicy, GroupQuota, Profile
+from .model import DaskPolicy, GroupQuota, Profile, Project
 
 Signature = tuple[tuple[str, int, int], ...]
 
@@ -58,8 +58,8 @@ class ProfileStore:
                 "\n  ".join(str(err) for err in e.errors),
             )
             return False
-        changed = (fresh.profiles, fresh.quotas, fresh.dask) != (
-            self._good.profiles, self._good.quotas, self._good.dask
+        changed = (fresh.profiles, fresh.quotas, fresh.dask, fresh.projects) != (
+            self._good.profiles, self._good.quotas, self._good.dask, self._good.projects
         ) or not self._loaded_once
         self.errors = []
         self._good, self._loaded_once = fresh, True
@@ -82,6 +82,7 @@ class ProfileStore:
             "sources": pset.sources,
             "quotas": [q.model_dump(mode="json") for q in pset.quotas],
             "dask": pset.dask.model_dump(mode="json"),
+            "projects": [p.model_dump(mode="json") for p in pset.projects],
         }
         self.snapshot.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.snapshot.parent, prefix=".profiles-")
@@ -99,6 +100,7 @@ class ProfileStore:
                 dict(data["sources"]),
                 tuple(GroupQuota.model_validate(q) for q in data.get("quotas", [])),
                 DaskPolicy.model_validate(data.get("dask", {})),
+                tuple(Project.model_validate(p) for p in data.get("projects", [])),
             )
         except Exception as e:  # a damaged snapshot must not stop the hub either
             self.log.error("Cannot read the last good profiles from %s: %s", self.snapshot, e)

@@ -15,6 +15,8 @@ from traitlets.config import LoggingConfigurable
 from .. import quotas
 from ..capacity import CapacitySource
 from ..profiles import Profile, ProfileStore, allowed_profiles, may_use, preselected, refusal
+from ..profiles.model import Project
+from ..projects import is_project_user, project_user
 from .form import FormEntry, render_form
 
 # Options a spawn request may carry; anything else is refused so typos and probes are visible.
@@ -64,8 +66,24 @@ class ProfileSpawnerMixin(LoggingConfigurable):
     def owner_key(self) -> str:
         return f"{self.user.name}/{self.name}"
 
+    @property
+    def project(self) -> Project | None:
+        """The group project whose server this is, for a project's hub user; else None."""
+        if not is_project_user(self.user.name):
+            return None
+        return next((p for p in self.store.current().projects if project_user(p.group) == self.user.name), None)
+
     def user_groups(self) -> list[str]:
+        """Whose profile rules and quota apply: the user's groups, or the project's group."""
+        if is_project_user(self.user.name):
+            project = self.project
+            return [project.group] if project else []
         return sorted(g.name for g in self.user.groups)
+
+    def project_groups(self) -> list[str]:
+        """The groups whose project storage this server sees."""
+        pset = self.store.current()
+        return [g for g in self.user_groups() if pset.project_of(g) is not None]
 
     def quota_refusal(self, profile: Profile) -> str | None:
         """Why a group quota does not allow this profile now, or None."""
@@ -119,6 +137,8 @@ class ProfileSpawnerMixin(LoggingConfigurable):
         slug = options.get("profile") or ""
         if not isinstance(slug, str):
             raise web.HTTPError(400, f"'profile' must be a profile's slug, not {slug!r}.")
+        if is_project_user(self.user.name) and self.project is None:
+            raise web.HTTPError(403, f"{self.user.name} is no longer a project in the profile files; ask the admins.")
         groups = self.user_groups()
         pset = self.store.current()
         allowed = allowed_profiles(pset, groups)

@@ -28,6 +28,8 @@ from ..accounts import Account, account_name, ensure_account, own_account, untra
 from ..capacity import DeviceAllocator, NoCapacity, inventory_source
 from ..limits import LimitBackend, Placement, detect_backend
 from ..profiles.quantities import format_bytes
+from ..projects.names import project_slug
+from ..projects.storage import LINKS_DIR, ensure_storage, link_projects, set_project_groups
 from .common import ProfileSpawnerMixin
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -65,6 +67,7 @@ def start_queue(limit: int) -> StartQueue:
 
 class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
     homes_dir = Unicode("state/homes", config=True, help="Where per-user home directories live.")
+    projects_dir = Unicode("state/projects", config=True, help="Where group project storage lives.")
     gpu_inventory = Unicode("nvml", config=True, help="'nvml' or the path of a simulated inventory YAML.")
     isolation = Unicode(
         "auto",
@@ -150,7 +153,9 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
 
         def preexec() -> None:
             placement.preexec()
-            os.umask(0o077)
+            # user-private groups: 007 keeps homes private (0700) and makes files in a project
+            # directory (setgid, the project's group) writable by the other members
+            os.umask(0o007)
             if switch_user:
                 switch_user()
             os.chdir(home)  # ours, not whatever /etc/passwd says; fails loudly if it cannot
@@ -197,6 +202,8 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
             self.account = own_account(home)
             self.emit(20, "Single-account development mode: servers share the hub's account")
 
+        await asyncio.to_thread(self._prepare_projects)
+
         try:
             devices = self.capacity.claim(self.owner_key, profile)
         except NoCapacity as e:
@@ -225,6 +232,23 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         self.log.info("%s answers after %.2fs", self.owner_key, time.perf_counter() - started)
         self.emit(90, "JupyterLab is up; connecting you")
         return ip, port
+
+    def _prepare_projects(self) -> None:
+        """Project storage: a project server works in it; a member's server links to each."""
+        account = self.account
+        assert account is not None
+        root = Path(self.projects_dir).resolve()
+        groups = self.project_groups()
+        directories = {project_slug(g): ensure_storage(root, g, self.uses_accounts) for g in groups}
+        if self.uses_accounts:
+            set_project_groups(account.name, groups)
+        if self.project is not None:
+            self.notebook_dir = str(directories[project_slug(self.project.group)])
+            self.emit(25, f"Project {self.project.title}: shared storage of the group {self.project.group}")
+        else:
+            link_projects(account.home, root, directories, account.uid, account.gid)
+            if directories:
+                self.emit(25, "Project storage: " + ", ".join(f"~/{LINKS_DIR}/{name}" for name in directories))
 
     @contextlib.asynccontextmanager
     async def _start_slot(self):
