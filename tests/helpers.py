@@ -86,6 +86,7 @@ def start_platform(
         "dev_idp": {"port": idp_port},
         "gpu_inventory": gpu_inventory,
         "admin_api_token_file": str(token_file),
+        "admin_service_port": free_port(),
         "dask_gateway": {"port": free_port(), "api_port": free_port(), "tcp_port": free_port()},
         "data": {
             "demo_origin": {"port": origin_port},

@@ -5,6 +5,8 @@
 - `GET /hub/api/mlaas/quotas`: per-group use against quota, with who holds what (admins).
 - `GET /hub/api/mlaas/capacity`: this machine's GPUs and MIG instances and which server holds
   each (admins).
+- `GET /hub/api/mlaas/usage`: which servers run which profile, per user and per group, with the
+  GPUs and MIG slices they hold (scope `read:servers`: admins and the admin service).
 """
 
 from __future__ import annotations
@@ -70,3 +72,30 @@ class CapacityAPIHandler(APIHandler):
     async def get(self) -> None:
         self.set_header("Content-Type", "application/json")
         self.write(json.dumps(self.allocator.inventory().as_dict(held=self.allocator.held())))
+
+
+class UsageAPIHandler(APIHandler):
+    def initialize(self, profiles_dir: str, snapshot: str, gpu_inventory: str) -> None:
+        from .spawners.local import device_allocator
+
+        self.store = profile_store(profiles_dir, snapshot)
+        self.allocator = device_allocator(gpu_inventory)
+
+    @needs_scope("read:servers")
+    async def get(self) -> None:
+        inventory = {d.uuid: d for d in self.allocator.inventory().devices}
+        devices: dict[str, list[dict]] = {}
+        for uuid, owner in self.allocator.held().items():
+            d = inventory.get(uuid)
+            devices.setdefault(owner, []).append(
+                {"uuid": uuid, "model": d.model if d else "", "mig_profile": d.mig_profile if d else None}
+            )
+        pset = self.store.current()
+        holdings = usage_ledger().holdings()
+        self.set_header("Content-Type", "application/json")
+        self.write(
+            json.dumps(
+                quotas.usage(holdings, devices)
+                | {"quotas": quotas.report(pset, holdings), "devices": self.allocator.inventory().as_dict(held=self.allocator.held())}
+            )
+        )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import dask_gateway as gateway
 from .accounts import ensure_system_account
-from .api import CapacityAPIHandler, ProfilesAPIHandler, QuotasAPIHandler
+from .api import CapacityAPIHandler, ProfilesAPIHandler, QuotasAPIHandler, UsageAPIHandler
 from .auth import MLaaSAuthenticator
 from .settings import REPO_ROOT, Settings, ensure_secret, prepare_state
 from .profiles import ProfileStore
@@ -62,6 +62,21 @@ def start_project_sync(store: ProfileStore) -> None:
     task = loop.create_task(keep_in_sync(running_app, lambda: store.current().projects))
     _background.add(task)
     task.add_done_callback(_background.discard)
+
+
+ADMIN_SERVICE = "mlaas-admin"
+
+
+def admin_service(s: Settings) -> dict:
+    """The admin page and API (mlaas.admin), as a hub-managed service only hub admins may open."""
+    return {
+        "name": ADMIN_SERVICE,
+        "url": f"http://127.0.0.1:{s.admin_service_port}",
+        "command": [sys.executable, "-m", "mlaas.admin"],
+        "environment": {k: v for k, v in os.environ.items() if k.startswith("MLAAS_")},  # the same settings
+        "oauth_no_confirm": True,
+        "display": True,
+    }
 
 
 def gateway_client_env(s: Settings) -> dict[str, str]:
@@ -120,6 +135,8 @@ def configure(c, settings: Settings) -> None:
         (r"/api/mlaas/profiles", ProfilesAPIHandler),
         (r"/api/mlaas/quotas", QuotasAPIHandler, {"profiles_dir": str(s.profiles_dir), "snapshot": snapshot}),
         (r"/api/mlaas/capacity", CapacityAPIHandler, {"gpu_inventory": s.gpu_inventory}),
+        (r"/api/mlaas/usage", UsageAPIHandler,
+         {"profiles_dir": str(s.profiles_dir), "snapshot": snapshot, "gpu_inventory": s.gpu_inventory}),
     ]
 
     # --- login through the AAI ----------------------------------------------------------------
@@ -164,8 +181,10 @@ def configure(c, settings: Settings) -> None:
     environment: dict[str, str] = {}
     if s.data.enabled:
         environment.update(client_env(s.data))  # where the site's caches are, for mlaas.data
-    services: list[dict] = []
+    # the admin service: admins reach it (their role has access:services); it reads usage
+    services: list[dict] = [admin_service(s)]
     roles: list[dict] = project_role_specs(store.current().projects)
+    roles.append({"name": "mlaas-admin-service", "scopes": ["read:servers", "list:users"], "services": [ADMIN_SERVICE]})
     if s.dask_gateway.enabled:
         environment.update(gateway_client_env(s))
         services.append(gateway_service(s))

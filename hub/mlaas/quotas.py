@@ -147,3 +147,45 @@ def report(pset: ProfileSet, holdings: Iterable[Holding]) -> list[dict]:
             }
         )
     return out
+
+
+def usage(holdings: Iterable[Holding], devices: dict[str, list[dict]] | None = None) -> dict:
+    """What runs now, per server and per group (every group, with or without a quota), for admins.
+
+    `devices` maps a server ("user/name") to the GPUs and MIG instances it holds.
+    """
+    devices = devices or {}
+    servers, groups = [], {}
+    for h in sorted(holdings, key=lambda h: (h.user, h.server)):
+        key = f"{h.user}/{h.server}"
+        amounts = _amounts(h.profile)
+        servers.append(
+            {
+                "user": h.user,
+                "server": h.server,
+                "groups": sorted(h.groups),
+                "profile": h.profile.slug,
+                "profile_name": h.profile.display_name,
+                "summary": h.profile.summary(),
+                "cpu": amounts["cpu"],
+                "memory": amounts["memory"],
+                "gpus": amounts.get("gpus", 0),
+                "mig": {dim.split(":", 1)[1]: n for dim, n in amounts.items() if dim.startswith("mig:")},
+                "devices": devices.get(key, []),
+            }
+        )
+        for group in h.groups:
+            g = groups.setdefault(group, {"servers": 0, "users": set(), "cpu": 0.0, "memory": 0, "gpus": 0, "mig": {}})
+            g["servers"] += 1
+            g["users"].add(h.user)
+            g["cpu"] += amounts["cpu"]
+            g["memory"] += amounts["memory"]
+            g["gpus"] += amounts.get("gpus", 0)
+            for dim, n in amounts.items():
+                if dim.startswith("mig:"):
+                    name = dim.split(":", 1)[1]
+                    g["mig"][name] = g["mig"].get(name, 0) + n
+    return {
+        "servers": servers,
+        "groups": {name: {**g, "users": sorted(g["users"])} for name, g in sorted(groups.items())},
+    }

@@ -81,6 +81,7 @@ class Settings(BaseModel):
     gpu_inventory: str = Field(
         "nvml", description="'nvml' (the real GPUs) or the path of a simulated inventory YAML (tests, demos)."
     )
+    admin_service_port: int = Field(8004, description="Port of the admin service (page and REST API), on 127.0.0.1.")
     admin_api_token_file: Path | None = Field(
         None, description="If set, a service 'mlaas-ops' with the admin role uses the token in this file."
     )

@@ -77,18 +77,25 @@ def load_profile_dir(directory: str | Path) -> ProfileSet:
 
 
 def load_profile_files(paths: Iterable[Path]) -> ProfileSet:
-    errors: list[ProfileError] = []
+    texts: list[tuple[str, str]] = []
+    unreadable: list[ProfileError] = []
+    for path in paths:
+        try:
+            texts.append((str(path), path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as e:
+            unreadable.append(ProfileError(str(path), None, "", f"cannot be read: {e}"))
+    return load_profile_texts(texts, unreadable)
+
+
+def load_profile_texts(texts: Iterable[tuple[str, str]], errors: list[ProfileError] | None = None) -> ProfileSet:
+    """Validate files given as (name, text), together: what the admin API checks before it writes."""
+    errors = list(errors or [])
     loaded: list[tuple[Profile, str]] = []
     quotas: list[tuple[GroupQuota, str]] = []
     dask: list[tuple[DaskPolicy, str]] = []
     projects: list[tuple[Project, str]] = []
-    for path in paths:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            errors.append(ProfileError(str(path), None, "", f"cannot be read: {e}"))
-            continue
-        parsed, file_errors = parse_file(text, str(path))
+    for name, text in texts:
+        parsed, file_errors = parse_file(text, name)
         errors.extend(file_errors)
         loaded.extend(parsed.profiles)
         quotas.extend(parsed.quotas)

@@ -1,0 +1,210 @@
+"""The admin service: a page and a REST API under `/services/mlaas-admin/`, for hub admins only.
+
+JupyterHub runs it as a managed service and guards it with its own OAuth: only tokens and
+logins that hold `access:services!service=mlaas-admin` get in, and only the admin role holds
+it; everyone else gets 403.
+
+    GET    api/profiles                    every profile, with its file and version
+    POST   api/profiles                    {"item": {...}, "file": "gpu.yaml"}  create
+    PUT    api/profiles/<slug>             {"item": {...}, "version": "..."}    replace
+    PATCH  api/profiles/<slug>             {"fields": {...}, "version": "..."}  change some fields
+    DELETE api/profiles/<slug>?version=…                                        delete
+    (the same under api/quotas/<group>)
+    GET    api/history[?kind=&key=]        changes, newest first
+    POST   api/history/<id>/restore        the item as it was before that change
+    GET    api/usage                       servers, profiles, groups, GPUs and MIG slices in use
+    GET    api/files                       the profile files
+
+Errors: 422 with `errors: [{field, message}]` (the checker's messages), 409 when the item
+changed since `version` (with the current item), 404, 400.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
+from jupyterhub.utils import url_path_join
+from tornado import httpclient, ioloop, web
+
+from ..settings import load_settings
+from .editor import EditError, Invalid, ProfileEditor
+from .history import ChangeLog
+from .source import FileSource
+
+log = logging.getLogger("mlaas.admin")
+HERE = Path(__file__).parent
+
+
+class AdminHandler(HubOAuthenticated, web.RequestHandler):
+    def initialize(self, editor: ProfileEditor) -> None:
+        self.editor = editor
+
+    @property
+    def who(self) -> str:
+        user = self.current_user or {}
+        return str(user.get("name", "?"))
+
+    def check_admin(self) -> None:
+        user = self.current_user
+        if user is None:
+            raise web.HTTPError(403, "Sign in as a hub admin.")
+        if user.get("admin") is False:  # the access scope already says so; belt and braces
+            raise web.HTTPError(403, f"{user.get('name')} is not a hub admin.")
+
+
+class PageHandler(AdminHandler):
+    @web.authenticated
+    def get(self) -> None:
+        self.check_admin()
+        self.render(
+            "page.html",
+            user=self.who,
+            prefix=os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/"),
+            hub_home=url_path_join(os.environ.get("JUPYTERHUB_BASE_URL", "/"), "hub", "home"),
+            xsrf=self.xsrf_token.decode() if isinstance(self.xsrf_token, bytes) else self.xsrf_token,
+        )
+
+
+class APIHandler(AdminHandler):
+    def prepare(self) -> None:
+        if self.current_user is None:
+            raise web.HTTPError(403, "Only hub admins may use this API (no admin token or login).")
+        self.check_admin()
+
+    def body(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.request.body or b"{}")
+        except ValueError as e:
+            raise web.HTTPError(400, f"The request body is not JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise web.HTTPError(400, "The request body must be a JSON object.")
+        return data
+
+    def send(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        message = getattr(exc, "log_message", None) or self._reason
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"status": status_code, "message": message}))
+
+    def edit(self, action, *args: Any) -> None:
+        try:
+            change = action(*args)
+        except Invalid as e:
+            self.send({"message": f"Not saved: {e}", "errors": [x.as_dict() for x in e.errors]}, e.status)
+            return
+        except EditError as e:
+            self.send({"message": str(e), "current": getattr(e, "current", None)}, e.status)
+            return
+        log.info("%s: change #%d %s %s %s", self.who, change.id, change.action, change.kind, change.key)
+        current = None
+        if change.after is not None:
+            current = self.editor.get(change.kind, change.key)
+        self.send({"change": change.as_dict(), "current": current})
+
+
+class ItemsHandler(APIHandler):
+    def get(self, kind: str) -> None:
+        self.send({kind: self.editor.items(kind), "files": self.editor.files()})
+
+    def post(self, kind: str) -> None:
+        body = self.body()
+        self.edit(self.editor.create, kind, body.get("item"), self.who, body.get("file"))
+
+
+class ItemHandler(APIHandler):
+    def get(self, kind: str, key: str) -> None:
+        try:
+            self.send(self.editor.get(kind, key))
+        except EditError as e:
+            raise web.HTTPError(e.status, str(e)) from None
+
+    def put(self, kind: str, key: str) -> None:
+        body = self.body()
+        self.edit(self.editor.update, kind, key, body.get("item"), body.get("version"), self.who)
+
+    def patch(self, kind: str, key: str) -> None:
+        body = self.body()
+        fields = body.get("fields")
+        if not isinstance(fields, dict):
+            raise web.HTTPError(400, "PATCH takes {'fields': {...}, 'version': ...}.")
+        self.edit(self.editor.patch, kind, key, fields, body.get("version"), self.who)
+
+    def delete(self, kind: str, key: str) -> None:
+        self.edit(self.editor.delete, kind, key, self.get_query_argument("version", None), self.who)
+
+
+class HistoryHandler(APIHandler):
+    def get(self) -> None:
+        kind, key = self.get_query_argument("kind", None), self.get_query_argument("key", None)
+        self.send({"changes": [c.as_dict() for c in self.editor.history.list(kind, key)]})
+
+
+class RestoreHandler(APIHandler):
+    def post(self, change_id: str) -> None:
+        self.edit(self.editor.restore, int(change_id), self.who)
+
+
+class FilesHandler(APIHandler):
+    def get(self) -> None:
+        self.send({"files": self.editor.files()})
+
+
+class UsageHandler(APIHandler):
+    async def get(self) -> None:
+        """The hub's view of what runs (asked with this service's own token, scope read:servers)."""
+        url = url_path_join(os.environ["JUPYTERHUB_API_URL"], "mlaas", "usage")
+        client = httpclient.AsyncHTTPClient()
+        try:
+            response = await client.fetch(
+                url, headers={"Authorization": f"token {os.environ['JUPYTERHUB_API_TOKEN']}"}, request_timeout=10
+            )
+        except (httpclient.HTTPClientError, OSError) as e:
+            raise web.HTTPError(502, f"The hub did not answer the usage request: {e}") from None
+        self.send(json.loads(response.body))
+
+
+def make_app(editor: ProfileEditor, prefix: str) -> web.Application:
+    kinds = r"(profiles|quotas)"
+    args = {"editor": editor}
+    return web.Application(
+        [
+            (prefix, PageHandler, args),
+            (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler),
+            (url_path_join(prefix, rf"api/{kinds}"), ItemsHandler, args),
+            (url_path_join(prefix, rf"api/{kinds}/([^/]+)"), ItemHandler, args),
+            (url_path_join(prefix, r"api/history"), HistoryHandler, args),
+            (url_path_join(prefix, r"api/history/(\d+)/restore"), RestoreHandler, args),
+            (url_path_join(prefix, r"api/files"), FilesHandler, args),
+            (url_path_join(prefix, r"api/usage"), UsageHandler, args),
+            (url_path_join(prefix, r"static/(.*)"), web.StaticFileHandler, {"path": str(HERE / "static")}),
+        ],
+        cookie_secret=os.urandom(32),
+        template_path=str(HERE),
+    )
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(levelname).1s %(asctime)s mlaas-admin] %(message)s")
+    settings = load_settings()
+    state = settings.state_dir / "admin"
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o700)
+    editor = ProfileEditor(FileSource(settings.profiles_dir, state / "profiles.lock"), ChangeLog(state / "history"))
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/mlaas-admin/")
+    url = os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8004")
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    make_app(editor, prefix).listen(parsed.port or 80, parsed.hostname or "127.0.0.1")
+    log.info("Admin service for %s at %s", settings.profiles_dir, url)
+    ioloop.IOLoop.current().start()
