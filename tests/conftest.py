@@ -42,6 +42,32 @@ def gpu_hub() -> RunningPlatform:
     shutil.copytree(running.log_dir, ARTIFACTS / "gpu-logs", dirs_exist_ok=True)
 
 
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's headless Chromium, driven by Playwright."""
+    if CHROMIUM is None:
+        pytest.fail("Chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+def browser_login(page, hub_url: str, username: str, password: str) -> None:
+    """Sign in through the dev IdP's own login page, as a person does."""
+    page.goto(f"{hub_url}/hub/oauth_login")
+    page.wait_for_selector("#username")
+    page.fill("#username", username)
+    page.fill("#password", password)
+    page.click("#login")
+    page.wait_for_url(f"{hub_url}/**")
+
+
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="per-user accounts and cgroups need the hub to run as root (CI runs as root)"
 )

@@ -158,3 +158,49 @@ def test_usage_view_lists_servers_by_user_group_and_profile(admin_hub, admin_tok
         stop_server(admin_hub, "hank")
     usage = api.get(f"{base}/usage").json()
     assert not [s for s in usage["servers"] if s["user"] == "hank"]
+
+
+@pytest.mark.browser
+def test_browser_admin_edits_a_profile_and_a_user_sees_it_in_the_spawn_form(admin_hub, browser):
+    from conftest import browser_login
+    from helpers import ARTIFACTS
+
+    admin = browser.new_context(viewport={"width": 1280, "height": 1000})
+    user = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = admin.new_page()
+        browser_login(page, admin_hub.url, "admin", "admin-pw")
+        page.goto(f"{admin_hub.url}/services/mlaas-admin/")
+        page.wait_for_selector("#profiles-table tr[data-slug=small]")
+        page.click("#profiles-table tr[data-slug=small] button.edit")
+        # an invalid value: the error appears next to the memory field and nothing is saved
+        page.fill("#profile-form [name='memory.limit']", "lots")
+        page.click("#profile-save")
+        page.wait_for_selector("#profile-form .error[data-error=memory]:has-text('lots')")
+        page.screenshot(path=str(ARTIFACTS / "10-admin-field-error.png"), full_page=True)
+        assert "lots" not in (admin_hub.profiles_dir / "cpu.yaml").read_text()
+        # a valid edit
+        page.fill("#profile-form [name='memory.limit']", "700Mi")
+        page.fill("#profile-form [name=display_name]", "Small (edited in the browser)")
+        page.click("#profile-save")
+        page.wait_for_selector("#message.ok")
+        assert "Saved" in page.inner_text("#message")
+        page.wait_for_selector("#profiles-table tr[data-slug=small]:has-text('Small (edited in the browser)')")
+        page.screenshot(path=str(ARTIFACTS / "11-admin-saved.png"), full_page=True)
+        # the change is in the history, with who made it
+        page.click("nav button[data-panel=history]")
+        page.wait_for_selector("#history-table tbody tr")
+        first = page.inner_text("#history-table tbody tr:first-child")
+        assert "admin" in first and "small" in first and "700Mi" in first
+
+        # a user's spawn form shows the new name and size at once, without a hub restart
+        alice = user.new_page()
+        browser_login(alice, admin_hub.url, "alice", "alice-pw")
+        alice.goto(f"{admin_hub.url}/hub/spawn")
+        alice.wait_for_selector("[data-profile=small]")
+        text = alice.inner_text("[data-profile=small]")
+        assert "Small (edited in the browser)" in text and "700 MiB" in text, text
+        alice.screenshot(path=str(ARTIFACTS / "12-form-after-admin-edit.png"), full_page=True)
+    finally:
+        admin.close()
+        user.close()

@@ -6,26 +6,9 @@ the profile form, the progress page and into JupyterLab; screenshots land in tes
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from helpers import ARTIFACTS, RunningPlatform, oidc_login, stop_server
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.fail("Chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        yield b
-        b.close()
-
 
 @pytest.mark.browser
 def test_browser_login_form_progress_and_jupyterlab(hub: RunningPlatform, browser):

@@ -65,6 +65,42 @@ def test_members_see_the_project_on_the_home_page_and_outsiders_do_not(hub, peop
     assert "Group project servers" not in bob_home.text and PROJECT not in bob_home.text
 
 
+@pytest.mark.browser
+def test_browser_member_starts_opens_and_stops_the_project_server_from_the_home_page(hub, people, browser):
+    from conftest import browser_login
+    from helpers import ARTIFACTS
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        browser_login(page, hub.url, "dave", "dave-pw")
+        page.goto(f"{hub.url}/hub/home")
+        row = f"#mlaas-projects tr[data-user={PROJECT}]"
+        page.wait_for_selector(row)
+        assert "stopped" in page.inner_text(f"{row} .mlaas-project-status")
+        page.screenshot(path=str(ARTIFACTS / "20-home-projects.png"), full_page=True)
+        page.click(f"{row} a.mlaas-start")
+        page.wait_for_selector(".mlaas-profiles")  # the group's profiles
+        page.click("form#spawn_form input[type=submit], form#spawn_form button[type=submit]")
+        # progress, then JupyterHub asks once before a server that is not the member's own may know who they are
+        authorize = page.locator("form button[type=submit]:has-text('Authorize')")
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and f"/user/{PROJECT}/lab" not in page.url:
+            if authorize.count():
+                authorize.click()
+            page.wait_for_timeout(250)
+        page.wait_for_selector(".jp-Launcher", timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "21-project-jupyterlab.png"))
+        page.goto(f"{hub.url}/hub/home")
+        page.wait_for_selector(f"{row} a.mlaas-open")
+        assert "running" in page.inner_text(f"{row} .mlaas-project-status")
+        page.click(f"{row} button.mlaas-stop")
+        page.wait_for_selector(f"{row} a.mlaas-start", timeout=60_000)
+        assert not hub.api().get(f"{hub.url}/hub/api/users/{PROJECT}").json()["servers"]
+    finally:
+        context.close()
+
+
 def test_the_project_spawn_form_offers_the_groups_profiles(hub, people):
     form = people["dave"]["session"].get(f"{hub.url}/hub/spawn/{PROJECT}")
     assert form.status_code == 200, form.text[:500]
