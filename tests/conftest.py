@@ -45,9 +45,10 @@ def gpu_hub() -> RunningPlatform:
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's headless Chromium, driven by Playwright."""
+    """Debian's headless Chromium, driven by Playwright. Per module: Playwright's sync API keeps
+    an event loop running in this thread while it is open, which asyncio.run() elsewhere refuses."""
     if CHROMIUM is None:
         pytest.fail("Chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
     from playwright.sync_api import sync_playwright

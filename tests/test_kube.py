@@ -204,3 +204,34 @@ def test_kube_form_shows_live_counts_from_the_cache():
     assert entries["mig-1g-10gb"].capacity == "1 of 4 free"
     assert entries["gpu-a100"].capacity == "8 of 8 free"
     assert entries["cpu-small"].unavailable is None
+
+
+def project_manifest(user: str, groups: list[str], slug: str = "cpu-small") -> dict:
+    cache = kube_capacity("mixed")
+    cache.replace("node", cluster_nodes())
+    cache.replace("pod", [])
+
+    async def build():
+        s = spawner_for(user, groups)
+        await s.apply_profile({"profile": slug})
+        return ApiClient().sanitize_for_serialization(await s.get_pod_manifest())
+
+    return asyncio.run(build())
+
+
+def test_project_storage_is_mounted_for_members_and_project_servers_only():
+    """Shipped projects: atlas-ml and cms-gpu (spawner_profiles/projects.yaml)."""
+    member = validated(project_manifest("alice", ["atlas-ml", "ml-users"]))
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in member["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    assert "mlaas-project-atlas-ml" in claims and "mlaas-project-cms-gpu" not in claims
+    mounts = {m["mountPath"] for m in member["spec"]["containers"][0]["volumeMounts"]}
+    assert "/home/jovyan/projects/atlas-ml" in mounts
+
+    outsider = validated(project_manifest("bob", ["ml-users"]))
+    assert not any("persistentVolumeClaim" in v for v in outsider["spec"].get("volumes") or [])
+
+    project = validated(project_manifest("project-atlas-ml", []))
+    env = {e["name"]: e.get("value") for e in project["spec"]["containers"][0]["env"]}
+    assert env["JUPYTERHUB_ROOT_DIR"] == "/home/jovyan/projects/atlas-ml"
+    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "mlaas-project-atlas-ml"
+               for v in project["spec"]["volumes"])

@@ -45,7 +45,7 @@ def cmd_profiles_check(path: str | None) -> int:
             accel = f"{p.mig.count}x MIG {p.mig.profile}"
         rows.append(
             [
-                p.slug + (" *" if p.default else ""),
+                p.slug + (" *" if p.default else "") + ("" if p.enabled else " (disabled)"),
                 p.display_name,
                 f"{p.cpu.guarantee:g}-{p.cpu.limit:g}",
                 f"{format_bytes(p.memory.guarantee)}-{format_bytes(p.memory.limit)}",
@@ -54,7 +54,10 @@ def cmd_profiles_check(path: str | None) -> int:
             ]
         )
     print(_table(rows, ["SLUG (* default)", "NAME", "CPU", "MEMORY", "ACCELERATOR", "GROUPS"]))
-    print(f"\n{len(pset.profiles)} profile(s) OK in {target}")
+    extras = [f"{len(pset.quotas)} group quota(s)"] if pset.quotas else []
+    if pset.projects:
+        extras.append(f"{len(pset.projects)} project(s): " + ", ".join(p.group for p in pset.projects))
+    print(f"\n{len(pset.profiles)} profile(s) OK in {target}" + (f"; {'; '.join(extras)}" if extras else ""))
     return 0
 
 

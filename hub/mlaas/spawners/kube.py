@@ -19,6 +19,7 @@ from traitlets import Bool, Enum, Unicode
 
 from ..capacity.kube import GPU, POOL_KEY, PRODUCT_LABEL, KubeCapacity, MigStrategy, gpu_products, mig_single_products
 from ..profiles import Profile
+from ..projects.names import project_slug
 from .common import ProfileSpawnerMixin
 
 RESTRICTED_CONTAINER = {
@@ -72,6 +73,21 @@ def pod_settings(profile: Profile, mig_strategy: MigStrategy = "mixed", gpu_runt
     return s
 
 
+def project_claim(group: str) -> str:
+    """The ReadWriteMany PersistentVolumeClaim of a group's project storage (made by the chart)."""
+    return f"mlaas-project-{project_slug(group)}"
+
+
+def project_storage(groups: list[str], mount_root: str) -> tuple[list[dict], list[dict]]:
+    """Volumes and mounts: each project of the server's groups at `<mount_root>/<group>`."""
+    volumes, mounts = [], []
+    for group in groups:
+        name = project_claim(group)
+        volumes.append({"name": name, "persistentVolumeClaim": {"claimName": name}})
+        mounts.append({"name": name, "mountPath": f"{mount_root.rstrip('/')}/{project_slug(group)}"})
+    return volumes, mounts
+
+
 @functools.cache
 def kube_capacity(mig_strategy: str) -> KubeCapacity:
     return KubeCapacity(mig_strategy)  # type: ignore[arg-type]
@@ -92,6 +108,9 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
     gpu_runtime_class = Unicode("", config=True, help="runtimeClassName for GPU pods (e.g. 'nvidia'), if any.")
     watch_capacity = Bool(
         True, config=True, help="Keep the capacity cache current by watching nodes and pods (off only in tests)."
+    )
+    projects_mount_root = Unicode(
+        "/home/jovyan/projects", config=True, help="Where project volumes are mounted in servers (one per group)."
     )
 
     @property
@@ -123,6 +142,11 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
             self.extra_pod_config = {**self.extra_pod_config, "runtimeClassName": s.runtime_class}
         self.container_security_context = {**RESTRICTED_CONTAINER, "runAsUser": self.uid or 1000}
         self.pod_security_context = {**RESTRICTED_POD, **({"fsGroup": self.fs_gid} if self.fs_gid else {})}
+        volumes, mounts = project_storage(self.project_groups(), self.projects_mount_root)
+        self.volumes = [*self.volumes, *volumes]
+        self.volume_mounts = [*self.volume_mounts, *mounts]
+        if self.project is not None:  # a project server works in its project's volume
+            self.notebook_dir = f"{self.projects_mount_root.rstrip('/')}/{project_slug(self.project.group)}"
         self.capacity.reserve(self.pod_name, profile)  # until the pod shows up in the watch cache
 
     async def start(self):
