@@ -13,6 +13,7 @@ import json
 import os
 import pwd
 import shutil
+import string
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -75,24 +76,18 @@ class DataSettings(BaseModel):
     ]
 
 
+CACHE_TEMPLATE = Path(__file__).parent / "templates" / "xcache.cfg"  # also used by the chart and Ansible
+
+
 def render_cache_config(origin: OriginSettings, cache_dir: Path, admin_dir: Path, ram: str) -> str:
-    return "\n".join(
-        [
-            f"# XCache for origin {origin.name} ({origin.url}) - rendered by mlaas.xcache; do not edit",
-            f"xrd.port {origin.cache_port}",
-            "all.export /",
-            f"all.adminpath {admin_dir}",
-            f"all.pidpath {admin_dir}",
-            "ofs.osslib libXrdPss.so",
-            "pss.cachelib libXrdPfc.so",
-            f"pss.origin {origin.host_port}",
-            f"oss.localroot {cache_dir}",
-            f"pfc.ram {ram}",
-            "pfc.diskusage 0.90 0.95",
-            "pfc.blocksize 1M",
-            "pfc.prefetch 0",
-            "",
-        ]
+    return string.Template(CACHE_TEMPLATE.read_text()).substitute(
+        origin_name=origin.name,
+        origin_url=origin.url,
+        port=origin.cache_port,
+        admin_dir=admin_dir,
+        origin=origin.host_port,
+        cache_dir=cache_dir,
+        ram=ram,
     )
 
 

@@ -36,3 +36,8 @@ def is_project_user(username: str) -> bool:
 def unix_group(group: str) -> str:
     """The Unix group whose members may read and write the project's storage (one machine)."""
     return UNIX_GROUP_PREFIX + project_slug(group, MAX_UNIX_NAME - len(UNIX_GROUP_PREFIX))
+
+
+def project_claim(group: str) -> str:
+    """The ReadWriteMany PersistentVolumeClaim of a group's project storage on Kubernetes (the chart makes it)."""
+    return f"mlaas-project-{project_slug(group)}"

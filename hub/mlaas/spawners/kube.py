@@ -19,7 +19,7 @@ from traitlets import Bool, Enum, Unicode
 
 from ..capacity.kube import GPU, POOL_KEY, PRODUCT_LABEL, KubeCapacity, MigStrategy, gpu_products, mig_single_products
 from ..profiles import Profile
-from ..projects.names import project_slug
+from ..projects.names import project_claim, project_slug
 from .common import ProfileSpawnerMixin
 
 RESTRICTED_CONTAINER = {
@@ -71,11 +71,6 @@ def pod_settings(profile: Profile, mig_strategy: MigStrategy = "mixed", gpu_runt
         s.node_selector[POOL_KEY] = profile.node_pool
         s.tolerations.append({"key": POOL_KEY, "operator": "Equal", "value": profile.node_pool, "effect": "NoSchedule"})
     return s
-
-
-def project_claim(group: str) -> str:
-    """The ReadWriteMany PersistentVolumeClaim of a group's project storage (made by the chart)."""
-    return f"mlaas-project-{project_slug(group)}"
 
 
 def project_storage(groups: list[str], mount_root: str) -> tuple[list[dict], list[dict]]:
