@@ -39,7 +39,9 @@ def gpu_entitled(pset: ProfileSet, groups: Iterable[str]) -> bool:
     return any(p.needs_accelerator for p in allowed_profiles(pset, groups))
 
 
-def cluster_options_for(pset: ProfileSet, groups: Iterable[str], environment: dict[str, str]) -> Options:
+def cluster_options_for(
+    pset: ProfileSet, groups: Iterable[str], environment: dict[str, str], kubernetes: bool = False
+) -> Options:
     policy = pset.dask
     fields = [
         Select("worker_cores", [str(c) for c in policy.worker_cores], default=str(policy.worker_cores[0]),
@@ -53,11 +55,19 @@ def cluster_options_for(pset: ProfileSet, groups: Iterable[str], environment: di
 
     def handler(options: Any, user: Any) -> dict[str, Any]:
         gpus = int(getattr(options, "worker_gpus", 0) or 0)
-        if gpus:
+        if gpus and not kubernetes:
             raise PublicException(
                 "GPU workers need the Kubernetes backend; this one-machine gateway runs CPU workers only."
             )
-        return {
+        gpu_config: dict[str, Any] = {}
+        if gpus:  # Kubernetes backend: whole GPUs per worker, on GPU nodes
+            gpu_config = {
+                "worker_extra_container_config": {"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}},
+                "worker_extra_pod_config": {
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+                },
+            }
+        return gpu_config | {
             "worker_cores": int(options.worker_cores),
             "worker_threads": int(options.worker_cores),
             "worker_memory": parse_bytes(options.worker_memory),
@@ -203,6 +213,17 @@ class MLaaSLocalBackend(UnsafeLocalBackend):
                 self.log.info("Capping cluster %s at %d workers: %s", cluster_name, fits, reason)
                 msg = {**msg, "count": fits}
         await super().on_cluster_heartbeat(cluster_name, msg)
+
+
+def configure_gateway_options(c: Any, profiles_dir: str) -> None:
+    """Dask Gateway on Kubernetes (its Helm chart's extraConfig): worker choices and per-cluster
+    limits from the same profile files as the hub, mounted from the profiles ConfigMap."""
+    store = ProfileStore(profiles_dir)
+
+    def options(user: Any) -> Options:
+        return cluster_options_for(store.current(), user.groups, {}, kubernetes=True)
+
+    c.Backend.cluster_options = options
 
 
 def configure(c: Any, settings: Any) -> None:

@@ -214,3 +214,32 @@ def configure(c, settings: Settings) -> None:
         )
     start_profile_watcher(store)
     start_project_sync(store)
+
+
+def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir: str = "/srv/jupyterhub") -> None:
+    """The mlaas parts of a hub deployed with Zero to JupyterHub (charts/values/jupyterhub.yaml).
+
+    The chart configures the hub, proxy and database; this adds the profile spawner, the AAI
+    authenticator (its URLs and client come from the site's values), the platform's REST API,
+    group projects and the profile watcher. The profile files come from the mlaas-profiles
+    ConfigMap, mounted at `profiles_dir`.
+    """
+    from .spawners.kube import KubeProfileSpawner
+
+    snapshot = str(Path(state_dir) / "profiles.last-good.json")
+    store = profile_store(profiles_dir, snapshot)
+    c.JupyterHub.spawner_class = KubeProfileSpawner
+    c.KubeProfileSpawner.profiles_dir = profiles_dir
+    c.KubeProfileSpawner.profiles_snapshot = snapshot
+    c.JupyterHub.authenticator_class = MLaaSAuthenticator
+    c.MLaaSAuthenticator.manage_groups = True
+    c.MLaaSAuthenticator.basic_auth = True
+    c.JupyterHub.extra_handlers = [
+        (r"/api/mlaas/profiles", ProfilesAPIHandler),
+        (r"/api/mlaas/quotas", QuotasAPIHandler, {"profiles_dir": profiles_dir, "snapshot": snapshot}),
+    ]
+    c.JupyterHub.template_paths = [str(Path(__file__).parent / "templates")]
+    c.JupyterHub.template_vars = {"mlaas_projects": project_servers_var(store)}
+    c.JupyterHub.load_roles = project_role_specs(store.current().projects)
+    start_profile_watcher(store)
+    start_project_sync(store)

@@ -1,0 +1,219 @@
+"""The deployment artefacts without a cluster: our Helm chart rendered by the real Helm engine
+(Helm v4's Go engine from PyPI `helm-python-sdk`, or the `helm` CLI's engine: the same code) for
+both example sites, every object checked against the Kubernetes 1.33 schema (strict), pods
+against Pod Security "restricted", the profile ConfigMap against the profile model, bad values
+against the chart's schema; and the MIG layouts against the GPU models. No network needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kube_objects import validated
+from pod_security import pod_spec_of, violations
+from mlaas.deploy import CHART, helm_commands, load_site, site_values
+from mlaas.mig_layout import InventoryError, SiteInventory, load_inventory, mig_parted_config
+from mlaas.profiles.loader import load_profile_files, load_profile_texts
+
+helm = pytest.importorskip("helm_python")
+REPO = Path(__file__).resolve().parents[1]
+SITES = sorted(p for p in (REPO / "charts" / "sites").iterdir() if p.is_dir())
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def site_chart_values(site: Path) -> dict:
+    generated, _ = site_values(site)
+    return deep_merge(yaml.safe_load((site / "values.yaml").read_text()), generated)
+
+
+def render(values: dict) -> list[dict]:
+    chart = helm.Chart.load(CHART)
+    out = chart.render(values, name="mlaas-hub", namespace="mlaas", is_install=True)
+    return [doc for text in out.values() for doc in yaml.safe_load_all(text) if doc]
+
+
+@pytest.fixture(scope="module", params=[s.name for s in SITES])
+def site(request) -> Path:
+    return REPO / "charts" / "sites" / request.param
+
+
+def test_two_example_sites_with_different_gpus():
+    assert {s.name for s in SITES} >= {"site-a", "site-b"}
+    models = {s.name: {p.gpu_model for p in load_site(s)[1].node_pools} for s in SITES}
+    assert models["site-a"] != models["site-b"]
+
+
+def test_chart_lints_clean_for_each_site(site):
+    report = helm.lint(CHART, site_chart_values(site), strict=True, namespace="mlaas", kube_version="v1.33.0")
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], report
+
+
+def test_every_rendered_object_is_valid_kubernetes_and_pods_are_restricted(site):
+    objects = render(site_chart_values(site))
+    kinds = {o["kind"] for o in objects}
+    assert {"ConfigMap", "StatefulSet", "Service", "NetworkPolicy", "PersistentVolumeClaim"} <= kinds
+    for obj in objects:
+        validated(obj)
+        spec = pod_spec_of(obj)
+        if spec is not None:
+            assert violations(spec) == [], f"{obj['kind']}/{obj['metadata']['name']}: {violations(spec)}"
+
+
+def test_profile_configmap_round_trips_to_the_same_profiles(site):
+    objects = render(site_chart_values(site))
+    cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "mlaas-profiles")
+    from_chart = load_profile_texts(sorted(cm["data"].items()))
+    spec, _ = load_site(site)
+    from mlaas.deploy import expand
+
+    from_files = load_profile_files(expand([REPO / p for p in spec.profiles]))
+    assert from_chart.profiles == from_files.profiles and from_chart.profiles
+    assert from_chart.quotas == from_files.quotas and from_chart.projects == from_files.projects
+    claims = {o["metadata"]["name"] for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    assert claims == {f"mlaas-project-{p.group}" for p in from_files.projects}
+    assert all(o["spec"]["accessModes"] == ["ReadWriteMany"] for o in objects if o["kind"] == "PersistentVolumeClaim")
+
+
+def test_xcache_uses_the_platform_template_and_only_its_origin(site):
+    values = site_chart_values(site)
+    objects = render(values)
+    for origin in values["xcache"]["origins"]:
+        cfg = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == f"xcache-{origin['name']}")
+        text = cfg["data"]["xcache.cfg"]
+        host_port = origin["url"].removeprefix("root://")
+        assert f"pss.origin {host_port}" in text and "pss.cachelib libXrdPfc.so" in text
+        assert "${" not in text  # every placeholder of the shared template filled
+        assert "mlaas/templates/xcache.cfg" in text  # the one template
+
+
+def test_network_policies_never_let_one_users_server_reach_another(site):
+    objects = render(site_chart_values(site))
+    singleuser_pod = {"component": "singleuser-server", "app": "jupyterhub", "release": "jupyterhub"}
+    hub_pod = {"component": "hub", "app": "jupyterhub"}
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "mlaas-singleuser")
+
+    def matches(peer: dict, labels: dict) -> bool:
+        selector = peer.get("podSelector")
+        if selector is None or "namespaceSelector" in peer:
+            return False
+        return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+    assert all(labels_match for labels_match in [
+        all(policy["spec"]["podSelector"]["matchLabels"].get(k) == v for k, v in {"component": "singleuser-server"}.items())
+    ])
+    ingress_peers = [p for rule in policy["spec"]["ingress"] for p in rule["from"]]
+    egress_peers = [p for rule in policy["spec"]["egress"] for p in rule.get("to", [])]
+    assert not any(matches(p, singleuser_pod) for p in ingress_peers), "a server accepts traffic from servers"
+    assert not any(matches(p, singleuser_pod) for p in egress_peers), "a server may connect to servers"
+    assert any(matches(p, hub_pod) for p in ingress_peers) and any(matches(p, hub_pod) for p in egress_peers)
+    assert all(rule.get("to") for rule in policy["spec"]["egress"]), "an egress rule without 'to' allows everything"
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"xcache": {"origins": [{"name": "x", "url": "http://data.example.org", "namespace": "/x"}]}}, "/xcache/origins/0/url"),
+        ({"xcache": {"image": {"repository": "r", "tag": "latest"}}}, "/xcache/image/tag"),
+        ({"projects": {"size": "lots"}}, "/projects/size"),
+        ({"sitename": "a"}, "sitename"),
+    ],
+)
+def test_bad_values_are_refused_by_the_schema_naming_the_field(bad, message):
+    with pytest.raises(helm.HelmValuesError) as refused:
+        helm.Chart.load(CHART).render(bad, name="mlaas-hub", namespace="mlaas")
+    assert message in str(refused.value)
+
+
+def test_mig_layout_of_site_a_is_the_mig_parted_config():
+    site = load_inventory(REPO / "charts" / "sites" / "site-a" / "gpus.yaml")
+    layout = mig_parted_config(site, load_profile_files(sorted((REPO / "spawner_profiles").glob("*.yaml"))).profiles)
+    configs = layout.config["mig-configs"]
+    assert layout.config["version"] == "v1" and "all-disabled" in configs
+    assert configs["mlaas-a100-mig"] == [
+        {"devices": [0, 1, 2, 3], "mig-enabled": True, "mig-devices": {"1g.10gb": 4}},
+        {"devices": [4, 5], "mig-enabled": True, "mig-devices": {"3g.20gb": 2}},
+        {"devices": [6, 7], "mig-enabled": False},
+    ]
+    assert layout.warnings == []  # every MIG profile of spawner_profiles is offered
+
+
+@pytest.mark.parametrize(
+    "model, layout, reason",
+    [
+        ("A100-SXM4-40GB", {"1g.5gb": 8}, "holds at most 7 × 1g.5gb, not 8"),
+        ("A100-SXM4-40GB", {"3g.20gb": 2, "1g.5gb": 1}, "needs 9 memory slices; A100-SXM4-40GB has 8"),
+        ("A100-SXM4-40GB", {"4g.20gb": 1, "3g.20gb": 1, "1g.5gb": 1}, "needs 8 compute slices"),
+        ("A100-SXM4-40GB", {"3g.40gb": 1}, "has no MIG profile '3g.40gb'"),
+        ("A30", {"2g.12gb": 2, "1g.6gb": 1}, "needs 5 compute slices; A30 has 4"),
+    ],
+)
+def test_impossible_mig_layouts_are_refused_with_the_reason(model, layout, reason):
+    with pytest.raises(ValueError) as refused:
+        SiteInventory.model_validate(
+            {"site": "x", "node_pools": [{"name": "p", "gpu_model": model, "gpus_per_node": 2, "mig": [{"gpus": [0], "layout": layout}]}]}
+        )
+    assert reason in str(refused.value)
+
+
+def test_valid_mixes_fit(tmp_path):
+    for model, layout in [("A100-SXM4-40GB", {"4g.20gb": 1, "2g.10gb": 1, "1g.5gb": 1}), ("A100-SXM4-40GB", {"1g.5gb": 7}),
+                          ("H100-SXM5-80GB", {"3g.40gb": 2}), ("A30", {"2g.12gb": 1, "1g.6gb": 2})]:
+        SiteInventory.model_validate(
+            {"site": "x", "node_pools": [{"name": "p", "gpu_model": model, "gpus_per_node": 1, "mig": [{"gpus": [0], "layout": layout}]}]}
+        )
+
+
+def test_mig_layout_cli_names_file_and_field_and_warns_about_unmet_profiles(tmp_path):
+    bad = tmp_path / "gpus.yaml"
+    bad.write_text("site: x\nnode_pools:\n  - name: p\n    gpu_model: A100-SXM4-40GB\n    gpus_per_node: 8\n"
+                   "    mig:\n      - gpus: [0]\n        layout: {1g.5gb: 8}\n")
+    r = subprocess.run([sys.executable, "-m", "mlaas.cli", "mig-layout", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 1 and f"{bad} node_pools.0" in r.stderr and "at most 7 × 1g.5gb" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "mlaas.cli", "mig-layout", str(REPO / "charts/sites/site-b/gpus.yaml"),
+                        "--profiles", str(REPO / "spawner_profiles")], capture_output=True, text=True)
+    assert r.returncode == 0 and "mlaas-h100" in r.stdout
+    assert "profile 'mig-3g-20gb' asks for MIG 3g.20gb, which no node pool of site-b provides" in r.stderr
+
+
+def test_deploy_installs_our_chart_and_the_pinned_upstream_charts(site, tmp_path):
+    commands = helm_commands(site, tmp_path / "generated.yaml")
+    upstream = yaml.safe_load((REPO / "charts" / "upstream.yaml").read_text())["charts"]
+    assert commands[0][:4] == ["helm", "upgrade", "--install", "mlaas-hub"]
+    for release, pin in upstream.items():
+        cmd = next(c for c in commands if c[3] == release)
+        assert cmd[cmd.index("--version") + 1] == str(pin["version"]) and cmd[cmd.index("--repo") + 1] == pin["repository"]
+
+
+def test_upstream_values_use_what_our_chart_and_package_provide(tmp_path):
+    hub_values = yaml.safe_load((REPO / "charts/values/jupyterhub.yaml").read_text())
+    chart_defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert hub_values["hub"]["extraVolumes"][0]["configMap"]["name"] == chart_defaults["profiles"]["configMapName"]
+    assert hub_values["singleuser"]["networkPolicy"]["enabled"] is False  # ours replaces it
+    from traitlets.config import Config
+
+    c = Config()
+    snippet = hub_values["hub"]["extraConfig"]["00-mlaas"]
+    assert 'profiles_dir="/etc/mlaas/profiles"' in snippet
+    exec(snippet.replace('profiles_dir="/etc/mlaas/profiles"',
+                         f'profiles_dir="{REPO / "spawner_profiles"}", state_dir="{tmp_path}"'), {"c": c})
+    assert c.JupyterHub.spawner_class.__name__ == "KubeProfileSpawner"
+    assert any(r["name"] == "mlaas-project-atlas-ml" for r in c.JupyterHub.load_roles)
+    gw_values = yaml.safe_load((REPO / "charts/values/dask-gateway.yaml").read_text())
+    g = Config()
+    exec(gw_values["gateway"]["extraConfig"]["mlaas"].replace("/etc/mlaas/profiles", str(REPO / "spawner_profiles")), {"c": g})
+
+    class User:
+        name, groups = "alice", {"atlas-ml", "ml-users"}
+
+    options = g.Backend.cluster_options(User())
+    assert {f.field for f in options.fields} >= {"worker_cores", "worker_memory", "worker_gpus"}
