@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 PY_STAMP   := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: install up down test bench check-profiles clean
+.PHONY: install up down test bench check-profiles images deploy clean
 
 install: $(PY_STAMP) $(NODE_STAMP)
 
@@ -41,6 +41,31 @@ bench: install
 	$(VENV)/bin/python bench/form_bench.py
 	$(VENV)/bin/python bench/data_bench.py
 	$(VENV)/bin/python bench/spawn_bench.py
+
+# --- Kubernetes deployment (docs/deploy.md) ----------------------------------------------------
+IMAGE_PREFIX ?= ghcr.io/mlaas-hub
+IMAGE_TAG    ?= 0.1.0
+IMAGES       := user-cpu user-cuda hub xcache
+SITE         ?= site-a
+
+images:
+	@engine=""; \
+	if command -v docker >/dev/null && docker info >/dev/null 2>&1; then engine=docker; \
+	elif command -v buildah >/dev/null; then engine=buildah; \
+	elif command -v podman >/dev/null && podman info >/dev/null 2>&1; then engine=podman; fi; \
+	if [ -z "$$engine" ]; then \
+	  echo "No container engine here (docker with a running daemon, buildah or podman): the images cannot be built on this machine."; \
+	  echo "make test checks their Dockerfiles (hadolint, pinned packages)."; exit 1; fi; \
+	for image in $(IMAGES); do \
+	  echo "== $(IMAGE_PREFIX)/$$image:$(IMAGE_TAG)"; \
+	  case "$$engine" in \
+	    *buildah) $$engine bud -f images/$$image/Dockerfile -t $(IMAGE_PREFIX)/$$image:$(IMAGE_TAG) . ;; \
+	    *) $$engine build -f images/$$image/Dockerfile -t $(IMAGE_PREFIX)/$$image:$(IMAGE_TAG) . ;; \
+	  esac || exit 1; \
+	done
+
+deploy: $(PY_STAMP)
+	$(VENV)/bin/mlaas deploy charts/sites/$(SITE)
 
 clean:
 	rm -rf $(VENV) node_modules .test-state test-artifacts

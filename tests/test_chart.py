@@ -19,7 +19,7 @@ from mlaas.deploy import CHART, helm_commands, load_site, site_values
 from mlaas.mig_layout import InventoryError, SiteInventory, load_inventory, mig_parted_config
 from mlaas.profiles.loader import load_profile_files, load_profile_texts
 
-helm = pytest.importorskip("helm_python")
+import helm_python as helm
 REPO = Path(__file__).resolve().parents[1]
 SITES = sorted(p for p in (REPO / "charts" / "sites").iterdir() if p.is_dir())
 
