@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 PY_STAMP   := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: install up down test bench check-profiles images deploy clean
+.PHONY: install up down test bench check-profiles images deploy k8s-build k8s-up k8s-down clean
 
 install: $(PY_STAMP) $(NODE_STAMP)
 
@@ -66,6 +66,19 @@ images:
 
 deploy: $(PY_STAMP)
 	$(VENV)/bin/mlaas deploy charts/sites/$(SITE)
+
+# --- a real control plane with simulated GPU nodes, for tests (tests/cluster) --------------------
+NAME  ?= site-a
+NODES ?= tests/cluster/nodes.yaml
+
+k8s-build:
+	bash tests/cluster/build.sh
+
+k8s-up: $(PY_STAMP)
+	$(VENV)/bin/python tests/cluster/cluster.py up --name $(NAME) --nodes $(NODES)
+
+k8s-down:
+	$(VENV)/bin/python tests/cluster/cluster.py down --name $(NAME)
 
 clean:
 	rm -rf $(VENV) node_modules .test-state test-artifacts

@@ -1,0 +1,231 @@
+"""A real Kubernetes control plane on loopback with simulated (KWOK) nodes, for tests and
+`make k8s-up` (test tooling, not product).
+
+etcd, kube-apiserver (Pod Security and ResourceQuota admission on), kube-controller-manager and
+kube-scheduler are the real programs, built by tests/cluster/build.sh. KWOK fakes the nodes
+described in a YAML file (pools: count, cpu, memory, extended resources such as nvidia.com/gpu
+and nvidia.com/mig-*, labels, taints) and marks scheduled pods Running, with pod IPs on
+loopback (127.x). Several clusters run side by side on different ports, one per site.
+
+    python tests/cluster/cluster.py up --name site-a [--nodes nodes.yaml] [--port 6443]
+    python tests/cluster/cluster.py down --name site-a
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def binaries() -> Path:
+    """Build (or find in the cache) the pinned binaries; return their directory."""
+    out = subprocess.run(["bash", str(HERE / "build.sh")], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class Cluster:
+    name: str
+    state: Path
+    bin: Path
+    port: int = 0
+    pod_cidr: str = "127.1.0.0/16"
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.state / "kubeconfig"
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def start(self, nodes_file: Path | None = None, timeout: float = 120) -> None:
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / "logs").mkdir(exist_ok=True)
+        self.port = self.port or free_port()
+        token = secrets.token_hex(16)
+        (self.state / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
+        key = self.state / "sa.key"
+        if not key.exists():
+            subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+            subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-out", str(self.state / "sa.pub")],
+                           check=True, capture_output=True)
+        self._write_kubeconfig(token)
+        etcd_port, peer_port = free_port(), free_port()
+        self._run("etcd", [
+            "--name", self.name, "--data-dir", str(self.state / "etcd"),
+            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-cluster", f"{self.name}=http://127.0.0.1:{peer_port}",
+            "--quota-backend-bytes", str(2 * 2**30), "--log-level", "warn",
+        ])
+        self._run("kube-apiserver", [
+            "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
+            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1", "--secure-port", str(self.port),
+            "--cert-dir", str(self.state / "certs"),
+            "--token-auth-file", str(self.state / "tokens.csv"),
+            "--authorization-mode", "Node,RBAC",
+            "--enable-admission-plugins", "NamespaceLifecycle,LimitRanger,ServiceAccount,PodSecurity,ResourceQuota,"
+                                          "DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
+            "--service-account-key-file", str(self.state / "sa.pub"),
+            "--service-account-signing-key-file", str(key),
+            "--service-account-issuer", "https://kubernetes.default.svc",
+            "--service-cluster-ip-range", "10.96.0.0/16",
+            "--allow-privileged=false",
+            "--storage-backend", "etcd3",
+            "-v", "1",
+        ])
+        self.wait_ready(timeout)
+        common = ["--kubeconfig", str(self.kubeconfig), "--leader-elect=false"]
+        self._run("kube-controller-manager", [
+            *common, "--service-account-private-key-file", str(key), "--use-service-account-credentials=false",
+            "--controllers", "*,-nodeipam,-ttl,-cloud-node-lifecycle",
+            "--secure-port", "0", "--cluster-name", self.name,
+        ])
+        self._run("kube-scheduler", [*common, "--secure-port", "0"])
+        self._run("kwok", [
+            "--kubeconfig", str(self.kubeconfig),
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            "--cidr", self.pod_cidr, "--node-ip", "127.0.0.1",
+            "--server-address", "127.0.0.1:0",
+        ])
+        if nodes_file is not None:
+            self.add_nodes(yaml.safe_load(Path(nodes_file).read_text()))
+        (self.state / "pids.json").write_text(json.dumps({n: p.pid for n, p in self.procs.items()}))
+
+    def stop(self) -> None:
+        for name in ["kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]:
+            proc = self.procs.pop(name, None)
+            if proc and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    # --- helpers ----------------------------------------------------------------------------------
+    def _run(self, name: str, args: list[str]) -> None:
+        log = open(self.state / "logs" / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen([str(self.bin / name), *args], stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def _write_kubeconfig(self, token: str) -> None:
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": self.name,
+            "clusters": [{"name": self.name, "cluster": {"server": self.server, "insecure-skip-tls-verify": True}}],
+            "users": [{"name": "admin", "user": {"token": token}}],
+            "contexts": [{"name": self.name, "context": {"cluster": self.name, "user": "admin"}}],
+        }
+        self.kubeconfig.write_text(yaml.safe_dump(config))
+        os.chmod(self.kubeconfig, 0o600)
+        self._token = token
+
+    def request(self, method: str, path: str, body: dict | None = None) -> dict:
+        ctx = ssl._create_unverified_context()  # the apiserver's self-signed serving cert, loopback only
+        req = urllib.request.Request(f"{self.server}{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
+            return json.loads(r.read() or b"{}")
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited ({proc.returncode}); see {self.state / 'logs' / (name + '.log')}")
+            try:
+                ctx = ssl._create_unverified_context()
+                with urllib.request.urlopen(f"{self.server}/readyz", context=ctx, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except Exception as e:  # not up yet
+                last = e
+            time.sleep(0.3)
+        raise TimeoutError(f"kube-apiserver of {self.name} not ready after {timeout}s: {last}")
+
+    def add_nodes(self, spec: dict) -> list[str]:
+        names = []
+        for pool in spec.get("pools", []):
+            for i in range(int(pool.get("count", 1))):
+                name = f"{self.name}-{pool['name']}-{i}"
+                capacity = {"cpu": str(pool["cpu"]), "memory": str(pool["memory"]), "pods": str(pool.get("pods", 110)),
+                            **{k: str(v) for k, v in (pool.get("extended") or {}).items()}}
+                node = {
+                    "apiVersion": "v1", "kind": "Node",
+                    "metadata": {
+                        "name": name,
+                        "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                        "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "type": "kwok",
+                                   "mlaas.io/test-pool": pool["name"], **(pool.get("labels") or {})},
+                    },
+                    "spec": {"taints": pool.get("taints") or []},
+                    "status": {"capacity": capacity, "allocatable": capacity},
+                }
+                self.request("POST", "/api/v1/nodes", node)
+                names.append(name)
+        return names
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--name", default="site-a")
+    parser.add_argument("--nodes", default=str(HERE / "nodes.yaml"))
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--state", default=str(REPO / "state" / "k8s"))
+    args = parser.parse_args()
+    state = Path(args.state) / args.name
+    if args.action == "down":
+        pids = json.loads((state / "pids.json").read_text()) if (state / "pids.json").exists() else {}
+        for name, pid in pids.items():
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        (state / "pids.json").unlink(missing_ok=True)
+        print(f"stopped {args.name}")
+        return 0
+    if (state / "pids.json").exists():
+        print(f"{args.name} seems to run already (state/k8s/{args.name}/pids.json); make k8s-down NAME={args.name}")
+        return 1
+    shutil.rmtree(state / "etcd", ignore_errors=True)
+    cluster = Cluster(args.name, state, binaries(), port=args.port)
+    started = time.monotonic()
+    cluster.start(Path(args.nodes))
+    print(f"{args.name}: {cluster.server} ready in {time.monotonic() - started:.1f}s")
+    print(f"export KUBECONFIG={cluster.kubeconfig}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""A real Kubernetes control plane (etcd, kube-apiserver with Pod Security and ResourceQuota
+admission, controller-manager, scheduler; built from the Go module proxy by
+tests/cluster/build.sh) with KWOK's simulated GPU/MIG nodes: what no unit test can show.
+
+Simulated: the nodes (KWOK marks scheduled pods Running; nothing is executed in them) and the
+storage (static PersistentVolumes stand in for a provisioner)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from urllib.error import HTTPError
+
+import pytest
+import yaml
+
+from cluster.cluster import Cluster, binaries
+from helpers import state_root
+from mlaas.deploy import site_values
+
+REPO = Path(__file__).resolve().parents[1]
+SITE = REPO / "charts" / "sites" / "site-a"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster("test-a", state_root() / "cluster-test-a", binaries())
+    c.start(REPO / "tests" / "cluster" / "nodes.yaml")
+    yield c
+    c.stop()
+
+
+def wait_for(check, timeout=60, what="condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except HTTPError as e:
+            last = e
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what} ({last})")
+
+
+def test_the_control_plane_is_the_pinned_kubernetes(cluster):
+    version = cluster.request("GET", "/version")
+    assert version["gitVersion"] == "v1.33.13" and version["minor"] == "33"
+
+
+def test_kwok_gpu_nodes_are_ready_with_gpu_and_mig_capacity(cluster):
+    def ready_nodes():
+        nodes = cluster.request("GET", "/api/v1/nodes")["items"]
+        ready = [n for n in nodes if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))]
+        return ready if len(ready) == 3 else None
+
+    nodes = {n["metadata"]["name"]: n for n in wait_for(ready_nodes, what="3 ready KWOK nodes")}
+    gpu = nodes["test-a-a100-mig-0"]
+    assert gpu["status"]["allocatable"]["nvidia.com/mig-3g.20gb"] == "4"
+    assert gpu["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-40GB"
+    assert gpu["spec"]["taints"][0]["key"] == "nvidia.com/gpu"
+
+
+def helm(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(cluster.bin / "helm"), "--kubeconfig", str(cluster.kubeconfig), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_helm_installs_our_chart_into_a_restricted_namespace_and_its_pods_run(cluster, tmp_path):
+    for ns, labels in [("mlaas", {"pod-security.kubernetes.io/enforce": "restricted"}), ("gpu-operator", {})]:
+        cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": ns, "labels": labels}})
+    generated, _ = site_values(SITE)
+    (tmp_path / "generated.yaml").write_text(yaml.safe_dump(generated))
+    values = yaml.safe_load((SITE / "values.yaml").read_text())
+    # static volumes for the chart's claims (no provisioner in the test cluster)
+    claims = [("cache", values["xcache"]["storage"]["storageClassName"], values["xcache"]["storage"]["size"])] * len(
+        values["xcache"]["origins"]) + [("project", values["projects"]["storageClassName"], values["projects"]["size"])] * len(
+        generated["projects"]["claims"])
+    for i, (kind, storage_class, size) in enumerate(claims):
+        mode = "ReadWriteMany" if kind == "project" else "ReadWriteOnce"
+        cluster.request("POST", "/api/v1/persistentvolumes", {
+            "metadata": {"name": f"pv-{kind}-{i}"},
+            "spec": {"capacity": {"storage": size}, "accessModes": [mode], "storageClassName": storage_class,
+                     "hostPath": {"path": f"/tmp/pv-{i}"}, "persistentVolumeReclaimPolicy": "Delete"},
+        })
+    r = helm(cluster, "install", "mlaas-hub", str(REPO / "charts" / "mlaas-hub"), "--namespace", "mlaas",
+             "-f", str(SITE / "values.yaml"), "-f", str(tmp_path / "generated.yaml"), "--wait", "--timeout", "180s")
+    assert r.returncode == 0, r.stdout + r.stderr
+    pods = cluster.request("GET", "/api/v1/namespaces/mlaas/pods")["items"]
+    assert {p["metadata"]["name"] for p in pods} == {f"xcache-{o['name']}-0" for o in values["xcache"]["origins"]}
+    for p in pods:
+        assert p["status"]["phase"] == "Running" and p["status"]["podIP"].startswith("127.1."), p["status"]
+    cm = cluster.request("GET", "/api/v1/namespaces/gpu-operator/configmaps/mlaas-mig-parted-config")
+    assert "mlaas-a100-mig" in cm["data"]["config.yaml"]
+    pvcs = cluster.request("GET", "/api/v1/namespaces/mlaas/persistentvolumeclaims")["items"]
+    assert all(p["status"]["phase"] == "Bound" for p in pvcs) and len(pvcs) == len(claims)
+
+
+def test_pod_security_admission_refuses_a_non_restricted_pod_in_the_namespace(cluster):
+    """A pod that may run as root with privilege escalation: what our chart's pods are not."""
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bad"},
+           "spec": {"containers": [{"name": "c", "image": "x"}]}}
+    with pytest.raises(HTTPError) as refused:
+        cluster.request("POST", "/api/v1/namespaces/mlaas/pods", pod)
+    body = json.loads(refused.value.read())
+    assert refused.value.code == 403 and "violates PodSecurity \"restricted" in body["message"]
+
+
+def test_resource_quota_admission_caps_mig_slices(cluster):
+    cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": "group-atlas"}})
+    cluster.request("POST", "/api/v1/namespaces/group-atlas/resourcequotas", {
+        "metadata": {"name": "mig"}, "spec": {"hard": {"requests.nvidia.com/mig-3g.20gb": "1"}}})
+
+    def pod(name, n):
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                "spec": {"containers": [{"name": "c", "image": "x",
+                                         "resources": {"limits": {"nvidia.com/mig-3g.20gb": str(n)}}}]}}
+
+    wait_for(lambda: cluster.request("GET", "/api/v1/namespaces/group-atlas/resourcequotas/mig").get("status", {}).get("hard"),
+             what="the quota's status")
+    with pytest.raises(HTTPError) as refused:
+        cluster.request("POST", "/api/v1/namespaces/group-atlas/pods", pod("two", 2))
+    assert refused.value.code == 403 and "exceeded quota" in json.loads(refused.value.read())["message"]
+    cluster.request("POST", "/api/v1/namespaces/group-atlas/pods", pod("one", 1))
