@@ -174,6 +174,8 @@ def configure(c, settings: Settings) -> None:
     c.Spawner.http_timeout = 30
     c.Spawner.env_keep = ["LANG", "LC_ALL"]
     sp.projects_dir = str(s.projects_dir)
+    if s.spawner == "kubernetes":
+        configure_kube_spawner(c, s, snapshot)
 
     # --- group projects: a role per project, granted to its group --------------------------------
     c.JupyterHub.template_paths = [str(Path(__file__).parent / "templates")]
@@ -214,6 +216,29 @@ def configure(c, settings: Settings) -> None:
         )
     start_profile_watcher(store)
     start_project_sync(store)
+
+
+def configure_kube_spawner(c, s: Settings, snapshot: str) -> None:
+    """Users' servers as pods of a cluster, the rest of the platform on this machine."""
+    from .spawners.kube import KubeProfileSpawner
+
+    k = s.kubernetes
+    if k.kubeconfig:
+        os.environ["KUBECONFIG"] = str(k.kubeconfig)  # read by KubeSpawner's client in this process
+    c.JupyterHub.spawner_class = KubeProfileSpawner
+    c.JupyterHub.hub_connect_ip = k.hub_connect_ip
+    kp = c.KubeProfileSpawner
+    kp.profiles_dir = str(s.profiles_dir)
+    kp.profiles_snapshot = snapshot
+    kp.namespace = k.namespace
+    kp.image = k.image
+    kp.mig_strategy = k.mig_strategy
+    kp.gpu_runtime_class = k.gpu_runtime_class
+    kp.cmd = ["jupyterhub-singleuser"]
+    kp.port = 8888
+    kp.start_timeout = s.spawn_timeout
+    log.info("Users' servers run as pods in namespace %s of the cluster in %s", k.namespace,
+             k.kubeconfig or os.environ.get("KUBECONFIG", "the in-cluster config"))
 
 
 def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir: str = "/srv/jupyterhub") -> None:

@@ -63,6 +63,19 @@ class DaskGatewaySettings(BaseModel):
     account: str = Field("mlaas-dask", description="System account the gateway and its clusters run as (root hub).")
 
 
+class KubernetesSettings(BaseModel):
+    """The hub on this machine, users' servers as pods of a Kubernetes cluster (spawner: kubernetes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kubeconfig: Path | None = Field(None, description="The cluster's kubeconfig (default: $KUBECONFIG or in-cluster).")
+    namespace: str = "mlaas-users"
+    image: str = "ghcr.io/mlaas-hub/user-cpu:0.1.0"
+    mig_strategy: Literal["mixed", "single"] = "mixed"
+    gpu_runtime_class: str = ""
+    hub_connect_ip: str = Field("127.0.0.1", description="Where pods reach the hub's API.")
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -78,6 +91,10 @@ class Settings(BaseModel):
     isolation: Literal["auto", "accounts", "single-account"] = Field(
         "auto", description="auto: per-user system accounts when the hub runs as root, else one account."
     )
+    spawner: Literal["local", "kubernetes"] = Field(
+        "local", description="local: servers as processes here; kubernetes: as pods of the cluster in `kubernetes`."
+    )
+    kubernetes: KubernetesSettings = KubernetesSettings()
     gpu_inventory: str = Field(
         "nvml", description="'nvml' (the real GPUs) or the path of a simulated inventory YAML (tests, demos)."
     )
@@ -138,7 +155,7 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
             raise SettingsError(f"{path}: {e}") from e
     for name, field in Settings.model_fields.items():
         value = environ.get(f"MLAAS_{name.upper()}")
-        if value is not None and field.annotation not in (OidcSettings, DevIdpSettings, DataSettings, DaskGatewaySettings):
+        if value is not None and field.annotation not in (OidcSettings, DevIdpSettings, DataSettings, DaskGatewaySettings, KubernetesSettings):
             data[name] = value
     try:
         return Settings.model_validate(data)

@@ -10,11 +10,13 @@ capabilities). Capacity comes from a watch cache of the cluster's nodes and pods
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubespawner import KubeSpawner
+from tornado import web
 from traitlets import Bool, Enum, Unicode
 
 from ..capacity.kube import GPU, POOL_KEY, PRODUCT_LABEL, KubeCapacity, MigStrategy, gpu_products, mig_single_products
@@ -119,22 +121,33 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
         """The profile was applied by `apply_profile` (server-side checks included); KubeSpawner's
         own profile_list handling stays off."""
 
+    _configured: dict[str, Any] | None = None
+
+    def _from_config(self) -> dict[str, Any]:
+        """The pod settings as configured, before any profile: each spawn starts from these
+        (the spawner object lives on between a user's spawns)."""
+        if self._configured is None:
+            names = ["image", "node_selector", "node_affinity_required", "tolerations", "environment", "extra_labels",
+                     "extra_pod_config", "volumes", "volume_mounts", "notebook_dir"]
+            self._configured = {n: copy.deepcopy(getattr(self, n)) for n in names}
+        return copy.deepcopy(self._configured)
+
     async def apply_profile(self, options: dict[str, Any]) -> None:
         await super().apply_profile(options)
         profile = self.profile
         assert profile is not None
         s = pod_settings(profile, self.mig_strategy, self.gpu_runtime_class)
-        if profile.image:
-            self.image = profile.image
+        base = self._from_config()
+        self.image = profile.image or base["image"]
         self.extra_resource_limits = s.extra_resource_limits
         self.extra_resource_guarantees = s.extra_resource_guarantees
-        self.node_selector = {**self.node_selector, **s.node_selector}
-        self.node_affinity_required = [*self.node_affinity_required, *s.node_affinity_required]
-        self.tolerations = [*self.tolerations, *s.tolerations]
-        self.environment = {**self.environment, **s.environment}
-        self.extra_labels = {**self.extra_labels, **s.labels}
-        if s.runtime_class:
-            self.extra_pod_config = {**self.extra_pod_config, "runtimeClassName": s.runtime_class}
+        self.node_selector = {**base["node_selector"], **s.node_selector}
+        self.node_affinity_required = [*base["node_affinity_required"], *s.node_affinity_required]
+        self.tolerations = [*base["tolerations"], *s.tolerations]
+        self.environment = {**base["environment"], **s.environment}
+        self.extra_labels = {**base["extra_labels"], **s.labels}
+        self.extra_pod_config = {**base["extra_pod_config"], **({"runtimeClassName": s.runtime_class} if s.runtime_class else {})}
+        self.volumes, self.volume_mounts, self.notebook_dir = base["volumes"], base["volume_mounts"], base["notebook_dir"]
         self.container_security_context = {**RESTRICTED_CONTAINER, "runAsUser": self.uid or 1000}
         self.pod_security_context = {**RESTRICTED_POD, **({"fsGroup": self.fs_gid} if self.fs_gid else {})}
         volumes, mounts = project_storage(self.project_groups(), self.projects_mount_root)
@@ -148,7 +161,34 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
         self.reset_progress()
         if self.profile is not None:
             self.emit(10, f"Profile {self.profile.display_name}: {self.profile.summary()}")
+        await self._drop_missing_project_volumes()
         return await super().start()
+
+    async def _drop_missing_project_volumes(self) -> None:
+        """A project volume whose claim does not exist would keep the pod unschedulable for ever.
+        A member's server starts without it (and says so); a project server cannot start."""
+        from kubernetes_asyncio.client.rest import ApiException
+
+        missing = []
+        for volume in [v for v in self.volumes if "persistentVolumeClaim" in v and v["name"].startswith("mlaas-project-")]:
+            claim = volume["persistentVolumeClaim"]["claimName"]
+            try:
+                await self.api.read_namespaced_persistent_volume_claim(claim, self.namespace)
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+                missing.append(claim)
+        if not missing:
+            return
+        self.log.warning("Project volume claim(s) %s missing in namespace %s (the chart creates them)",
+                         ", ".join(missing), self.namespace)
+        if self.project is not None:
+            raise web.HTTPError(
+                503, f"The storage of project {self.project.title} ({missing[0]}) does not exist on the cluster; ask the admins."
+            )
+        self.volumes = [v for v in self.volumes if v["name"] not in missing]
+        self.volume_mounts = [m for m in self.volume_mounts if m["name"] not in missing]
+        self.emit(15, f"Project storage not available ({', '.join(missing)}); starting without it")
 
     def release_resources(self) -> None:
         super().release_resources()

@@ -1,0 +1,92 @@
+"""Runs what KWOK only pretends to run: for each pod of a namespace that KWOK marked Running,
+start the real single-user server command with the pod's environment, listening on the pod's
+IP (loopback 127.x), so the hub reaches it exactly as it would on a node; stop it when the pod
+is deleted. Test code: the one stand-in for a kubelet and a container runtime."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .cluster import Cluster
+
+VENV_BIN = Path(sys.executable).parent
+
+
+class PodRunner:
+    def __init__(self, cluster: Cluster, namespace: str, log_dir: Path):
+        self.cluster, self.namespace, self.log_dir = cluster, namespace, log_dir
+        self.running: dict[str, subprocess.Popen] = {}  # pod uid -> process
+        self.started: dict[str, str] = {}  # pod name -> ip, for tests
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pod-runner", daemon=True)
+
+    def start(self) -> PodRunner:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for proc in self.running.values():
+            self._kill(proc)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                pods = self.cluster.request("GET", f"/api/v1/namespaces/{self.namespace}/pods")["items"]
+            except Exception:
+                continue
+            alive = set()
+            for pod in pods:
+                uid = pod["metadata"]["uid"]
+                alive.add(uid)
+                if uid in self.running or pod["metadata"].get("deletionTimestamp"):
+                    continue
+                if pod["status"].get("phase") == "Running" and pod["status"].get("podIP"):
+                    self._run(pod)
+            for uid in set(self.running) - alive:
+                self._kill(self.running.pop(uid))
+
+    def _run(self, pod: dict) -> None:
+        container = pod["spec"]["containers"][0]
+        ip = pod["status"]["podIP"]
+        port = next((p["containerPort"] for p in container.get("ports", [])), 8888)
+        env = {e["name"]: e.get("value", "") for e in container.get("env", []) if "value" in e}
+        prefix = env.get("JUPYTERHUB_SERVICE_PREFIX", "/")
+        home = tempfile.mkdtemp(prefix=f"pod-{pod['metadata']['name']}-")
+        env.update(
+            PATH=f"{VENV_BIN}:/usr/bin:/bin", HOME=home,
+            JUPYTERHUB_SERVICE_URL=f"http://{ip}:{port}{prefix}",
+        )
+        argv = [*container.get("command", []), *container.get("args", [])] or ["jupyterhub-singleuser"]
+        args = [str(VENV_BIN / Path(argv[0]).name), *argv[1:], f"--ServerApp.ip={ip}", f"--ServerApp.port={port}"]
+        if os.geteuid() == 0:
+            args.append("--ServerApp.allow_root=True")
+        log = open(self.log_dir / f"{pod['metadata']['name']}.log", "ab")
+        self.running[pod["metadata"]["uid"]] = subprocess.Popen(args, env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
+        self.started[pod["metadata"]["name"]] = ip
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def wait_until(check, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.3)
+    return False
