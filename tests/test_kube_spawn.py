@@ -112,3 +112,27 @@ def test_mig_spawn_lands_on_a_node_with_the_slice_and_is_reached(site):
 
     assert wait_until(pod_gone, 60), "stopping the server did not delete its pod"
     assert wait_until(lambda: offered(hub, token)["mig-atlas"]["capacity"] == "4 of 4 free", 30)
+
+
+def test_group_quota_holds_on_the_cluster_while_the_cluster_has_room(site):
+    """quota-team may hold one MIG 3g.20gb slice (tests/fixtures/profiles/quotas.yaml); the
+    cluster has four: the second member is refused by the quota, not by capacity."""
+    from helpers import ensure_user
+
+    hub, cluster = site["hub"], site["cluster"]
+    for name in ("qa-one", "qa-two"):
+        ensure_user(hub, name, ["atlas-ml", "quota-team"])
+    one, two = user_token(hub, "qa-one"), user_token(hub, "qa-two")
+    r = hub.api(one).post(f"{hub.url}/hub/api/users/qa-one/server", json={"profile": "mig-atlas"})
+    assert r.status_code in (201, 202), error_message(r)
+    try:
+        assert wait_until(lambda: bool(hub.api().get(f"{hub.url}/hub/api/users/qa-one").json()["servers"].get("", {}).get("ready")), 90)
+        assert offered(hub, two)["mig-atlas"]["capacity"] == "3 of 4 free"
+        refused = hub.api(two).post(f"{hub.url}/hub/api/users/qa-two/server", json={"profile": "mig-atlas"})
+        assert refused.status_code == 403
+        assert "group quota-team uses 1 of 1 MIG 3g.20gb slices: qa-one (mig-atlas)" in error_message(refused)
+        pods = cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods")["items"]
+        assert [p["metadata"]["name"] for p in pods] == ["jupyter-qa-one"]  # nothing was created for qa-two
+    finally:
+        hub.api().delete(f"{hub.url}/hub/api/users/qa-one/server")
+        wait_until(lambda: not cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods")["items"], 60)
