@@ -132,6 +132,7 @@ def cmd_up() -> int:
     print(f" MLaaS Hub is up:  {platform.url}/")
     print(f" Isolation: {mode}.  State: {settings.state_dir}")
     print(f" Limits: {limits}")
+    print(f" Admin page (hub admins): {platform.url}/services/mlaas-admin/")
     for notice in platform.notices:
         print(f" {notice}")
     if settings.dev_idp.enabled:
