@@ -125,3 +125,38 @@ def test_resource_quota_admission_caps_mig_slices(cluster):
         cluster.request("POST", "/api/v1/namespaces/group-atlas/pods", pod("two", 2))
     assert refused.value.code == 403 and "exceeded quota" in json.loads(refused.value.read())["message"]
     cluster.request("POST", "/api/v1/namespaces/group-atlas/pods", pod("one", 1))
+
+
+def test_make_k8s_up_runs_clusters_side_by_side_and_k8s_down_stops_them(tmp_path):
+    """What a developer runs: two sites at once, each with its own nodes, then both stopped."""
+    import sys
+
+    script = REPO / "tests" / "cluster" / "cluster.py"
+    nodes = tmp_path / "nodes.yaml"
+    nodes.write_text("pools:\n  - {name: cpu, count: 1, cpu: '8', memory: 32Gi}\n")
+    servers = {}
+    try:
+        for name in ("side-a", "side-b"):
+            r = subprocess.run([sys.executable, str(script), "up", "--name", name, "--nodes", str(nodes),
+                                "--state", str(tmp_path)], capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert f"export KUBECONFIG={tmp_path / name / 'kubeconfig'}" in r.stdout
+            servers[name] = yaml.safe_load((tmp_path / name / "kubeconfig").read_text())["clusters"][0]["cluster"]["server"]
+        assert servers["side-a"] != servers["side-b"]
+        for name in servers:
+            kubectl_like = Cluster(name, tmp_path / name, Path("."))
+            kubectl_like.port = int(servers[name].rsplit(":", 1)[1])
+            kubectl_like._token = yaml.safe_load((tmp_path / name / "kubeconfig").read_text())["users"][0]["user"]["token"]
+            names = [n["metadata"]["name"] for n in kubectl_like.request("GET", "/api/v1/nodes")["items"]]
+            assert names == [f"{name}-cpu-0"]
+    finally:
+        for name in ("side-a", "side-b"):
+            subprocess.run([sys.executable, str(script), "down", "--name", name, "--state", str(tmp_path)],
+                           capture_output=True, text=True, timeout=60)
+    time.sleep(1)
+    for name, server in servers.items():
+        port = int(server.rsplit(":", 1)[1])
+        import socket
+
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"{name}'s apiserver still listens after k8s-down"

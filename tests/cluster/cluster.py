@@ -196,6 +196,32 @@ class Cluster:
         return names
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie left for an init that does not reap counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def stop_group(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM a process group, then SIGKILL what is left after `grace` seconds."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["up", "down"])
@@ -207,11 +233,9 @@ def main() -> int:
     state = Path(args.state) / args.name
     if args.action == "down":
         pids = json.loads((state / "pids.json").read_text()) if (state / "pids.json").exists() else {}
-        for name, pid in pids.items():
-            try:
-                os.killpg(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        for name in ["kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]:
+            if name in pids:
+                stop_group(pids[name])
         (state / "pids.json").unlink(missing_ok=True)
         print(f"stopped {args.name}")
         return 0
