@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 PY_STAMP   := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: install up down test bench check-profiles images deploy k8s-build k8s-up k8s-down clean
+.PHONY: install up down test bench bench-k8s check-profiles images deploy k8s-build k8s-up k8s-down clean
 
 install: $(PY_STAMP) $(NODE_STAMP)
 
@@ -79,6 +79,9 @@ k8s-up: $(PY_STAMP)
 
 k8s-down:
 	$(VENV)/bin/python tests/cluster/cluster.py down --name $(NAME)
+
+bench-k8s: install
+	$(VENV)/bin/python bench/k8s_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules .test-state test-artifacts

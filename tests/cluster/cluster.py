@@ -67,6 +67,7 @@ class Cluster:
     def start(self, nodes_file: Path | None = None, timeout: float = 120) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
         (self.state / "logs").mkdir(exist_ok=True)
+        shutil.rmtree(self.state / "etcd", ignore_errors=True)  # every start is a fresh cluster
         self.port = self.port or free_port()
         token = secrets.token_hex(16)
         (self.state / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')

@@ -19,8 +19,13 @@ VENV_BIN = Path(sys.executable).parent
 
 
 class PodRunner:
-    def __init__(self, cluster: Cluster, namespace: str, log_dir: Path):
-        self.cluster, self.namespace, self.log_dir = cluster, namespace, log_dir
+    """`stub=True` (benchmarks with hundreds of pods, which 2 cores cannot run as JupyterLabs):
+    each Running pod gets a listener on its IP and port that answers HTTP 200, which is all the
+    hub's readiness check asks."""
+
+    def __init__(self, cluster: Cluster, namespace: str, log_dir: Path, stub: bool = False):
+        self.cluster, self.namespace, self.log_dir, self.stub = cluster, namespace, log_dir, stub
+        self.ips: dict[str, str] = {}  # pod uid -> its IP
         self.running: dict[str, subprocess.Popen] = {}  # pod uid -> process
         self.started: dict[str, str] = {}  # pod name -> ip, for tests
         self._stop = threading.Event()
@@ -43,18 +48,23 @@ class PodRunner:
                 pods = self.cluster.request("GET", f"/api/v1/namespaces/{self.namespace}/pods")["items"]
             except Exception:
                 continue
-            alive = set()
+            alive = {p["metadata"]["uid"] for p in pods if not p["metadata"].get("deletionTimestamp")}
+            for uid in set(self.running) - alive:  # first free what deleted pods held (KWOK reuses IPs)
+                self._kill(self.running.pop(uid))
             for pod in pods:
                 uid = pod["metadata"]["uid"]
-                alive.add(uid)
-                if uid in self.running or pod["metadata"].get("deletionTimestamp"):
+                if uid in self.running or uid not in alive:
                     continue
                 if pod["status"].get("phase") == "Running" and pod["status"].get("podIP"):
-                    self._run(pod)
-            for uid in set(self.running) - alive:
-                self._kill(self.running.pop(uid))
+                    try:
+                        self._run(pod)
+                    except OSError as e:  # never let one pod stop the runner; retried next round
+                        print(f"pod-runner: {pod['metadata']['name']}: {e}", file=sys.stderr)
 
     def _run(self, pod: dict) -> None:
+        if self.stub:
+            self._run_stub(pod)
+            return
         container = pod["spec"]["containers"][0]
         ip = pod["status"]["podIP"]
         port = next((p["containerPort"] for p in container.get("ports", [])), 8888)
@@ -71,10 +81,40 @@ class PodRunner:
             args.append("--ServerApp.allow_root=True")
         log = open(self.log_dir / f"{pod['metadata']['name']}.log", "ab")
         self.running[pod["metadata"]["uid"]] = subprocess.Popen(args, env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
+        self.ips[pod["metadata"]["uid"]] = ip
+        self.started[pod["metadata"]["name"]] = ip
+
+    def _run_stub(self, pod: dict) -> None:
+        import http.server
+        import socketserver
+
+        class Answer(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        ip = pod["status"]["podIP"]
+        port = next((p["containerPort"] for p in pod["spec"]["containers"][0].get("ports", [])), 8888)
+        server = socketserver.ThreadingTCPServer((ip, port), Answer, bind_and_activate=False)
+        server.allow_reuse_address = True
+        server.server_bind()
+        server.server_activate()
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.running[pod["metadata"]["uid"]] = server  # type: ignore[assignment]
+        self.ips[pod["metadata"]["uid"]] = ip
         self.started[pod["metadata"]["name"]] = ip
 
     @staticmethod
-    def _kill(proc: subprocess.Popen) -> None:
+    def _kill(proc) -> None:
+        if hasattr(proc, "shutdown"):  # a stub listener
+            proc.shutdown()
+            proc.server_close()
+            return
         if proc.poll() is None:
             proc.terminate()
             try:

@@ -1,0 +1,213 @@
+"""Scale benchmark on a real control plane (numbers, not pass/fail): `make bench-k8s`.
+
+A cluster (tests/cluster) with N simulated GPU/MIG/CPU nodes; the hub with `spawner: kubernetes`;
+U users spawn through the hub's REST API at a controlled rate. Reported: node creation time,
+spawns per second, p50/p95 spawn time (request to ready), hub CPU and memory, the spawn form's
+render time with the cluster's capacity (the profiles API, the form's code path), and quota
+violations counted from the pods in the cluster (must be 0).
+
+Simulated: nodes (KWOK) and the servers: each pod gets a stub listener on its IP that answers
+the hub's readiness check (2 cores cannot run hundreds of JupyterLabs). One site: placement
+across sites comes with federation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from cluster.cluster import Cluster, binaries  # noqa: E402
+from cluster.pod_runner import PodRunner  # noqa: E402
+from helpers import start_platform, state_root  # noqa: E402
+
+GROUPS = [f"lab-{i}" for i in range(10)]
+PROFILES = f"""
+profiles:
+  - slug: cpu
+    display_name: CPU
+    cpu: {{guarantee: 0.5, limit: 2}}
+    memory: {{guarantee: 1Gi, limit: 4Gi}}
+    groups: ["*"]
+    default: true
+  - slug: mig-small
+    display_name: MIG 1g.10gb
+    cpu: {{guarantee: 1, limit: 2}}
+    memory: {{guarantee: 2Gi, limit: 8Gi}}
+    mig: 1g.10gb
+    groups: ["*"]
+  - slug: mig-half
+    display_name: MIG 3g.20gb
+    cpu: {{guarantee: 2, limit: 4}}
+    memory: {{guarantee: 8Gi, limit: 16Gi}}
+    mig: 3g.20gb
+    groups: ["*"]
+  - slug: gpu
+    display_name: One A100
+    cpu: {{guarantee: 4, limit: 8}}
+    memory: {{guarantee: 16Gi, limit: 64Gi}}
+    gpu: {{count: 1, model: A100}}
+    groups: ["*"]
+quotas:
+{"".join(f"  - {{group: {g}, gpus: 8, mig: {{3g.20gb: 10, 1g.10gb: 40}}}}" + chr(10) for g in GROUPS)}
+"""
+
+
+def nodes_spec(total: int) -> dict:
+    mig, gpu = total * 3 // 10, total // 10
+    a100 = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"}
+    taint = [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
+    return {"pools": [
+        {"name": "cpu", "count": total - mig - gpu, "cpu": "32", "memory": "128Gi"},
+        {"name": "mig", "count": mig, "cpu": "64", "memory": "512Gi", "labels": a100, "taints": taint,
+         "extended": {"nvidia.com/mig-1g.10gb": "8", "nvidia.com/mig-3g.20gb": "2"}},
+        {"name": "gpu", "count": gpu, "cpu": "64", "memory": "512Gi", "labels": a100, "taints": taint,
+         "extended": {"nvidia.com/gpu": "8"}},
+    ]}
+
+
+def proc_usage(pid: int) -> tuple[float, int]:
+    """(CPU seconds, RSS bytes) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return (int(fields[11]) + int(fields[12])) / ticks, rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=5.0, help="spawn requests per second")
+    args = parser.parse_args()
+    root = state_root() / "bench-k8s"
+    profiles = root / "profiles"
+    profiles.mkdir(parents=True, exist_ok=True)
+    (profiles / "bench.yaml").write_text(PROFILES)
+
+    cluster = Cluster("bench", root / "cluster", binaries())
+    cluster.start()
+    started = time.perf_counter()
+    cluster.add_nodes(nodes_spec(args.nodes))
+    node_seconds = time.perf_counter() - started
+    cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": "mlaas-users"}})
+    runner = PodRunner(cluster, "mlaas-users", root / "pods", stub=True).start()
+    hub = start_platform("bench-k8s", profiles=profiles, spawner="kubernetes",
+                         kubernetes={"kubeconfig": str(cluster.kubeconfig), "namespace": "mlaas-users"},
+                         dask_gateway={"enabled": False}, data={"enabled": False}, spawn_timeout=600)
+    hub_pid = int((hub.state_dir / "hub" / "jupyterhub.pid").read_text())
+    api = hub.api()
+    try:
+        users = [f"u{i:04d}" for i in range(args.users)]
+        for i, name in enumerate(users):
+            api.post(f"{hub.url}/hub/api/users/{name}").raise_for_status()
+        for g_index, group in enumerate(GROUPS):
+            members = [u for i, u in enumerate(users) if i % len(GROUPS) == g_index]
+            api.post(f"{hub.url}/hub/api/groups/{group}").raise_for_status()
+            api.post(f"{hub.url}/hub/api/groups/{group}/users", json={"users": members}).raise_for_status()
+        token = api.post(f"{hub.url}/hub/api/users/{users[0]}/tokens", json={"expires_in": 7200}).json()["token"]
+
+        # the hub's capacity cache follows the cluster by a watch: wait until it has the nodes
+        deadline = time.perf_counter() + 120
+        while time.perf_counter() < deadline:
+            profiles = hub.api(token).get(f"{hub.url}/hub/api/mlaas/profiles").json()["profiles"]
+            if all(p["available"] for p in profiles):
+                break
+            time.sleep(0.5)
+        form_times: list[float] = []
+        stop_sampling = threading.Event()
+
+        def sample_form():
+            s = hub.api(token)
+            while not stop_sampling.wait(2):
+                t = time.perf_counter()
+                s.get(f"{hub.url}/hub/api/mlaas/profiles").raise_for_status()
+                form_times.append(time.perf_counter() - t)
+
+        threading.Thread(target=sample_form, daemon=True).start()
+        cpu0, _ = proc_usage(hub_pid)
+        requested: dict[str, float] = {}
+        refused: dict[str, int] = {}
+        mix = ["cpu", "cpu", "cpu", "mig-small", "mig-small", "mig-half", "gpu"]
+        t0 = time.perf_counter()
+        peak_rss = 0
+        lock = threading.Lock()
+
+        def spawn(i: int, name: str) -> None:
+            sent = time.perf_counter()  # the hub answers a slow spawn after 10 s: time from sending
+            r = hub.api().post(f"{hub.url}/hub/api/users/{name}/server", json={"profile": mix[i % len(mix)]})
+            with lock:
+                if r.status_code in (201, 202):
+                    requested[name] = sent
+                else:
+                    reason = f"{r.status_code} {r.json().get('message', '')[:90]}"
+                    refused[reason] = refused.get(reason, 0) + 1
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=64) as pool:  # requests leave at the set rate, whatever the hub's latency
+            for i, name in enumerate(users):
+                time.sleep(max(0.0, t0 + i / args.rate - time.perf_counter()))
+                pool.submit(spawn, i, name)
+                if i % 50 == 0:
+                    peak_rss = max(peak_rss, proc_usage(hub_pid)[1])
+        ready_at: dict[str, float] = {}
+        failed: set[str] = set()
+        deadline = time.perf_counter() + 600
+        while len(ready_at) + len(failed) < len(requested) and time.perf_counter() < deadline:
+            for model in api.get(f"{hub.url}/hub/api/users", params={"limit": 2000}).json():
+                name = model["name"]
+                if name not in requested or name in ready_at:
+                    continue
+                server = model.get("servers", {}).get("")
+                if server and server.get("ready"):
+                    ready_at[name] = time.perf_counter()
+                elif not server and not model.get("pending"):
+                    failed.add(name)  # accepted, then failed while starting (the hub log says why)
+            peak_rss = max(peak_rss, proc_usage(hub_pid)[1])
+            time.sleep(0.5)
+        elapsed = max(ready_at.values(), default=t0) - t0
+        cpu1, rss = proc_usage(hub_pid)
+        stop_sampling.set()
+        times = sorted(ready_at[n] - requested[n] for n in ready_at)
+
+        # quota check against what the cluster actually holds
+        pods = cluster.request("GET", "/api/v1/namespaces/mlaas-users/pods")["items"]
+        use: dict[tuple[str, str], int] = {}
+        for pod in pods:
+            user = pod["metadata"]["annotations"].get("hub.jupyter.org/username", "")
+            group = GROUPS[users.index(user) % len(GROUPS)] if user in users else "?"
+            for k, v in pod["spec"]["containers"][0]["resources"].get("limits", {}).items():
+                if k.startswith("nvidia.com/"):
+                    use[(group, k)] = use.get((group, k), 0) + int(v)
+        limits = {"nvidia.com/gpu": 8, "nvidia.com/mig-3g.20gb": 10, "nvidia.com/mig-1g.10gb": 40}
+        violations = sum(1 for (g, k), n in use.items() if n > limits.get(k, 10**9))
+        result = {
+            "nodes": args.nodes, "node_creation_s": round(node_seconds, 1), "users": args.users, "rate_per_s": args.rate,
+            "accepted": len(requested), "refused": refused, "ready": len(ready_at), "failed_after_accept": len(failed),
+            "spawns_per_s": round(len(ready_at) / elapsed, 2) if elapsed else None,
+            "spawn_p50_s": round(statistics.median(times), 2) if times else None,
+            "spawn_p95_s": round(times[int(len(times) * 0.95) - 1], 2) if times else None,
+            "hub_cpu_s": round(cpu1 - cpu0, 1), "hub_cpu_share": round((cpu1 - cpu0) / max(elapsed, 1e-9), 2),
+            "hub_rss_mib": round(rss / 2**20), "hub_peak_rss_mib": round(peak_rss / 2**20),
+            "form_p50_ms": round(statistics.median(form_times) * 1000, 1) if form_times else None,
+            "form_p95_ms": round(sorted(form_times)[int(len(form_times) * 0.95) - 1] * 1000, 1) if form_times else None,
+            "pods": len(pods), "quota_violations": violations,
+        }
+        print(json.dumps(result, indent=1))
+    finally:
+        hub.platform.stop()
+        runner.stop()
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
