@@ -176,7 +176,8 @@ def test_capacity_reasons_for_missing_hardware_unready_nodes_and_no_cluster():
     h100 = SHIPPED.get("gpu-a100").model_copy(update={"gpu": SHIPPED.get("gpu-a100").gpu.model_copy(update={"model": "H100"})})
     assert cache.availability(h100).reason == "no node of this platform has H100 GPUs"
     cache.apply("node", "MODIFIED", node("gpu-1", extended={"nvidia.com/gpu": "8"}, labels=A100, ready=False))
-    assert cache.availability(SHIPPED.get("gpu-a100")).total == 0
+    unready = cache.availability(SHIPPED.get("gpu-a100"))
+    assert unready.total == 0 and unready.reason == "the only node with A100 GPUs is not ready or cordoned"
     assert KubeCapacity().availability(SHIPPED.get("cpu-small")).reason.startswith("the cluster's capacity is not known yet")
     cache.unreachable = "ClientConnectorError: connection refused"
     assert "the cluster is unreachable" in cache.availability(SHIPPED.get("cpu-small")).reason

@@ -183,8 +183,8 @@ class KubeCapacity:
         self.reservations.pop(pod_name, None)
 
     # --- the question the form asks ---------------------------------------------------------------
-    def _eligible(self, node: NodeInfo, demand: Demand) -> bool:
-        if not node.schedulable:
+    def _eligible(self, node: NodeInfo, demand: Demand, even_if_unschedulable: bool = False) -> bool:
+        if not node.schedulable and not even_if_unschedulable:
             return False
         if demand.pool is not None and node.labels.get(POOL_KEY) != demand.pool:
             return False
@@ -228,6 +228,12 @@ class KubeCapacity:
             total += self._fits(node.allocatable, demand.requests)
             free += self._fits(self._free(node, booked, demand.requests), demand.requests)
         if total == 0:
+            down = sum(1 for n in self.nodes.values() if not n.schedulable
+                       and self._eligible(n, demand, even_if_unschedulable=True) and self._fits(n.allocatable, demand.requests))
+            if down:  # the hardware exists, but cannot take pods now
+                what = demand.what or "room for it"
+                nodes = f"the only node with {what} is" if down == 1 else f"all {down} nodes with {what} are"
+                return Availability(0, 0, f"{nodes} not ready or cordoned")
             missing = f"has {demand.what}" if demand.what else "has room for its CPU and memory"
             return Availability(0, 0, f"no node of this platform {missing}")
         if free == 0:
