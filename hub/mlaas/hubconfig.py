@@ -45,6 +45,27 @@ def start_profile_watcher(store: ProfileStore, interval: float = 2.0) -> None:
     threading.Thread(target=watch, name="mlaas-profile-watcher", daemon=True).start()
 
 
+def profile_api_handlers(profiles_dir: str, snapshot: str) -> list[tuple]:
+    """The REST endpoints every hub of the platform has (one machine or Kubernetes)."""
+    return [
+        (r"/api/mlaas/profiles", ProfilesAPIHandler),
+        (r"/api/mlaas/quotas", QuotasAPIHandler, {"profiles_dir": profiles_dir, "snapshot": snapshot}),
+    ]
+
+
+def configure_projects(c, store: ProfileStore) -> list[dict]:
+    """Group projects: the home page section; returns the roles that give members their servers."""
+    c.JupyterHub.template_paths = [str(Path(__file__).parent / "templates")]
+    c.JupyterHub.template_vars = {"mlaas_projects": project_servers_var(store)}
+    return project_role_specs(store.current().projects)
+
+
+def follow_profile_files(store: ProfileStore) -> None:
+    """Reload profiles in the background, and keep the project roles in step with them."""
+    start_profile_watcher(store)
+    start_project_sync(store)
+
+
 _background: set[asyncio.Task] = set()
 
 
@@ -132,8 +153,7 @@ def configure(c, settings: Settings) -> None:
     snapshot = str(hub_dir / "profiles.last-good.json")
     store = profile_store(str(s.profiles_dir), snapshot)
     c.JupyterHub.extra_handlers = [
-        (r"/api/mlaas/profiles", ProfilesAPIHandler),
-        (r"/api/mlaas/quotas", QuotasAPIHandler, {"profiles_dir": str(s.profiles_dir), "snapshot": snapshot}),
+        *profile_api_handlers(str(s.profiles_dir), snapshot),
         (r"/api/mlaas/capacity", CapacityAPIHandler, {"gpu_inventory": s.gpu_inventory}),
         (r"/api/mlaas/usage", UsageAPIHandler,
          {"profiles_dir": str(s.profiles_dir), "snapshot": snapshot, "gpu_inventory": s.gpu_inventory}),
@@ -162,9 +182,9 @@ def configure(c, settings: Settings) -> None:
 
     # --- spawning -------------------------------------------------------------------------------
     c.JupyterHub.spawner_class = LocalProfileSpawner
+    c.ProfileSpawnerMixin.profiles_dir = str(s.profiles_dir)  # both spawners: one place
+    c.ProfileSpawnerMixin.profiles_snapshot = snapshot
     sp = c.LocalProfileSpawner
-    sp.profiles_dir = str(s.profiles_dir)
-    sp.profiles_snapshot = snapshot
     sp.gpu_inventory = s.gpu_inventory
     sp.homes_dir = str(s.homes_dir)
     sp.isolation = s.isolation
@@ -175,17 +195,14 @@ def configure(c, settings: Settings) -> None:
     c.Spawner.env_keep = ["LANG", "LC_ALL"]
     sp.projects_dir = str(s.projects_dir)
     if s.spawner == "kubernetes":
-        configure_kube_spawner(c, s, snapshot)
+        configure_kube_spawner(c, s)
 
-    # --- group projects: a role per project, granted to its group --------------------------------
-    c.JupyterHub.template_paths = [str(Path(__file__).parent / "templates")]
-    c.JupyterHub.template_vars = {"mlaas_projects": project_servers_var(store)}
     environment: dict[str, str] = {}
     if s.data.enabled:
         environment.update(client_env(s.data))  # where the site's caches are, for mlaas.data
     # the admin service: admins reach it (their role has access:services); it reads usage
     services: list[dict] = [admin_service(s)]
-    roles: list[dict] = project_role_specs(store.current().projects)
+    roles: list[dict] = configure_projects(c, store)  # a role per project, granted to its group
     roles.append({"name": "mlaas-admin-service", "scopes": ["read:servers", "list:users"], "services": [ADMIN_SERVICE]})
     if s.dask_gateway.enabled:
         environment.update(gateway_client_env(s))
@@ -214,11 +231,10 @@ def configure(c, settings: Settings) -> None:
             "and users are not isolated from each other. Run the hub as root for per-user accounts.",
             os.environ.get("USER", "this account"),
         )
-    start_profile_watcher(store)
-    start_project_sync(store)
+    follow_profile_files(store)
 
 
-def configure_kube_spawner(c, s: Settings, snapshot: str) -> None:
+def configure_kube_spawner(c, s: Settings) -> None:
     """Users' servers as pods of a cluster, the rest of the platform on this machine."""
     from .spawners.kube import KubeProfileSpawner
 
@@ -228,8 +244,6 @@ def configure_kube_spawner(c, s: Settings, snapshot: str) -> None:
     c.JupyterHub.spawner_class = KubeProfileSpawner
     c.JupyterHub.hub_connect_ip = k.hub_connect_ip
     kp = c.KubeProfileSpawner
-    kp.profiles_dir = str(s.profiles_dir)
-    kp.profiles_snapshot = snapshot
     kp.namespace = k.namespace
     kp.image = k.image
     kp.mig_strategy = k.mig_strategy
@@ -254,17 +268,11 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
     snapshot = str(Path(state_dir) / "profiles.last-good.json")
     store = profile_store(profiles_dir, snapshot)
     c.JupyterHub.spawner_class = KubeProfileSpawner
-    c.KubeProfileSpawner.profiles_dir = profiles_dir
-    c.KubeProfileSpawner.profiles_snapshot = snapshot
+    c.ProfileSpawnerMixin.profiles_dir = profiles_dir
+    c.ProfileSpawnerMixin.profiles_snapshot = snapshot
     c.JupyterHub.authenticator_class = MLaaSAuthenticator
     c.MLaaSAuthenticator.manage_groups = True
     c.MLaaSAuthenticator.basic_auth = True
-    c.JupyterHub.extra_handlers = [
-        (r"/api/mlaas/profiles", ProfilesAPIHandler),
-        (r"/api/mlaas/quotas", QuotasAPIHandler, {"profiles_dir": profiles_dir, "snapshot": snapshot}),
-    ]
-    c.JupyterHub.template_paths = [str(Path(__file__).parent / "templates")]
-    c.JupyterHub.template_vars = {"mlaas_projects": project_servers_var(store)}
-    c.JupyterHub.load_roles = project_role_specs(store.current().projects)
-    start_profile_watcher(store)
-    start_project_sync(store)
+    c.JupyterHub.extra_handlers = profile_api_handlers(profiles_dir, snapshot)
+    c.JupyterHub.load_roles = configure_projects(c, store)
+    follow_profile_files(store)
