@@ -5,7 +5,6 @@ to the next spawn without a hub restart. The browser test drives the page in Chr
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import requests
