@@ -19,6 +19,10 @@ if have_all; then echo "$OUT/bin"; exit 0; fi
 
 export PATH="$PATH:/usr/local/go/bin"
 command -v go >/dev/null || { echo "Go is needed to build the test cluster (Debian: apt-get install golang)" >&2; exit 1; }
+go_minor=$(go env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')
+if [ "${go_minor:-0}" -lt 24 ]; then
+  echo "Go $(go env GOVERSION) is too old: Kubernetes $KUBERNETES_VERSION needs Go 1.24 or newer" >&2; exit 1
+fi
 mkdir -p "$OUT/bin" "$OUT/src"
 log() { echo "[$(date +%T)] $*" >&2; }
 export GOFLAGS=-mod=mod CGO_ENABLED=0
