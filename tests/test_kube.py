@@ -13,8 +13,9 @@ from tornado import web
 from traitlets.config import Config
 
 from kube_objects import node, pod, validated
+from mlaas.capacity.federation import Federation
 from mlaas.capacity.kube import KubeCapacity
-from mlaas.profiles import load_profile_dir
+from mlaas.profiles import Profile, load_profile_dir
 from mlaas.spawners.kube import KubeProfileSpawner, kube_capacity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,6 +206,52 @@ def test_kube_form_shows_live_counts_from_the_cache():
     assert entries["mig-1g-10gb"].capacity == "1 of 4 free"
     assert entries["gpu-a100"].capacity == "8 of 8 free"
     assert entries["cpu-small"].unavailable is None
+
+
+# --- federation: several sites behind one hub ----------------------------------------------------
+def site_cache(gpus: str) -> KubeCapacity:
+    cache = KubeCapacity()
+    cache.replace("node", [node("gpu-1", extended={"nvidia.com/gpu": gpus}, labels=A100, taints=[GPU_TAINT]),
+                           node("cpu-1", cpu="32", memory="128Gi")])
+    cache.replace("pod", [])
+    return cache
+
+
+def test_federation_adds_up_the_allowed_sites_and_places_where_most_is_free():
+    gpu = SHIPPED.get("gpu-a100")
+    fed = Federation({"site-a": site_cache("2"), "site-b": site_cache("4"), "site-c": site_cache("8")})
+    only_ab = gpu.model_copy(update={"sites": ["site-a", "site-b"]})
+    assert (fed.availability(only_ab).free, fed.availability(only_ab).total) == (6, 6)
+    assert fed.where(only_ab) == "at site-a 2 free, site-b 4 free"
+    assert fed.place(only_ab) == "site-b" and fed.place(gpu) == "site-c"
+    for i in range(2):
+        fed.sites["site-b"].apply("pod", "ADDED", pod(f"p{i}", "gpu-1", {"nvidia.com/gpu": "1"}))
+    assert fed.place(only_ab) == "site-a"  # a tie goes to the site listed first
+    fed.sites["site-a"].unreachable = "ClientConnectorError: connection refused"
+    assert fed.place(only_ab) == "site-b"
+    assert fed.unreachable() == {"site-a": "ClientConnectorError: connection refused"}
+    assert fed.where(only_ab) == "at site-b 2 free; site-a cannot be reached"
+    for i in range(2, 4):
+        fed.sites["site-b"].apply("pod", "ADDED", pod(f"p{i}", "gpu-1", {"nvidia.com/gpu": "1"}))
+    full = fed.availability(only_ab)
+    assert full.free == 0 and fed.place(only_ab) is None
+    assert full.reason == "site site-a is unreachable; at site-b: none free: all A100 GPUs are in use"
+    elsewhere = gpu.model_copy(update={"sites": ["site-z"]})
+    assert fed.availability(elsewhere).reason == "it runs only at site-z, which this hub does not serve"
+
+
+def test_one_unnamed_cluster_ignores_sites_and_keeps_its_messages():
+    gpu = SHIPPED.get("gpu-a100").model_copy(update={"sites": ["site-z"]})
+    fed = Federation({"": site_cache("2")})
+    assert not fed.federated and fed.where(gpu) is None
+    assert fed.availability(gpu).free == 2 and fed.place(gpu) == ""
+
+
+def test_a_profile_site_list_is_checked():
+    base = SHIPPED.get("cpu-small").model_dump()
+    for sites, message in ([], "leave `sites` out"), (["Site A"], "is not a site name"), (["a", "a"], "listed twice"):
+        with pytest.raises(ValueError, match=message):
+            Profile.model_validate({**base, "sites": sites})
 
 
 def project_manifest(user: str, groups: list[str], slug: str = "cpu-small") -> dict:

@@ -43,9 +43,11 @@ class ProfilesAPIHandler(APIHandler):
                             "available": e.unavailable is None,
                             "unavailable_reason": e.unavailable,
                             "capacity": e.capacity,
+                            "sites": e.where,
                         }
                         for e in entries
                     ],
+                    "notices": spawner.form_notices(),
                 }
             )
         )

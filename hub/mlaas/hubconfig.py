@@ -239,8 +239,8 @@ def configure_kube_spawner(c, s: Settings) -> None:
     from .spawners.kube import KubeProfileSpawner
 
     k = s.kubernetes
-    if k.kubeconfig:
-        os.environ["KUBECONFIG"] = str(k.kubeconfig)  # read by KubeSpawner's client in this process
+    if k.default_kubeconfig:
+        os.environ["KUBECONFIG"] = str(k.default_kubeconfig)  # read by KubeSpawner's client in this process
     c.JupyterHub.spawner_class = KubeProfileSpawner
     c.JupyterHub.hub_connect_ip = k.hub_connect_ip
     kp = c.KubeProfileSpawner
@@ -251,8 +251,13 @@ def configure_kube_spawner(c, s: Settings) -> None:
     kp.cmd = ["jupyterhub-singleuser"]
     kp.port = 8888
     kp.start_timeout = s.spawn_timeout
-    log.info("Users' servers run as pods in namespace %s of the cluster in %s", k.namespace,
-             k.kubeconfig or os.environ.get("KUBECONFIG", "the in-cluster config"))
+    if k.sites:
+        kp.sites = {site.name: str(site.kubeconfig) for site in k.sites}
+        log.info("Users' servers run as pods in namespace %s at %d sites: %s", k.namespace, len(k.sites),
+                 ", ".join(site.name for site in k.sites))
+    else:
+        log.info("Users' servers run as pods in namespace %s of the cluster in %s", k.namespace,
+                 k.kubeconfig or os.environ.get("KUBECONFIG", "the in-cluster config"))
 
 
 def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir: str = "/srv/jupyterhub") -> None:

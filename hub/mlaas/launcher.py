@@ -92,9 +92,9 @@ class Platform:
         if self.config_file:
             env["MLAAS_CONFIG"] = str(self.config_file)
         env["PYTHONUNBUFFERED"] = "1"
-        if self.settings.spawner == "kubernetes" and self.settings.kubernetes.kubeconfig:
+        if self.settings.spawner == "kubernetes" and self.settings.kubernetes.default_kubeconfig:
             # the Kubernetes client reads $KUBECONFIG when it is imported, before the hub's config
-            env["KUBECONFIG"] = str(self.settings.kubernetes.kubeconfig)
+            env["KUBECONFIG"] = str(self.settings.kubernetes.default_kubeconfig)
         return env
 
     def start(self, timeout: float = 90) -> None:

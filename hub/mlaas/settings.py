@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .xcache import DataSettings
 
@@ -63,6 +63,15 @@ class DaskGatewaySettings(BaseModel):
     account: str = Field("mlaas-dask", description="System account the gateway and its clusters run as (root hub).")
 
 
+class ClusterSite(BaseModel):
+    """One cluster of a federation: the hub starts servers there through its API server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", description="What profiles' `sites:` name.")
+    kubeconfig: Path = Field(description="Credentials for the site's API server (a namespace-scoped account is enough).")
+
+
 class KubernetesSettings(BaseModel):
     """The hub on this machine, users' servers as pods of a Kubernetes cluster (spawner: kubernetes)."""
 
@@ -74,6 +83,23 @@ class KubernetesSettings(BaseModel):
     mig_strategy: Literal["mixed", "single"] = "mixed"
     gpu_runtime_class: str = ""
     hub_connect_ip: str = Field("127.0.0.1", description="Where pods reach the hub's API.")
+    sites: list[ClusterSite] = Field(
+        default_factory=list,
+        description="Federation: several clusters behind this hub, each with its kubeconfig (then `kubeconfig` is "
+        "not used). Servers go to the allowed site with the most room; a site that cannot be reached is skipped.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_sites(self) -> "KubernetesSettings":
+        names = [s.name for s in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"kubernetes.sites: a site name is used twice ({', '.join(names)})")
+        return self
+
+    @property
+    def default_kubeconfig(self) -> Path | None:
+        """The kubeconfig KubeSpawner's own client reads: the first site's with a federation."""
+        return self.sites[0].kubeconfig if self.sites else self.kubeconfig
 
 
 class Settings(BaseModel):

@@ -54,6 +54,7 @@ class Cluster:
     port: int = 0
     pod_cidr: str = "127.1.0.0/16"
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    apiserver_args: list[str] = field(default_factory=list)
 
     @property
     def kubeconfig(self) -> Path:
@@ -87,7 +88,7 @@ class Cluster:
             "--initial-cluster", f"{self.name}=http://127.0.0.1:{peer_port}",
             "--quota-backend-bytes", str(2 * 2**30), "--log-level", "warn",
         ])
-        self._run("kube-apiserver", [
+        self.apiserver_args = [
             "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
             "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1", "--secure-port", str(self.port),
             "--cert-dir", str(self.state / "certs"),
@@ -102,7 +103,8 @@ class Cluster:
             "--allow-privileged=false",
             "--storage-backend", "etcd3",
             "-v", "1",
-        ])
+        ]
+        self._run("kube-apiserver", self.apiserver_args)
         self.wait_ready(timeout)
         common = ["--kubeconfig", str(self.kubeconfig), "--leader-elect=false"]
         self._run("kube-controller-manager", [
@@ -131,6 +133,17 @@ class Cluster:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+    def stop_apiserver(self) -> None:
+        """The site's API server goes away at once, as in a crash or a network cut (a graceful stop
+        waits for open watches); the rest of the control plane keeps running."""
+        proc = self.procs.pop("kube-apiserver")
+        proc.kill()
+        proc.wait(15)
+
+    def start_apiserver(self, timeout: float = 60) -> None:
+        self._run("kube-apiserver", self.apiserver_args)
+        self.wait_ready(timeout)
 
     # --- helpers ----------------------------------------------------------------------------------
     def _run(self, name: str, args: list[str]) -> None:

@@ -142,6 +142,11 @@ class Profile(_Strict):
         description="Kubernetes: run only on nodes labelled mlaas.io/node-pool=<pool>, tolerating that pool's taint "
         "(how a group's reserved nodes are kept for its profiles). Ignored on one machine.",
     )
+    sites: list[str] | None = Field(
+        None,
+        description="Kubernetes federation: the sites (clusters) this profile may run at, by the names in the hub's "
+        "`kubernetes.sites`; every site if left out. Ignored on one machine.",
+    )
     default: bool = False
     enabled: bool = Field(
         True, description="false: kept in the file but offered to nobody and refused on start (set by admins)."
@@ -178,6 +183,20 @@ class Profile(_Strict):
     def _node_pool(cls, value: str | None) -> str | None:
         if value is not None and not SLUG_RE.match(value):
             raise ValueError(f"{value!r} is not a node pool name (a label value: lower-case letters, digits, '-')")
+        return value
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("an empty list would let the profile run nowhere: leave `sites` out for every site")
+        for name in value:
+            if not SLUG_RE.match(name):
+                raise ValueError(f"{name!r} is not a site name (lower-case letters, digits and '-', e.g. 'site-a')")
+        if len(set(value)) != len(value):
+            raise ValueError("a site is listed twice")
         return value
 
     @field_validator("env")

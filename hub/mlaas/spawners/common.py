@@ -111,8 +111,16 @@ class ProfileSpawnerMixin(LoggingConfigurable):
             reason = availability.reason if availability.free == 0 else None
             if reason is None and (quota := self.quota_refusal(profile)):
                 reason = f"your group's quota is used ({quota})"
-            entries.append(FormEntry(profile, reason, capacity))
+            entries.append(FormEntry(profile, reason, capacity, self.where(profile)))
         return entries
+
+    def where(self, profile: Profile) -> str | None:
+        """Where servers of the profile would run, when there is a choice (sites of a federation)."""
+        return None
+
+    def form_notices(self) -> list[str]:
+        """Platform conditions every user of the form should know about (e.g. a site that is down)."""
+        return []
 
     def render_options_form(self) -> str:
         entries = self.form_entries()
@@ -124,7 +132,7 @@ class ProfileSpawnerMixin(LoggingConfigurable):
                 f"Admin notice: the profile files have {len(self.store.errors)} error(s); the last good "
                 f"profiles stay in force. First: {self.store.errors[0]}"
             )
-        return render_form(entries, default.slug if default else None, warning)
+        return render_form(entries, default.slug if default else None, warning, self.form_notices())
 
     def options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, Any]:
         return {"profile": (formdata.get("profile") or [""])[0]}

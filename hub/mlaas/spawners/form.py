@@ -14,6 +14,7 @@ class FormEntry:
     profile: Profile
     unavailable: str | None = None  # reason, if it cannot be started now
     capacity: str | None = None  # e.g. "2 of 7 free"
+    where: str | None = None  # per site, with a federation: "at site-a 1 free, site-b 2 free"
 
 
 STYLE = """
@@ -29,15 +30,20 @@ STYLE = """
 .mlaas-profile .desc{color:#555}
 .mlaas-profile .why{color:#a33;grid-column:2}
 .mlaas-profile .capacity{color:#2a7a2a;grid-column:2}
+.mlaas-profile .where{color:#555;grid-column:2;font-size:.9em}
+.mlaas-notice{background:#e8f0fe;border:1px solid #90b0e0;padding:.5rem .8rem;border-radius:4px}
 .mlaas-warning{background:#fff3cd;border:1px solid #e0c060;padding:.5rem .8rem;border-radius:4px}
 </style>
 """
 
 
-def render_form(entries: list[FormEntry], preselect: str | None, admin_warning: str | None = None) -> str:
+def render_form(entries: list[FormEntry], preselect: str | None, admin_warning: str | None = None,
+                notices: list[str] | None = None) -> str:
     parts = [STYLE]
     if admin_warning:
         parts.append(f'<p class="mlaas-warning" role="alert">{escape(admin_warning)}</p>')
+    for notice in notices or []:
+        parts.append(f'<p class="mlaas-notice" role="status">{escape(notice)}</p>')
     if not entries:
         parts.append(
             '<p class="mlaas-empty">No resource profile is open to your groups. '
@@ -61,6 +67,8 @@ def render_form(entries: list[FormEntry], preselect: str | None, admin_warning: 
             parts.append(f'<span class="why">Unavailable: {escape(entry.unavailable)}</span>')
         elif entry.capacity:
             parts.append(f'<span class="capacity">{escape(entry.capacity)}</span>')
+        if entry.where:
+            parts.append(f'<span class="where">Sites: {escape(entry.where)}</span>')
         parts.append("</label>")
     parts.append("</div>")
     return "\n".join(parts)

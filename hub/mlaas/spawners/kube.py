@@ -17,12 +17,14 @@ from typing import Any
 
 from kubespawner import KubeSpawner
 from tornado import web
-from traitlets import Bool, Enum, Unicode
+from traitlets import Bool, Dict, Enum, Unicode
 
+from ..capacity.federation import Federation
 from ..capacity.kube import GPU, POOL_KEY, PRODUCT_LABEL, KubeCapacity, MigStrategy, gpu_products, mig_single_products
 from ..profiles import Profile
 from ..projects.names import project_claim, project_slug
 from .common import ProfileSpawnerMixin
+from .kube_sites import bound_reflector, site_api_client, site_core_api
 
 RESTRICTED_CONTAINER = {
     "runAsNonRoot": True,
@@ -86,7 +88,7 @@ def project_storage(groups: list[str], mount_root: str) -> tuple[list[dict], lis
 
 
 @functools.cache
-def kube_capacity(mig_strategy: str) -> KubeCapacity:
+def kube_capacity(mig_strategy: str, site: str = "") -> KubeCapacity:
     return KubeCapacity(mig_strategy)  # type: ignore[arg-type]
 
 
@@ -100,6 +102,18 @@ def _ensure_watch(cache: KubeCapacity, api_client: Any) -> None:
         _watches[id(cache)] = asyncio.ensure_future(cache.run(api_client))
 
 
+def _ensure_site_watch(cache: KubeCapacity, kubeconfig: str) -> None:
+    if id(cache) in _watches and not _watches[id(cache)].done():
+        return
+    try:
+        client = site_api_client(kubeconfig)
+    except Exception as e:  # a missing or broken kubeconfig: the site is unreachable, the hub goes on
+        cache.unreachable = f"kubeconfig {kubeconfig}: {type(e).__name__}: {e}"[:200]
+        cache.log.error("Site kubeconfig %s cannot be used: %s", kubeconfig, e)
+        return
+    _ensure_watch(cache, client)
+
+
 class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
     mig_strategy = Enum(["mixed", "single"], "mixed", config=True, help="The GPU operator's MIG strategy.")
     gpu_runtime_class = Unicode("", config=True, help="runtimeClassName for GPU pods (e.g. 'nvidia'), if any.")
@@ -109,13 +123,64 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
     projects_mount_root = Unicode(
         "/home/jovyan/projects", config=True, help="Where project volumes are mounted in servers (one per group)."
     )
+    sites = Dict(
+        {}, config=True,
+        help="Federation: site name -> kubeconfig path of each cluster servers may run on (in order of preference "
+        "when they have equal room). Empty: the one cluster of KubeSpawner's own configuration.",
+    )
+
+    site: str = ""  # where this server runs ("" without a federation); kept in the server's state
 
     @property
-    def capacity(self) -> KubeCapacity:
-        cache = kube_capacity(self.mig_strategy)
-        if self.watch_capacity:
-            _ensure_watch(cache, self.api.api_client)
-        return cache
+    def federation(self) -> Federation:
+        if not self.sites:
+            cache = kube_capacity(self.mig_strategy)
+            if self.watch_capacity:
+                _ensure_watch(cache, self._default_api.api_client)
+            return Federation({"": cache})
+        caches = {}
+        for name, kubeconfig in self.sites.items():
+            caches[name] = cache = kube_capacity(self.mig_strategy, name)
+            if self.watch_capacity:
+                _ensure_site_watch(cache, kubeconfig)
+        return Federation(caches)
+
+    @property
+    def capacity(self) -> Federation:
+        return self.federation
+
+    @property
+    def _default_api(self) -> Any:
+        default = self.__dict__.get("_mlaas_default_api")
+        if default is None:
+            default = self.__dict__["_mlaas_default_api"] = self.api
+        return default
+
+    def _use_site(self, site: str) -> None:
+        """Talk to `site`'s API server from now on (pods, events, claims of this server)."""
+        self._default_api  # noqa: B018  (remember KubeSpawner's own client first)
+        self.site = site
+        self.api = site_core_api(self.sites[site]) if site and site in self.sites else self._default_api
+
+    def _get_reflector_key(self, kind: str):
+        return (*super()._get_reflector_key(kind), self.site)
+
+    async def _start_reflector(self, kind: str, reflector_class: type, replace: bool = False, **kwargs: Any):
+        previous = self.__class__.reflectors.get(self._get_reflector_key(kind))
+        task = getattr(previous, "watch_task", None)
+        if task is not None and task.done():  # it gave up while the API server was away: a fresh one
+            replace = True
+        if self.site and self.site in self.sites:
+            reflector_class = bound_reflector(reflector_class, self.sites[self.site])
+        return await super()._start_reflector(kind, reflector_class, replace=replace, **kwargs)
+
+    def form_notices(self) -> list[str]:
+        down = self.federation.unreachable()
+        return [f"Site {name} cannot be reached ({why}); servers start at the other sites."
+                for name, why in down.items()]
+
+    def where(self, profile: Profile) -> str | None:
+        return self.federation.where(profile)
 
     async def load_user_options(self) -> None:
         """The profile was applied by `apply_profile` (server-side checks included); KubeSpawner's
@@ -155,12 +220,20 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
         self.volume_mounts = [*self.volume_mounts, *mounts]
         if self.project is not None:  # a project server works in its project's volume
             self.notebook_dir = f"{self.projects_mount_root.rstrip('/')}/{project_slug(self.project.group)}"
-        self.capacity.reserve(self.pod_name, profile)  # until the pod shows up in the watch cache
+        federation = self.federation
+        site = federation.place(profile) if federation.federated else ""
+        if site is None:  # resolve_profile saw room a moment ago; a watch event took it since
+            self.release_holding()
+            raise web.HTTPError(409, f"Profile {profile.slug!r} cannot start now: {federation.availability(profile).reason}.")
+        self._use_site(site)
+        federation.sites[site].reserve(self.pod_name, profile)  # until the pod shows up in the watch cache
 
     async def start(self):
         self.reset_progress()
         if self.profile is not None:
             self.emit(10, f"Profile {self.profile.display_name}: {self.profile.summary()}")
+        if self.site:
+            self.emit(12, f"Starting at site {self.site}")
         await self._drop_missing_project_volumes()
         return await super().start()
 
@@ -192,7 +265,20 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
 
     def release_resources(self) -> None:
         super().release_resources()
-        self.capacity.release(self.pod_name)
+        cache = self.federation.sites.get(self.site)
+        if cache is not None:
+            cache.release(self.pod_name)
+
+    def get_state(self) -> dict:
+        state = super().get_state()
+        if self.site:
+            state["site"] = self.site
+        return state
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        if state.get("site"):
+            self._use_site(state["site"])
 
     async def progress(self):
         """Our events first, then KubeSpawner's (pod scheduling, image pulls)."""

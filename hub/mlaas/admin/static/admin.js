@@ -119,6 +119,7 @@ function editProfile(entry) {
   setText(form, "mig.count", mig?.count);
   setText(form, "groups", (p.groups || []).join(", "));
   setText(form, "node_pool", p.node_pool);
+  setText(form, "sites", (p.sites || []).join(", "));
   setText(form, "image", p.image);
   setText(form, "env", Object.entries(p.env || {}).map(([k, v]) => `${k}=${v}`).join("\n"));
   form.querySelector("[name=default]").checked = Boolean(p.default);
@@ -146,6 +147,7 @@ function profileFromForm(form) {
   set("mig", text(form, "mig.profile") === "" ? undefined : pair("mig.profile", "mig.count"));
   set("groups", text(form, "groups") === "" ? undefined : text(form, "groups").split(",").map((g) => g.trim()).filter(Boolean));
   set("node_pool", text(form, "node_pool"));
+  set("sites", text(form, "sites") === "" ? undefined : text(form, "sites").split(",").map((s) => s.trim()).filter(Boolean));
   set("image", text(form, "image"));
   const env = {};
   for (const line of form.querySelector("[name=env]").value.split("\n")) {
