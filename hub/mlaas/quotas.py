@@ -22,6 +22,7 @@ class Holding:
     server: str  # "" for the default server
     groups: frozenset[str]
     profile: Profile
+    site: str = ""  # the cluster it runs on, with a federation of sites
 
     @property
     def label(self) -> str:
@@ -165,6 +166,7 @@ def usage(holdings: Iterable[Holding], devices: dict[str, list[dict]] | None = N
                 "server": h.server,
                 "groups": sorted(h.groups),
                 "profile": h.profile.slug,
+                "site": h.site,
                 "profile_name": h.profile.display_name,
                 "summary": h.profile.summary(),
                 "cpu": amounts["cpu"],

@@ -96,7 +96,8 @@ class ProfileSpawnerMixin(LoggingConfigurable):
 
     def hold(self, profile: Profile) -> None:
         usage_ledger().hold(
-            self.owner_key, quotas.Holding(self.user.name, self.name, frozenset(self.user_groups()), profile)
+            self.owner_key,
+            quotas.Holding(self.user.name, self.name, frozenset(self.user_groups()), profile, getattr(self, "site", "")),
         )
 
     def release_holding(self) -> None:

@@ -226,6 +226,7 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
             self.release_holding()
             raise web.HTTPError(409, f"Profile {profile.slug!r} cannot start now: {federation.availability(profile).reason}.")
         self._use_site(site)
+        self.hold(profile)  # again, now with its site (for the admins' usage view)
         federation.sites[site].reserve(self.pod_name, profile)  # until the pod shows up in the watch cache
 
     async def start(self):
@@ -279,6 +280,8 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
         super().load_state(state)
         if state.get("site"):
             self._use_site(state["site"])
+            if self.profile is not None:
+                self.hold(self.profile)
 
     async def progress(self):
         """Our events first, then KubeSpawner's (pod scheduling, image pulls)."""

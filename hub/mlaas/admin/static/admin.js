@@ -286,10 +286,10 @@ async function loadUsage() {
       ...Object.entries(s.mig).map(([k, v]) => `${v}× MIG ${k}`),
       ...s.devices.map((d) => d.uuid),
     ].filter(Boolean).join(", ") || "–";
-    servers.append(el("tr", {}, el("td", {}, s.user), el("td", {}, s.server || "(default)"), el("td", {}, s.groups.join(", ")),
+    servers.append(el("tr", {}, el("td", {}, s.user), el("td", {}, s.server || "(default)"), el("td", {}, s.site || "–"), el("td", {}, s.groups.join(", ")),
       el("td", {}, `${s.profile_name} (${s.profile})`), el("td", {}, s.cpu), el("td", {}, gib(s.memory)), el("td", {}, accel)));
   }
-  if (!r.data.servers.length) servers.append(el("tr", {}, el("td", { colspan: 7 }, "No server is running.")));
+  if (!r.data.servers.length) servers.append(el("tr", {}, el("td", { colspan: 8 }, "No server is running.")));
   const quotas = Object.fromEntries((r.data.quotas || []).map((q) => [q.group, q]));
   const groups = document.querySelector("#usage-groups tbody");
   groups.innerHTML = "";
