@@ -260,13 +260,15 @@ def configure_kube_spawner(c, s: Settings) -> None:
                  k.kubeconfig or os.environ.get("KUBECONFIG", "the in-cluster config"))
 
 
-def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir: str = "/srv/jupyterhub") -> None:
+def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir: str = "/srv/jupyterhub",
+                         sites: dict[str, str] | None = None) -> None:
     """The mlaas parts of a hub deployed with Zero to JupyterHub (charts/values/jupyterhub.yaml).
 
     The chart configures the hub, proxy and database; this adds the profile spawner, the AAI
     authenticator (its URLs and client come from the site's values), the platform's REST API,
     group projects and the profile watcher. The profile files come from the mlaas-profiles
-    ConfigMap, mounted at `profiles_dir`.
+    ConfigMap, mounted at `profiles_dir`. `sites` (name -> kubeconfig path, or "in-cluster" for
+    the hub's own cluster) makes it a federation of several clusters (docs/deploy.md §8).
     """
     from .spawners.kube import KubeProfileSpawner
 
@@ -280,4 +282,6 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
     c.MLaaSAuthenticator.basic_auth = True
     c.JupyterHub.extra_handlers = profile_api_handlers(profiles_dir, snapshot)
     c.JupyterHub.load_roles = configure_projects(c, store)
+    if sites:
+        c.KubeProfileSpawner.sites = dict(sites)
     follow_profile_files(store)

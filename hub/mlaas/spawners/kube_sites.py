@@ -11,6 +11,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+IN_CLUSTER = "in-cluster"  # a site's "kubeconfig" when it is the cluster the hub runs in
 _clients: dict[tuple[int, str], Any] = {}
 
 
@@ -21,6 +22,9 @@ def _load_configuration(kubeconfig: str) -> Any:
     from kubernetes_asyncio.client import Configuration
 
     configuration = Configuration()
+    if kubeconfig == IN_CLUSTER:
+        config.load_incluster_config(client_configuration=configuration)
+        return configuration
 
     def load() -> None:
         asyncio.run(config.load_kube_config(config_file=kubeconfig, client_configuration=configuration,
