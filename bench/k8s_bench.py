@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from cluster.cluster import Cluster, binaries  # noqa: E402
+from cluster.cluster import Cluster, binaries, pod_range  # noqa: E402
 from cluster.pod_runner import PodRunner  # noqa: E402
 from helpers import start_platform, state_root  # noqa: E402
 
@@ -93,7 +93,7 @@ def main() -> None:
     profiles.mkdir(parents=True, exist_ok=True)
     (profiles / "bench.yaml").write_text(PROFILES)
 
-    cluster = Cluster("bench", root / "cluster", binaries())
+    cluster = Cluster("bench", root / "cluster", binaries(), pod_cidr=pod_range(6))
     cluster.start()
     started = time.perf_counter()
     cluster.add_nodes(nodes_spec(args.nodes))

@@ -16,7 +16,7 @@ from urllib.error import HTTPError
 import pytest
 import yaml
 
-from cluster.cluster import Cluster, binaries
+from cluster.cluster import Cluster, binaries, in_range, pod_range
 from helpers import state_root
 from mlaas.deploy import site_values
 
@@ -26,7 +26,7 @@ SITE = REPO / "charts" / "sites" / "site-a"
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster("test-a", state_root() / "cluster-test-a", binaries())
+    c = Cluster("test-a", state_root() / "cluster-test-a", binaries(), pod_cidr=pod_range(1))
     c.start(REPO / "tests" / "cluster" / "nodes.yaml")
     yield c
     c.stop()
@@ -92,7 +92,7 @@ def test_helm_installs_our_chart_into_a_restricted_namespace_and_its_pods_run(cl
     pods = cluster.request("GET", "/api/v1/namespaces/mlaas/pods")["items"]
     assert {p["metadata"]["name"] for p in pods} == {f"xcache-{o['name']}-0" for o in values["xcache"]["origins"]}
     for p in pods:
-        assert p["status"]["phase"] == "Running" and p["status"]["podIP"].startswith("127.1."), p["status"]
+        assert p["status"]["phase"] == "Running" and in_range(p["status"]["podIP"], cluster.pod_cidr), p["status"]
     cm = cluster.request("GET", "/api/v1/namespaces/gpu-operator/configmaps/mlaas-mig-parted-config")
     assert "mlaas-a100-mig" in cm["data"]["config.yaml"]
     pvcs = cluster.request("GET", "/api/v1/namespaces/mlaas/persistentvolumeclaims")["items"]

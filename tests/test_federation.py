@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.cluster import Cluster, binaries
+from cluster.cluster import Cluster, binaries, in_range, pod_range
 from cluster.pod_runner import PodRunner, wait_until
 from conftest import browser_login
 from helpers import ARTIFACTS, RunningPlatform, ensure_user, error_message, start_platform, state_root, user_token
@@ -22,15 +22,15 @@ from helpers import ARTIFACTS, RunningPlatform, ensure_user, error_message, star
 pytestmark = pytest.mark.platform
 NAMESPACE = "mlaas-users"
 SITES = {  # name -> (pod IP range, node pools)
-    "fed-a": ("127.21.0.0/16", [{"name": "gpu", "count": 1, "cpu": "8", "memory": "32Gi",
+    "fed-a": (pod_range(3), [{"name": "gpu", "count": 1, "cpu": "8", "memory": "32Gi",
                                  "extended": {"nvidia.com/gpu": "1"},
                                  "labels": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"},
                                  "taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]}]),
-    "fed-b": ("127.22.0.0/16", [{"name": "gpu", "count": 1, "cpu": "8", "memory": "32Gi",
+    "fed-b": (pod_range(4), [{"name": "gpu", "count": 1, "cpu": "8", "memory": "32Gi",
                                  "extended": {"nvidia.com/gpu": "2"},
                                  "labels": {"nvidia.com/gpu.product": "NVIDIA-H100-SXM5-80GB"},
                                  "taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]}]),
-    "fed-c": ("127.23.0.0/16", [{"name": "cpu", "count": 1, "cpu": "8", "memory": "32Gi"}]),
+    "fed-c": (pod_range(5), [{"name": "cpu", "count": 1, "cpu": "8", "memory": "32Gi"}]),
 }
 PROFILES = {"profiles": [
     {"slug": "gpu-ab", "display_name": "One GPU at site A or B", "cpu": {"limit": 1}, "memory": {"limit": "1Gi"},
@@ -126,7 +126,7 @@ def test_spawns_go_to_the_allowed_site_with_the_most_room(federation):
         usage = hub.api().get(f"{hub.url}/hub/api/mlaas/usage").json()["servers"]
         assert {u["user"]: u["site"] for u in usage} == placed  # what the admins' usage view shows
         pod = pods(clusters["fed-a"])["jupyter-fed-2"]
-        assert pod["spec"]["nodeName"] == "fed-a-gpu-0" and pod["status"]["podIP"].startswith("127.21.")
+        assert pod["spec"]["nodeName"] == "fed-a-gpu-0" and in_range(pod["status"]["podIP"], clusters["fed-a"].pod_cidr)
 
         assert wait_until(lambda: offered(hub, token)[0]["gpu-ab"]["available"] is False, 30)
         _, refused = spawn(hub, "fed-4", "gpu-ab")

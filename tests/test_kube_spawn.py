@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.cluster import Cluster, binaries
+from cluster.cluster import Cluster, binaries, free_port, in_range, pod_range
 from cluster.pod_runner import PodRunner, wait_until
 from helpers import ARTIFACTS, RunningPlatform, error_message, oidc_login, start_platform, state_root, user_token
 from mlaas.deploy import chart_values
@@ -28,15 +28,18 @@ NAMESPACE = "mlaas-users"
 
 @pytest.fixture(scope="module")
 def site():
-    cluster = Cluster("spawn", state_root() / "cluster-spawn", binaries())
+    cluster = Cluster("spawn", state_root() / "cluster-spawn", binaries(), pod_cidr=pod_range(2))
     cluster.start(REPO / "tests" / "cluster" / "nodes.yaml")
     cluster.request("POST", "/api/v1/namespaces", {"metadata": {
         "name": NAMESPACE, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+    cluster.apply_crds(REPO / "tests" / "cluster" / "crds" / "dask-gateway.yaml")
     runner = PodRunner(cluster, NAMESPACE, cluster.state / "pods").start()
     hub = start_platform(
         "kube", spawner="kubernetes",
         kubernetes={"kubeconfig": str(cluster.kubeconfig), "namespace": NAMESPACE},
-        dask_gateway={"enabled": False}, data={"enabled": False},
+        dask_gateway={"backend": "kubernetes", "port": free_port(), "api_port": free_port(), "tcp_port": free_port(),
+                      "controller_port": free_port()},
+        data={"enabled": False},
     )
     install_chart(cluster, hub)
     yield {"cluster": cluster, "hub": hub, "runner": runner}
@@ -94,7 +97,7 @@ def test_mig_spawn_lands_on_a_node_with_the_slice_and_is_reached(site):
     assert pod["spec"]["nodeName"] == "spawn-a100-mig-0"  # the real scheduler, by the MIG resource
     limits = pod["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/mig-3g.20gb"] == "1"
-    assert pod["status"]["podIP"].startswith("127.1.")
+    assert in_range(pod["status"]["podIP"], cluster.pod_cidr)
 
     status = hub.api(token).get(f"{hub.url}/user/alice/api/status")
     assert status.status_code == 200, status.text
@@ -136,3 +139,59 @@ def test_group_quota_holds_on_the_cluster_while_the_cluster_has_room(site):
     finally:
         hub.api().delete(f"{hub.url}/hub/api/users/qa-one/server")
         wait_until(lambda: not cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods")["items"], 60)
+
+
+def dask_api(hub: RunningPlatform, token: str, path: str = "", method: str = "GET", body: dict | None = None):
+    import requests
+
+    return requests.request(method, f"{hub.url}/services/dask-gateway/api/v1/{path}", json=body,
+                            headers={"Authorization": f"jupyterhub {token}"}, timeout=30)
+
+
+def test_dask_gateway_kubernetes_backend_runs_a_cluster_as_pods(site):
+    """dask-gateway's KubeBackend (with our options and limits) and its controller, as hub
+    services, against the cluster: a user's cluster becomes a scheduler pod and GPU worker pods,
+    admitted by Pod Security 'restricted' and placed by the real scheduler on the GPU node.
+
+    Stood in: a scheduler asks for workers through its heartbeat, which the backend writes into
+    the DaskCluster's spec.replicas. The scheduler's Service name does not resolve without
+    cluster DNS, so the test writes spec.replicas as the backend would."""
+    from helpers import ensure_user
+
+    hub, cluster = site["hub"], site["cluster"]
+    ensure_user(hub, "dask-k8s", ["atlas-ml"])  # atlas-ml may use a MIG profile: GPU workers offered
+    token = user_token(hub, "dask-k8s")
+    options = dask_api(hub, token, "options").json()["cluster_options"]
+    gpu_field = next(f for f in options if f["field"] == "worker_gpus")
+    assert gpu_field["spec"]["options"] == ["0", "1"]
+    r = dask_api(hub, token, "clusters/", "POST", {"cluster_options": {"worker_gpus": "1", "worker_cores": "1"}})
+    assert r.status_code == 201, r.text
+    name = r.json()["name"]
+    short = name.split(".", 1)[1]
+    selector = f"gateway.dask.org/cluster%3D{short}"
+
+    def cluster_pods(component: str) -> list[dict]:
+        items = cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods?labelSelector={selector}")["items"]
+        return [p for p in items if p["metadata"]["labels"].get("app.kubernetes.io/component") == component]
+
+    try:
+        assert wait_until(lambda: dask_api(hub, token, f"clusters/{name}").json().get("status") == "RUNNING", 90), \
+            dask_api(hub, token, f"clusters/{name}").text
+        (scheduler,) = cluster_pods("dask-scheduler")
+        assert scheduler["spec"]["nodeName"].startswith("spawn-cpu-")  # no GPU for the scheduler
+        assert scheduler["spec"]["containers"][0]["securityContext"]["runAsNonRoot"] is True
+
+        cluster.request("PATCH", f"/apis/gateway.dask.org/v1alpha1/namespaces/{NAMESPACE}/daskclusters/{short}",
+                        {"spec": {"replicas": 2}}, content_type="application/merge-patch+json")
+        assert wait_until(lambda: len([p for p in cluster_pods("dask-worker") if p["spec"].get("nodeName")]) == 2, 60), \
+            [p["status"] for p in cluster_pods("dask-worker")]
+        for worker in cluster_pods("dask-worker"):
+            container = worker["spec"]["containers"][0]
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False  # kept next to the GPU
+            assert worker["spec"]["nodeName"] == "spawn-a100-mig-0"  # the node with whole GPUs
+
+        assert dask_api(hub, token, f"clusters/{name}", "DELETE").status_code == 204
+        assert wait_until(lambda: not cluster_pods("dask-scheduler") and not cluster_pods("dask-worker"), 60)
+    finally:
+        dask_api(hub, token, f"clusters/{name}", "DELETE")

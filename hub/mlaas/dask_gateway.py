@@ -15,16 +15,20 @@ users' Dask processes are isolated from the hub but not from each other; the Kub
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dask_gateway_server.backends.kubernetes.backend import KubeBackend
 from dask_gateway_server.backends.local import UnsafeLocalBackend
+from dask_gateway_server.models import ClusterStatus
 from dask_gateway_server.options import Options, Select
 from dask_gateway_server.backends.base import PublicException
 from traitlets import Unicode
+from traitlets.config import LoggingConfigurable
 
 from .profiles import ProfileSet, ProfileStore, allowed_profiles
 from .profiles.model import DaskLimits
@@ -39,8 +43,20 @@ def gpu_entitled(pset: ProfileSet, groups: Iterable[str]) -> bool:
     return any(p.needs_accelerator for p in allowed_profiles(pset, groups))
 
 
+def _gpu_worker_config(gpus: int, container: dict[str, Any], pod: dict[str, Any]) -> dict[str, Any]:
+    """Whole GPUs per worker on the Kubernetes backend, added to the configured worker container and
+    pod settings (their security context stays: Pod Security 'restricted' requires it)."""
+    container = copy.deepcopy(container)
+    resources = container.setdefault("resources", {})
+    resources.setdefault("limits", {})["nvidia.com/gpu"] = str(gpus)
+    pod = copy.deepcopy(pod)
+    pod["tolerations"] = [*pod.get("tolerations", []), {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    return {"worker_extra_container_config": container, "worker_extra_pod_config": pod}
+
+
 def cluster_options_for(
-    pset: ProfileSet, groups: Iterable[str], environment: dict[str, str], kubernetes: bool = False
+    pset: ProfileSet, groups: Iterable[str], environment: dict[str, str], kubernetes: bool = False,
+    worker_container: dict[str, Any] | None = None, worker_pod: dict[str, Any] | None = None,
 ) -> Options:
     policy = pset.dask
     fields = [
@@ -59,14 +75,7 @@ def cluster_options_for(
             raise PublicException(
                 "GPU workers need the Kubernetes backend; this one-machine gateway runs CPU workers only."
             )
-        gpu_config: dict[str, Any] = {}
-        if gpus:  # Kubernetes backend: whole GPUs per worker, on GPU nodes
-            gpu_config = {
-                "worker_extra_container_config": {"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}},
-                "worker_extra_pod_config": {
-                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-                },
-            }
+        gpu_config = _gpu_worker_config(gpus, worker_container or {}, worker_pod or {}) if gpus else {}
         return gpu_config | {
             "worker_cores": int(options.worker_cores),
             "worker_threads": int(options.worker_cores),
@@ -150,10 +159,20 @@ def new_cluster_refusal(pset: ProfileSet, clusters: list[ClusterUse], user: str,
     return None
 
 
-class MLaaSLocalBackend(UnsafeLocalBackend):
-    """UnsafeLocalBackend with options and limits from the profile files (see module doc)."""
+@dataclass(frozen=True)
+class _Active:
+    name: str
+    user: str
+    options: dict
+    config: dict
+    workers: int
+
+
+class ProfileLimitsMixin(LoggingConfigurable):
+    """Options and limits from the profile files, for any dask-gateway backend (see module doc)."""
 
     profiles_dir = Unicode("spawner_profiles", config=True, help="Directory of profile YAML files.")
+    kubernetes = False  # GPU workers only where pods can ask for GPUs
 
     @property
     def store(self) -> ProfileStore:
@@ -161,37 +180,43 @@ class MLaaSLocalBackend(UnsafeLocalBackend):
             self._store = ProfileStore(self.profiles_dir, log=self.log)
         return self._store
 
+    def _active(self) -> list[_Active]:
+        """The clusters that are starting or running, with their worker counts."""
+        raise NotImplementedError
+
     async def get_cluster_options(self, user: Any) -> Options:
-        environment = dict(self.cluster_config_class(parent=self).environment)
-        return cluster_options_for(self.store.current(), user.groups, environment)
+        config = self.cluster_config_class(parent=self)
+        return cluster_options_for(
+            self.store.current(), user.groups, dict(config.environment), kubernetes=self.kubernetes,
+            worker_container=getattr(config, "worker_extra_container_config", None),
+            worker_pod=getattr(config, "worker_extra_pod_config", None),
+        )
 
     async def process_cluster_options(self, user: Any, request: dict) -> tuple[dict, Any]:
-        options, config = await super().process_cluster_options(user, request)
+        options, config = await super().process_cluster_options(user, request)  # type: ignore[misc]
         options = dict(options)
         options["mlaas_groups"] = sorted(user.groups)  # kept with the cluster, for group limits
         return options, config
 
     def _uses(self) -> list[ClusterUse]:
-        uses = []
-        for c in self.db.active_clusters():
-            uses.append(
-                ClusterUse(
-                    name=c.name,
-                    user=c.username,
-                    groups=frozenset(c.options.get("mlaas_groups", [])),
-                    workers=c.count,
-                    cores_per_worker=float(c.config.get("worker_cores", 1)),
-                    memory_per_worker=int(c.config.get("worker_memory", 0)),
-                    gpus_per_worker=int(c.options.get("worker_gpus", 0) or 0),
-                )
+        return [
+            ClusterUse(
+                name=c.name,
+                user=c.user,
+                groups=frozenset(c.options.get("mlaas_groups", [])),
+                workers=c.workers,
+                cores_per_worker=float(c.config.get("worker_cores", 1)),
+                memory_per_worker=int(c.config.get("worker_memory", 0)),
+                gpus_per_worker=int(c.options.get("worker_gpus", 0) or 0),
             )
-        return uses
+            for c in self._active()
+        ]
 
     async def start_cluster(self, user: Any, cluster_options: dict) -> str:
         refusal = new_cluster_refusal(self.store.current(), self._uses(), user.name, user.groups)
         if refusal:
             raise PublicException(f"New Dask cluster refused: {refusal}.")
-        return await super().start_cluster(user, cluster_options)
+        return await super().start_cluster(user, cluster_options)  # type: ignore[misc]
 
     async def forward_message_to_scheduler(self, cluster: Any, msg: dict) -> None:
         if msg.get("op") == "scale":
@@ -201,7 +226,7 @@ class MLaaSLocalBackend(UnsafeLocalBackend):
                 reason, _ = scale_refusal(self.store.current(), uses, this, int(msg["count"]))
                 if reason:
                     raise PublicException(f"Scale refused: {reason}.")
-        await super().forward_message_to_scheduler(cluster, msg)
+        await super().forward_message_to_scheduler(cluster, msg)  # type: ignore[misc]
 
     async def on_cluster_heartbeat(self, cluster_name: str, msg: dict) -> None:
         """Adaptive scaling asks through heartbeats: cap it at what the limits allow."""
@@ -212,18 +237,50 @@ class MLaaSLocalBackend(UnsafeLocalBackend):
             if reason:
                 self.log.info("Capping cluster %s at %d workers: %s", cluster_name, fits, reason)
                 msg = {**msg, "count": fits}
-        await super().on_cluster_heartbeat(cluster_name, msg)
+        await super().on_cluster_heartbeat(cluster_name, msg)  # type: ignore[misc]
+
+
+class MLaaSLocalBackend(ProfileLimitsMixin, UnsafeLocalBackend):
+    """One machine: clusters as local processes (UnsafeLocalBackend), CPU workers only."""
+
+    def _active(self) -> list[_Active]:
+        return [_Active(c.name, c.username, c.options, c.config, c.count) for c in self.db.active_clusters()]
+
+
+class MLaaSKubeBackend(ProfileLimitsMixin, KubeBackend):
+    """Kubernetes: each cluster's scheduler and workers as pods (dask-gateway's KubeBackend and its
+    controller); GPU workers ask for `nvidia.com/gpu`."""
+
+    kubernetes = True
+    api_prefix = Unicode(
+        "", config=True,
+        help="Also answer the API under this path prefix: with no Traefik in front (the hub on one machine), "
+        "JupyterHub's proxy forwards /services/dask-gateway/api/... unchanged.",
+    )
+
+    async def setup(self, app: Any) -> None:
+        if self.api_prefix:
+            from dask_gateway_server.routes import default_routes
+
+            for route in default_routes:
+                app.router.add_route(route.method, self.api_prefix.rstrip("/") + route.path, route.handler)
+        await super().setup(app)
+
+    def _active(self) -> list[_Active]:
+        active = []
+        for name, c in self.clusters.items():
+            if c.status > ClusterStatus.RUNNING:
+                continue
+            spec = (self.informer.get(name) or {}).get("spec") or {}
+            active.append(_Active(name, c.username, c.options, c.config, int(spec.get("replicas", 0))))
+        return active
 
 
 def configure_gateway_options(c: Any, profiles_dir: str) -> None:
     """Dask Gateway on Kubernetes (its Helm chart's extraConfig): worker choices and per-cluster
     limits from the same profile files as the hub, mounted from the profiles ConfigMap."""
-    store = ProfileStore(profiles_dir)
-
-    def options(user: Any) -> Options:
-        return cluster_options_for(store.current(), user.groups, {}, kubernetes=True)
-
-    c.Backend.cluster_options = options
+    c.DaskGateway.backend_class = MLaaSKubeBackend  # the chart's KubeBackend settings apply to it
+    c.MLaaSKubeBackend.profiles_dir = profiles_dir
 
 
 def configure(c: Any, settings: Any) -> None:
@@ -231,18 +288,54 @@ def configure(c: Any, settings: Any) -> None:
     gw = settings.dask_gateway
     state = settings.state_dir / "dask-gateway"
     venv_bin = Path(sys.prefix) / "bin"
-    c.DaskGateway.backend_class = MLaaSLocalBackend
     c.DaskGateway.authenticator_class = "dask_gateway_server.auth.JupyterHubAuthenticator"
     c.JupyterHubAuthenticator.jupyterhub_service_name = SERVICE_NAME  # only tokens with its access scope
     c.DaskGateway.address = f"127.0.0.1:{gw.api_port}"
     c.Proxy.address = f"127.0.0.1:{gw.port}"
     c.Proxy.tcp_address = f"127.0.0.1:{gw.tcp_port}"
     c.Proxy.prefix = PREFIX
-    c.MLaaSLocalBackend.profiles_dir = str(settings.profiles_dir)
-    c.MLaaSLocalBackend.clusters_directory = str(state / "clusters")
-    c.ClusterConfig.scheduler_cmd = [str(venv_bin / "dask"), "scheduler"]
-    c.ClusterConfig.worker_cmd = [str(venv_bin / "dask"), "worker"]
+    if gw.backend == "kubernetes":
+        configure_kube_backend(c, settings)
+    else:
+        c.DaskGateway.backend_class = MLaaSLocalBackend
+        c.MLaaSLocalBackend.profiles_dir = str(settings.profiles_dir)
+        c.MLaaSLocalBackend.clusters_directory = str(state / "clusters")
+        c.ClusterConfig.scheduler_cmd = [str(venv_bin / "dask"), "scheduler"]
+        c.ClusterConfig.worker_cmd = [str(venv_bin / "dask"), "worker"]
     from .xcache import client_env
 
     if settings.data.enabled:  # workers read through the site cache like the notebook does
         c.ClusterConfig.environment = client_env(settings.data)
+
+
+GATEWAY_INSTANCE = "mlaas"
+
+
+def configure_kube_backend(c: Any, settings: Any) -> None:
+    """The hub on this machine, Dask clusters as pods of the cluster in `kubernetes` (with
+    `dask_gateway.backend: kubernetes`): the gateway's KubeBackend creates DaskCluster objects, its
+    controller (a second hub-managed service) turns them into pods. The DaskCluster CRD (and the
+    Traefik route CRDs the controller writes) come with the Dask Gateway chart.
+
+    Here the hub's proxy forwards the gateway's API; clients reach schedulers through the
+    cluster (Traefik, from the Dask Gateway chart), so this mode is for running the hub outside a
+    cluster that has the chart installed, and for testing the backend against a cluster."""
+    from .spawners.kube import RESTRICTED_CONTAINER, RESTRICTED_POD
+
+    gw, k = settings.dask_gateway, settings.kubernetes
+    c.DaskGateway.backend_class = MLaaSKubeBackend
+    c.DaskGateway.address = f"{k.hub_connect_ip}:{gw.api_port}"  # schedulers in pods report here
+    c.MLaaSKubeBackend.profiles_dir = str(settings.profiles_dir)
+    c.MLaaSKubeBackend.api_prefix = PREFIX
+    c.KubeBackend.gateway_instance = c.KubeController.gateway_instance = GATEWAY_INSTANCE
+    c.KubeController.address = f"127.0.0.1:{gw.controller_port}"
+    c.KubeController.api_url = f"http://{k.hub_connect_ip}:{gw.api_port}/api"
+    c.KubeController.proxy_prefix = PREFIX
+    c.KubeClusterConfig.namespace = k.namespace
+    c.KubeClusterConfig.image = k.image
+    c.KubeClusterConfig.scheduler_cmd = ["dask", "scheduler"]
+    c.KubeClusterConfig.worker_cmd = ["dask", "worker"]
+    container = {"securityContext": {**RESTRICTED_CONTAINER, "runAsUser": 1000}}
+    pod = {"securityContext": RESTRICTED_POD}
+    c.KubeClusterConfig.scheduler_extra_container_config = c.KubeClusterConfig.worker_extra_container_config = container
+    c.KubeClusterConfig.scheduler_extra_pod_config = c.KubeClusterConfig.worker_extra_pod_config = pod

@@ -113,9 +113,11 @@ def gateway_client_env(s: Settings) -> dict[str, str]:
 def gateway_service(s: Settings) -> dict:
     """dask-gateway-server as a hub-managed service, under its own unprivileged account."""
     state = s.state_dir / "dask-gateway"
+    on_kubernetes = s.dask_gateway.backend == "kubernetes"  # no built-in proxy: the API answers directly
     service: dict = {
         "name": gateway.SERVICE_NAME,
-        "url": f"http://127.0.0.1:{s.dask_gateway.port}",
+        "url": f"http://{s.kubernetes.hub_connect_ip}:{s.dask_gateway.api_port}" if on_kubernetes
+        else f"http://127.0.0.1:{s.dask_gateway.port}",
         "command": [str(Path(sys.prefix) / "bin" / "dask-gateway-server"), "-f", str(REPO_ROOT / "hub" / "dask_gateway_config.py")],
         "cwd": str(state),
         "environment": {
@@ -125,6 +127,8 @@ def gateway_service(s: Settings) -> dict:
         },
         "display": False,
     }
+    state.mkdir(parents=True, exist_ok=True)
+    account = None
     if os.geteuid() == 0:
         account = ensure_system_account(s.dask_gateway.account, state, "MLaaS Hub Dask Gateway")
         (state / "clusters").mkdir(exist_ok=True)
@@ -132,6 +136,24 @@ def gateway_service(s: Settings) -> dict:
         service["user"] = account.name
     else:
         (state / "clusters").mkdir(parents=True, exist_ok=True)
+    if s.dask_gateway.backend == "kubernetes" and s.kubernetes.default_kubeconfig:
+        # the gateway's account gets its own private copy of the cluster credentials (the hub's
+        # kubeconfig stays readable by root only)
+        private = state / "kubeconfig"
+        private.write_bytes(Path(s.kubernetes.default_kubeconfig).read_bytes())
+        os.chmod(private, 0o600)
+        if account is not None:
+            os.chown(private, account.uid, account.gid)
+        service["environment"]["KUBECONFIG"] = str(private)
+    return service
+
+
+def gateway_controller_service(s: Settings) -> dict:
+    """The Kubernetes backend's controller: turns DaskCluster objects into pods (no web endpoint)."""
+    service = gateway_service(s)
+    service["name"] = f"{gateway.SERVICE_NAME}-controller"
+    service.pop("url")
+    service["command"] = [service["command"][0], "kube-controller", *service["command"][1:]]
     return service
 
 
@@ -207,6 +229,8 @@ def configure(c, settings: Settings) -> None:
     if s.dask_gateway.enabled:
         environment.update(gateway_client_env(s))
         services.append(gateway_service(s))
+        if s.dask_gateway.backend == "kubernetes":
+            services.append(gateway_controller_service(s))
         # users may use the gateway, and so may their servers' tokens (nothing else may)
         roles.append({"name": "user", "scopes": ["self", f"access:services!service={gateway.SERVICE_NAME}"]})
         c.Spawner.server_token_scopes = [

@@ -60,6 +60,10 @@ class DaskGatewaySettings(BaseModel):
     port: int = 8002  # the gateway's HTTP proxy; the hub's proxy forwards /services/dask-gateway to it
     api_port: int = 8003  # its private API
     tcp_port: int = 8786  # scheduler traffic from clients
+    backend: Literal["local", "kubernetes"] = Field(
+        "local", description="local: clusters as processes here; kubernetes: as pods (with spawner: kubernetes)."
+    )
+    controller_port: int = 8005  # the Kubernetes backend's controller (health endpoint)
     account: str = Field("mlaas-dask", description="System account the gateway and its clusters run as (root hub).")
 
 
@@ -121,6 +125,12 @@ class Settings(BaseModel):
         "local", description="local: servers as processes here; kubernetes: as pods of the cluster in `kubernetes`."
     )
     kubernetes: KubernetesSettings = KubernetesSettings()
+    @model_validator(mode="after")
+    def _dask_on_kubernetes_needs_a_cluster(self) -> "Settings":
+        if self.dask_gateway.backend == "kubernetes" and self.spawner != "kubernetes":
+            raise ValueError("dask_gateway.backend: kubernetes needs spawner: kubernetes (and its cluster)")
+        return self
+
     gpu_inventory: str = Field(
         "nvml", description="'nvml' (the real GPUs) or the path of a simulated inventory YAML (tests, demos)."
     )

@@ -14,6 +14,7 @@ loopback (127.x). Several clusters run side by side on different ports, one per 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import secrets
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pod_range(index: int) -> str:
+    """The pod IP range of the `index`-th cluster running side by side.
+
+    As root: a /20 of 198.18.0.0/15 (set aside for network tests, RFC 2544), made local to this
+    machine by a `local` route on lo, so pods' servers can listen on their IPs and Services get
+    endpoints (the API refuses loopback addresses in Endpoints). Without root: 127.<index+1>.0.0/16
+    on loopback; everything works except Services' endpoints."""
+    if os.geteuid() == 0:
+        return str(ipaddress.ip_network("198.18.0.0/20").network_address + (index % 32) * 4096) + "/20"
+    return f"127.{index % 200 + 1}.0.0/16"
+
+
+def in_range(ip: str, cidr: str) -> bool:
+    return ipaddress.ip_address(ip) in ipaddress.ip_network(cidr)
+
+
+def local_route(cidr: str, add: bool) -> None:
+    """Make a non-loopback pod range local to this machine (root only), or undo it."""
+    if ipaddress.ip_network(cidr).is_loopback:
+        return
+    action = ["replace"] if add else ["del"]
+    r = subprocess.run(["ip", "route", *action, "local", cidr, "dev", "lo"], capture_output=True, text=True)
+    if add and r.returncode != 0:
+        raise RuntimeError(f"cannot make the pod range {cidr} local (ip route: {r.stderr.strip()})")
+
+
 def binaries() -> Path:
     """Build (or find in the cache) the pinned binaries; return their directory."""
     out = subprocess.run(["bash", str(HERE / "build.sh")], check=True, capture_output=True, text=True)
@@ -52,7 +80,7 @@ class Cluster:
     state: Path
     bin: Path
     port: int = 0
-    pod_cidr: str = "127.1.0.0/16"
+    pod_cidr: str = ""  # default: pod_range(0)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     apiserver_args: list[str] = field(default_factory=list)
 
@@ -70,6 +98,8 @@ class Cluster:
         (self.state / "logs").mkdir(exist_ok=True)
         shutil.rmtree(self.state / "etcd", ignore_errors=True)  # every start is a fresh cluster
         self.port = self.port or free_port()
+        self.pod_cidr = self.pod_cidr or pod_range(0)
+        local_route(self.pod_cidr, add=True)
         token = secrets.token_hex(16)
         (self.state / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
         key = self.state / "sa.key"
@@ -110,6 +140,8 @@ class Cluster:
         self._run("kube-controller-manager", [
             *common, "--service-account-private-key-file", str(key), "--use-service-account-credentials=false",
             "--controllers", "*,-nodeipam,-ttl,-cloud-node-lifecycle",
+            # KWOK renews nodes' leases from one process; on 2 busy cores a renewal can come late
+            "--node-monitor-grace-period", "3m",
             "--secure-port", "0", "--cluster-name", self.name,
         ])
         self._run("kube-scheduler", [*common, "--secure-port", "0"])
@@ -122,7 +154,8 @@ class Cluster:
         ])
         if nodes_file is not None:
             self.add_nodes(yaml.safe_load(Path(nodes_file).read_text()))
-        (self.state / "pids.json").write_text(json.dumps({n: p.pid for n, p in self.procs.items()}))
+        (self.state / "pids.json").write_text(json.dumps({**{n: p.pid for n, p in self.procs.items()},
+                                                          "pod_cidr": self.pod_cidr}))
 
     def stop(self) -> None:
         for name in ["kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]:
@@ -133,6 +166,23 @@ class Cluster:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+        if self.pod_cidr:
+            local_route(self.pod_cidr, add=False)
+
+    def apply_crds(self, path: Path, timeout: float = 30) -> None:
+        """Create the CustomResourceDefinitions of a YAML file and wait until they are served."""
+        for crd in yaml.safe_load_all(Path(path).read_text()):
+            self.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+        deadline = time.monotonic() + timeout
+        for crd in yaml.safe_load_all(Path(path).read_text()):
+            name = crd["metadata"]["name"]
+            while True:
+                got = self.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+                if any(c["type"] == "Established" and c["status"] == "True" for c in got.get("status", {}).get("conditions", [])):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"CRD {name} not established")
+                time.sleep(0.2)
 
     def stop_apiserver(self) -> None:
         """The site's API server goes away at once, as in a crash or a network cut (a graceful stop
@@ -162,11 +212,11 @@ class Cluster:
         os.chmod(self.kubeconfig, 0o600)
         self._token = token
 
-    def request(self, method: str, path: str, body: dict | None = None) -> dict:
+    def request(self, method: str, path: str, body: dict | None = None, content_type: str = "application/json") -> dict:
         ctx = ssl._create_unverified_context()  # the apiserver's self-signed serving cert, loopback only
         req = urllib.request.Request(f"{self.server}{path}", method=method,
                                      data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"})
+                                     headers={"Authorization": f"Bearer {self._token}", "Content-Type": content_type})
         with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
             return json.loads(r.read() or b"{}")
 
@@ -242,6 +292,7 @@ def main() -> int:
     parser.add_argument("--name", default="site-a")
     parser.add_argument("--nodes", default=str(HERE / "nodes.yaml"))
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--pod-cidr", default="", help="pod IP range (default: one per name, see pod_range)")
     parser.add_argument("--state", default=str(REPO / "state" / "k8s"))
     args = parser.parse_args()
     state = Path(args.state) / args.name
@@ -250,6 +301,8 @@ def main() -> int:
         for name in ["kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]:
             if name in pids:
                 stop_group(pids[name])
+        if pids.get("pod_cidr"):
+            local_route(pids["pod_cidr"], add=False)
         (state / "pids.json").unlink(missing_ok=True)
         print(f"stopped {args.name}")
         return 0
@@ -257,7 +310,8 @@ def main() -> int:
         print(f"{args.name} seems to run already (state/k8s/{args.name}/pids.json); make k8s-down NAME={args.name}")
         return 1
     shutil.rmtree(state / "etcd", ignore_errors=True)
-    cluster = Cluster(args.name, state, binaries(), port=args.port)
+    cluster = Cluster(args.name, state, binaries(), port=args.port,
+                      pod_cidr=args.pod_cidr or pod_range(zlib.crc32(args.name.encode())))
     started = time.monotonic()
     cluster.start(Path(args.nodes))
     print(f"{args.name}: {cluster.server} ready in {time.monotonic() - started:.1f}s")

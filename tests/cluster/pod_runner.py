@@ -45,7 +45,8 @@ class PodRunner:
     def _loop(self) -> None:
         while not self._stop.wait(0.2):
             try:
-                pods = self.cluster.request("GET", f"/api/v1/namespaces/{self.namespace}/pods")["items"]
+                pods = self.cluster.request(  # users' servers only (KubeSpawner's label), not Dask's pods
+                    "GET", f"/api/v1/namespaces/{self.namespace}/pods?labelSelector=component%3Dsingleuser-server")["items"]
             except Exception:
                 continue
             alive = {p["metadata"]["uid"] for p in pods if not p["metadata"].get("deletionTimestamp")}
