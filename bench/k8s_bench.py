@@ -1,14 +1,15 @@
 """Scale benchmark on a real control plane (numbers, not pass/fail): `make bench-k8s`.
 
-A cluster (tests/cluster) with N simulated GPU/MIG/CPU nodes; the hub with `spawner: kubernetes`;
-U users spawn through the hub's REST API at a controlled rate. Reported: node creation time,
-spawns per second, p50/p95 spawn time (request to ready), hub CPU and memory, the spawn form's
-render time with the cluster's capacity (the profiles API, the form's code path), and quota
-violations counted from the pods in the cluster (must be 0).
+S clusters (tests/cluster), one per site, with N simulated GPU/MIG/CPU nodes split between
+them; one hub with `spawner: kubernetes` and the sites as a federation; U users spawn through
+the hub's REST API at a controlled rate and land where there is room. Reported: node creation
+time, spawns per second, p50/p95 spawn time (request to ready), hub CPU and memory, the spawn
+form's render time with the sites' capacity (the profiles API, the form's code path), servers
+per site, and quota violations counted from the pods in all clusters (must be 0).
 
 Simulated: nodes (KWOK) and the servers: each pod gets a stub listener on its IP that answers
-the hub's readiness check (2 cores cannot run hundreds of JupyterLabs). One site: placement
-across sites comes with federation.
+the hub's readiness check (2 cores cannot run hundreds of JupyterLabs). All the control planes
+and the hub share the machine's cores.
 """
 
 from __future__ import annotations
@@ -87,21 +88,28 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=5.0, help="spawn requests per second")
+    parser.add_argument("--sites", type=int, default=3, help="clusters, one per site")
     args = parser.parse_args()
     root = state_root() / "bench-k8s"
     profiles = root / "profiles"
     profiles.mkdir(parents=True, exist_ok=True)
     (profiles / "bench.yaml").write_text(PROFILES)
 
-    cluster = Cluster("bench", root / "cluster", binaries(), pod_cidr=pod_range(6))
-    cluster.start()
-    started = time.perf_counter()
-    cluster.add_nodes(nodes_spec(args.nodes))
-    node_seconds = time.perf_counter() - started
-    cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": "mlaas-users"}})
-    runner = PodRunner(cluster, "mlaas-users", root / "pods", stub=True).start()
+    clusters = {f"bench-{i}": Cluster(f"bench-{i}", root / f"cluster-{i}", binaries(), pod_cidr=pod_range(6 + i))
+                for i in range(args.sites)}
+    runners = []
+    node_seconds = 0.0
+    for i, cluster in enumerate(clusters.values()):
+        cluster.start()
+        started = time.perf_counter()
+        share = args.nodes // args.sites + (1 if i < args.nodes % args.sites else 0)
+        cluster.add_nodes(nodes_spec(share))
+        node_seconds += time.perf_counter() - started
+        cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": "mlaas-users"}})
+        runners.append(PodRunner(cluster, "mlaas-users", cluster.state / "pods", stub=True).start())
     hub = start_platform("bench-k8s", profiles=profiles, spawner="kubernetes",
-                         kubernetes={"kubeconfig": str(cluster.kubeconfig), "namespace": "mlaas-users"},
+                         kubernetes={"namespace": "mlaas-users",
+                                     "sites": [{"name": n, "kubeconfig": str(c.kubeconfig)} for n, c in clusters.items()]},
                          dask_gateway={"enabled": False}, data={"enabled": False}, spawn_timeout=600)
     hub_pid = int((hub.state_dir / "hub" / "jupyterhub.pid").read_text())
     api = hub.api()
@@ -180,7 +188,8 @@ def main() -> None:
         times = sorted(ready_at[n] - requested[n] for n in ready_at)
 
         # quota check against what the cluster actually holds
-        pods = cluster.request("GET", "/api/v1/namespaces/mlaas-users/pods")["items"]
+        per_site = {n: c.request("GET", "/api/v1/namespaces/mlaas-users/pods")["items"] for n, c in clusters.items()}
+        pods = [p for items in per_site.values() for p in items]
         use: dict[tuple[str, str], int] = {}
         for pod in pods:
             user = pod["metadata"]["annotations"].get("hub.jupyter.org/username", "")
@@ -200,13 +209,16 @@ def main() -> None:
             "hub_rss_mib": round(rss / 2**20), "hub_peak_rss_mib": round(peak_rss / 2**20),
             "form_p50_ms": round(statistics.median(form_times) * 1000, 1) if form_times else None,
             "form_p95_ms": round(sorted(form_times)[int(len(form_times) * 0.95) - 1] * 1000, 1) if form_times else None,
-            "pods": len(pods), "quota_violations": violations,
+            "sites": args.sites, "pods": len(pods), "pods_per_site": {n: len(items) for n, items in per_site.items()},
+            "quota_violations": violations,
         }
         print(json.dumps(result, indent=1))
     finally:
         hub.platform.stop()
-        runner.stop()
-        cluster.stop()
+        for runner in runners:
+            runner.stop()
+        for cluster in clusters.values():
+            cluster.stop()
 
 
 if __name__ == "__main__":
