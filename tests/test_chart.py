@@ -192,6 +192,14 @@ def test_deploy_installs_our_chart_and_the_pinned_upstream_charts(site, tmp_path
         assert cmd[cmd.index("--version") + 1] == str(pin["version"]) and cmd[cmd.index("--repo") + 1] == pin["repository"]
 
 
+def test_deploy_takes_upstream_charts_from_local_archives_when_given(site, tmp_path):
+    """Air-gapped sites: `mlaas deploy --charts-dir` installs the pinned charts from `helm pull` archives."""
+    (tmp_path / "jupyterhub-4.3.3.tgz").write_bytes(b"")
+    commands = {c[3]: c for c in helm_commands(site, tmp_path / "generated.yaml", tmp_path)}
+    assert commands["jupyterhub"][4] == str(tmp_path / "jupyterhub-4.3.3.tgz") and "--repo" not in commands["jupyterhub"]
+    assert "--repo" in commands["dask-gateway"]  # no archive of the pinned version: from its repository
+
+
 def test_upstream_values_use_what_our_chart_and_package_provide(tmp_path):
     hub_values = yaml.safe_load((REPO / "charts/values/jupyterhub.yaml").read_text())
     chart_defaults = yaml.safe_load((CHART / "values.yaml").read_text())

@@ -8,6 +8,7 @@ storage (static PersistentVolumes stand in for a provisioner)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -97,6 +98,24 @@ def test_helm_installs_our_chart_into_a_restricted_namespace_and_its_pods_run(cl
     assert "mlaas-a100-mig" in cm["data"]["config.yaml"]
     pvcs = cluster.request("GET", "/api/v1/namespaces/mlaas/persistentvolumeclaims")["items"]
     assert all(p["status"]["phase"] == "Bound" for p in pvcs) and len(pvcs) == len(claims)
+
+
+def test_the_upstream_charts_install_from_local_archives(cluster, tmp_path):
+    """The pinned Zero to JupyterHub and Dask Gateway charts, installed as `mlaas deploy` does, from
+    `helm pull` archives in $MLAAS_CHARTS_DIR (the way an air-gapped site installs them). These
+    machines cannot reach the chart repositories, so without the archives there is nothing to run."""
+    from mlaas.deploy import helm_commands
+
+    charts_dir = Path(os.environ.get("MLAAS_CHARTS_DIR", "/nonexistent"))
+    commands = helm_commands(SITE, tmp_path / "generated.yaml", charts_dir)
+    upstream = [c for c in commands if c[3] != "mlaas-hub"]
+    local = [c for c in upstream if c[4].endswith(".tgz")]
+    if not local:
+        pytest.skip("no upstream chart archives in $MLAAS_CHARTS_DIR (jupyterhub-4.3.3.tgz, dask-gateway-2026.3.0.tgz); "
+                    "the chart repositories cannot be reached from here")
+    for command in local:
+        r = helm(cluster, *command[1:], "--namespace", "upstream", "--wait", "--timeout", "300s")
+        assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_pod_security_admission_refuses_a_non_restricted_pod_in_the_namespace(cluster):

@@ -250,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     dep = sub.add_parser("deploy", help="install a site with Helm: our chart and the pinned upstream charts")
     dep.add_argument("site", help="the site directory, e.g. charts/sites/site-a")
     dep.add_argument("--dry-run", action="store_true", help="print the helm commands, run nothing")
+    dep.add_argument("--charts-dir", type=Path, default=os.environ.get("MLAAS_CHARTS_DIR") or None,
+                     help="where the pinned upstream charts lie as `helm pull` archives (<chart>-<version>.tgz), "
+                     "for sites without access to the chart repositories (default: $MLAAS_CHARTS_DIR)")
     sub.add_parser("up", help="start the platform on this machine")
     sub.add_parser("down", help="stop the platform started by `mlaas up`")
     args = parser.parse_args(argv)
@@ -266,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             from .deploy import deploy
 
             site = Path(args.site)
-            return deploy(site, load_settings().state_dir / "deploy" / site.name / "generated.yaml", args.dry_run)
+            return deploy(site, load_settings().state_dir / "deploy" / site.name / "generated.yaml", args.dry_run,
+                          args.charts_dir)
         if args.command == "up":
             return cmd_up()
         return cmd_down()

@@ -159,6 +159,9 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
     def _use_site(self, site: str) -> None:
         """Talk to `site`'s API server from now on (pods, events, claims of this server)."""
         self._default_api  # noqa: B018  (remember KubeSpawner's own client first)
+        if site and site not in self.sites:
+            self.log.error("%s runs at site %s, which is no longer in the hub's sites; it cannot be reached",
+                           self.owner_key, site)
         self.site = site
         self.api = site_core_api(self.sites[site]) if site and site in self.sites else self._default_api
 
@@ -175,8 +178,9 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
         return await super()._start_reflector(kind, reflector_class, replace=replace, **kwargs)
 
     def form_notices(self) -> list[str]:
+        """Sites that cannot be reached; the error (addresses of API servers) only for admins."""
         down = self.federation.unreachable()
-        return [f"Site {name} cannot be reached ({why}); servers start at the other sites."
+        return [f"Site {name} cannot be reached{f' ({why})' if self.user.admin else ''}; servers start at the other sites."
                 for name, why in down.items()]
 
     def where(self, profile: Profile) -> str | None:
