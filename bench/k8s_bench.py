@@ -137,8 +137,8 @@ def main() -> None:
             s = hub.api(token)
             while not stop_sampling.wait(2):
                 t = time.perf_counter()
-                s.get(f"{hub.url}/hub/api/mlaas/profiles").raise_for_status()
-                form_times.append(time.perf_counter() - t)
+                if s.get(f"{hub.url}/hub/api/mlaas/profiles").ok:
+                    form_times.append(time.perf_counter() - t)
 
         threading.Thread(target=sample_form, daemon=True).start()
         cpu0, _ = proc_usage(hub_pid)
@@ -156,32 +156,53 @@ def main() -> None:
                 if r.status_code in (201, 202):
                     requested[name] = sent
                 else:
-                    reason = f"{r.status_code} {r.json().get('message', '')[:90]}"
+                    reason = f"{r.status_code} {r.json().get('message', '').split(':')[0][:70]}"
                     refused[reason] = refused.get(reason, 0) + 1
 
         from concurrent.futures import ThreadPoolExecutor
 
+        ready_at: dict[str, float] = {}
+        failed: set[str] = set()
+        submitting = threading.Event()
+        submitting.set()
+
+        def pages(**params) -> list[dict]:
+            """All users matching `params` (the REST API returns at most 200 per page)."""
+            found, offset = [], 0
+            while True:
+                page = api.get(f"{hub.url}/hub/api/users", params={**params, "limit": 200, "offset": offset}).json()
+                found.extend(page)
+                if len(page) < 200:
+                    return found
+                offset += 200
+
+        def watch_ready() -> None:  # while requests go out: a server's ready time is when it is first seen ready
+            while submitting.is_set() or len(ready_at) + len(failed) < len(requested):
+                seen = time.perf_counter()
+                for model in pages(state="ready"):
+                    with lock:
+                        if model["name"] in requested and model["name"] not in ready_at:
+                            ready_at[model["name"]] = seen
+                if not submitting.is_set() and time.perf_counter() > drain_deadline[0]:
+                    return
+                time.sleep(1)
+
+        drain_deadline = [float("inf")]
+        watcher = threading.Thread(target=watch_ready, daemon=True)
+        watcher.start()
         with ThreadPoolExecutor(max_workers=64) as pool:  # requests leave at the set rate, whatever the hub's latency
             for i, name in enumerate(users):
                 time.sleep(max(0.0, t0 + i / args.rate - time.perf_counter()))
                 pool.submit(spawn, i, name)
                 if i % 50 == 0:
                     peak_rss = max(peak_rss, proc_usage(hub_pid)[1])
-        ready_at: dict[str, float] = {}
-        failed: set[str] = set()
-        deadline = time.perf_counter() + 600
-        while len(ready_at) + len(failed) < len(requested) and time.perf_counter() < deadline:
-            for model in api.get(f"{hub.url}/hub/api/users", params={"limit": 2000}).json():
-                name = model["name"]
-                if name not in requested or name in ready_at:
-                    continue
-                server = model.get("servers", {}).get("")
-                if server and server.get("ready"):
-                    ready_at[name] = time.perf_counter()
-                elif not server and not model.get("pending"):
-                    failed.add(name)  # accepted, then failed while starting (the hub log says why)
+        drain_deadline[0] = time.perf_counter() + 600
+        submitting.clear()
+        while watcher.is_alive():
             peak_rss = max(peak_rss, proc_usage(hub_pid)[1])
-            time.sleep(0.5)
+            watcher.join(5)
+        pending = {m["name"] for m in pages(state="active")} - set(ready_at)
+        failed = set(requested) - set(ready_at) - pending  # accepted, then failed while starting (the hub log says why)
         elapsed = max(ready_at.values(), default=t0) - t0
         cpu1, rss = proc_usage(hub_pid)
         stop_sampling.set()
@@ -202,6 +223,7 @@ def main() -> None:
         result = {
             "nodes": args.nodes, "node_creation_s": round(node_seconds, 1), "users": args.users, "rate_per_s": args.rate,
             "accepted": len(requested), "refused": refused, "ready": len(ready_at), "failed_after_accept": len(failed),
+            "still_starting_at_end": len(set(requested) - set(ready_at) - failed),
             "spawns_per_s": round(len(ready_at) / elapsed, 2) if elapsed else None,
             "spawn_p50_s": round(statistics.median(times), 2) if times else None,
             "spawn_p95_s": round(times[int(len(times) * 0.95) - 1], 2) if times else None,
