@@ -254,6 +254,31 @@ def test_a_profile_site_list_is_checked():
             Profile.model_validate({**base, "sites": sites})
 
 
+def test_a_pod_that_is_not_seen_to_go_away_on_stop_keeps_its_quota_until_it_is_gone():
+    """Seen at 1,000 nodes on 2 cores: KubeSpawner gave up waiting for a deleted pod, the hub let
+    the group start more while the old pods still held their GPUs."""
+    from mlaas.spawners.common import usage_ledger
+
+    cache = kube_capacity("mixed")
+    cache.replace("node", cluster_nodes())
+    cache.replace("pod", [])
+
+    async def run():
+        s = spawner_for("alice", ["atlas-ml", "ml-users"])
+        await s.apply_profile({"profile": "gpu-a100"})
+        cache.apply("pod", "ADDED", pod(s.pod_name, "gpu-1", {"nvidia.com/gpu": "1"}, namespace=s.namespace))
+        s.stop_failed()  # what stop() does when KubeSpawner's stop raises
+        return s
+
+    s = asyncio.run(run())
+    lingering = [h for h in usage_ledger().holdings() if h.user == "alice"]
+    assert len(lingering) == 1 and lingering[0].profile.slug == "gpu-a100"
+    cache.apply("pod", "MODIFIED", pod(s.pod_name, "gpu-1", {"nvidia.com/gpu": "1"}, namespace=s.namespace))
+    assert [h for h in usage_ledger().holdings() if h.user == "alice"]  # terminating, still there
+    cache.apply("pod", "DELETED", pod(s.pod_name, "gpu-1", {"nvidia.com/gpu": "1"}, namespace=s.namespace))
+    assert not [h for h in usage_ledger().holdings() if h.user == "alice"]
+
+
 def project_manifest(user: str, groups: list[str], slug: str = "cpu-small") -> dict:
     cache = kube_capacity("mixed")
     cache.replace("node", cluster_nodes())

@@ -5,6 +5,7 @@ Used by `mlaas up` and by the test suite, so what the tests run is what a newcom
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -61,6 +62,40 @@ def _stop(proc: subprocess.Popen | None, timeout: float) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
+
+
+def _processes_of(config_file: Path) -> list[int]:
+    """Processes started for the platform of `config_file` (they carry MLAAS_CONFIG=<it>): the
+    proxy and the hub's managed services, which outlive a hub that crashed."""
+    marker = f"MLAAS_CONFIG={config_file}".encode() + b"\0"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def _reap(pids: list[int], grace: float = 5.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and _running(p) for p in pids):
+            time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 @dataclass
@@ -170,6 +205,11 @@ class Platform:
 
     def stop(self) -> None:
         _stop(self.hub, 40)  # the hub stops the users' servers and its proxy first
+        if self.config_file is not None:  # what a hub that crashed left behind
+            leftovers = _processes_of(self.config_file)
+            if leftovers:
+                self.notices.append(f"Stopped {len(leftovers)} process(es) the hub left behind")
+                _reap(leftovers)
         _stop(self.idp, 10)
         for server in reversed(self.data_servers):
             server.stop()

@@ -44,6 +44,11 @@ class UsageLedger:
     def release(self, key: str) -> None:
         self._holdings.pop(key, None)
 
+    def rename(self, key: str, new_key: str) -> None:
+        """Keep a holding under another key (a server whose pod is still going away)."""
+        if key in self._holdings:
+            self._holdings[new_key] = self._holdings.pop(key)
+
     def holdings(self, excluding: str | None = None) -> list[Holding]:
         return [h for key, h in self._holdings.items() if key != excluding]
 

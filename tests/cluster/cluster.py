@@ -220,6 +220,15 @@ class Cluster:
         with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
             return json.loads(r.read() or b"{}")
 
+    def watch(self, path: str, idle_timeout: float = 90):
+        """The events of a watch request (`...?watch=1`), one dict per line, until the server ends it."""
+        ctx = ssl._create_unverified_context()
+        req = urllib.request.Request(f"{self.server}{path}", headers={"Authorization": f"Bearer {self._token}"})
+        with urllib.request.urlopen(req, context=ctx, timeout=idle_timeout) as r:
+            for line in r:
+                if line.strip():
+                    yield json.loads(line)
+
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         last = None

@@ -43,24 +43,42 @@ class PodRunner:
             self._kill(proc)
 
     def _loop(self) -> None:
-        while not self._stop.wait(0.2):
+        """List, then follow the watch (relisting when it ends or fails): a poll of every pod a few
+        times a second would cost the API server and this process more than the hub under test."""
+        pods_path = f"/api/v1/namespaces/{self.namespace}/pods?labelSelector=component%3Dsingleuser-server"
+        while not self._stop.is_set():  # users' servers only (KubeSpawner's label), not Dask's pods
             try:
-                pods = self.cluster.request(  # users' servers only (KubeSpawner's label), not Dask's pods
-                    "GET", f"/api/v1/namespaces/{self.namespace}/pods?labelSelector=component%3Dsingleuser-server")["items"]
+                listed = self.cluster.request("GET", pods_path)
+                pods = {p["metadata"]["uid"]: p for p in listed["items"]}
+                self._reconcile(pods)
+                version = listed["metadata"]["resourceVersion"]
+                for event in self.cluster.watch(f"{pods_path}&watch=1&resourceVersion={version}&timeoutSeconds=10"):
+                    if self._stop.is_set():
+                        return
+                    pod = event.get("object") or {}
+                    uid = (pod.get("metadata") or {}).get("uid")
+                    if event.get("type") not in ("ADDED", "MODIFIED", "DELETED") or not uid:
+                        break  # an error event (e.g. the version expired): list again
+                    if event["type"] == "DELETED":
+                        pods.pop(uid, None)
+                    else:
+                        pods[uid] = pod
+                    self._reconcile(pods)
             except Exception:
+                self._stop.wait(0.5)
+
+    def _reconcile(self, pods: dict[str, dict]) -> None:
+        alive = {uid for uid, p in pods.items() if not p["metadata"].get("deletionTimestamp")}
+        for uid in set(self.running) - alive:  # first free what deleted pods held (KWOK reuses IPs)
+            self._kill(self.running.pop(uid))
+        for uid, pod in pods.items():
+            if uid in self.running or uid not in alive:
                 continue
-            alive = {p["metadata"]["uid"] for p in pods if not p["metadata"].get("deletionTimestamp")}
-            for uid in set(self.running) - alive:  # first free what deleted pods held (KWOK reuses IPs)
-                self._kill(self.running.pop(uid))
-            for pod in pods:
-                uid = pod["metadata"]["uid"]
-                if uid in self.running or uid not in alive:
-                    continue
-                if pod["status"].get("phase") == "Running" and pod["status"].get("podIP"):
-                    try:
-                        self._run(pod)
-                    except OSError as e:  # never let one pod stop the runner; retried next round
-                        print(f"pod-runner: {pod['metadata']['name']}: {e}", file=sys.stderr)
+            if pod["status"].get("phase") == "Running" and pod["status"].get("podIP"):
+                try:
+                    self._run(pod)
+                except OSError as e:  # never let one pod stop the runner; retried on the next event or relist
+                    print(f"pod-runner: {pod['metadata']['name']}: {e}", file=sys.stderr)
 
     def _run(self, pod: dict) -> None:
         if self.stub:

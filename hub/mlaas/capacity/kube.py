@@ -14,6 +14,7 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Literal
 
 from ..profiles.mig import GPU_MODELS
@@ -113,6 +114,7 @@ class KubeCapacity:
         self.synced: set[str] = set()  # kinds listed at least once
         self.unreachable: str | None = None
         self.api_calls = 0
+        self._on_gone: dict[str, list[Callable[[], None]]] = {}  # pod key -> what to do once it is gone
 
     # --- feeding the cache ----------------------------------------------------------------------
     def apply(self, kind: Literal["node", "pod"], event: str, obj: dict[str, Any]) -> None:
@@ -129,6 +131,7 @@ class KubeCapacity:
         self._unbook(key)
         self.reservations.pop(meta["name"], None)  # the spawn's pod is visible now
         if event == "DELETED" or (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            self._gone(key)
             return
         info = PodInfo((obj.get("spec") or {}).get("nodeName"), self._pod_requests(obj))
         self.pods[key] = info
@@ -146,6 +149,20 @@ class KubeCapacity:
         for item in items:
             self.apply(kind, "ADDED", item)
         self.synced.add(kind)
+        if kind == "pod":
+            for key in [k for k in self._on_gone if k not in self.pods]:
+                self._gone(key)
+
+    def when_gone(self, pod_key: str, callback: Callable[[], None]) -> None:
+        """Call `callback` once the pod "namespace/name" is gone (now, if the cache has no such pod)."""
+        if "pod" in self.synced and pod_key not in self.pods:
+            callback()
+            return
+        self._on_gone.setdefault(pod_key, []).append(callback)
+
+    def _gone(self, key: str) -> None:
+        for callback in self._on_gone.pop(key, []):
+            callback()
 
     def _unbook(self, key: str) -> None:
         old = self.pods.pop(key, None)

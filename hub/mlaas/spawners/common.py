@@ -199,8 +199,15 @@ class ProfileSpawnerMixin(LoggingConfigurable):
         await self.stop_dask_clusters()
         try:
             await super().stop(now=now)
-        finally:
-            self.release_resources()
+        except BaseException:
+            self.stop_failed()
+            raise
+        self.release_resources()
+
+    def stop_failed(self) -> None:
+        """The server may still hold its resources; spawners that can tell when it is gone keep
+        them counted until then (Kubernetes). By default they are given back."""
+        self.release_resources()
 
     # --- Dask clusters live no longer than the server that made them ------------------------------
     async def stop_dask_clusters(self) -> None:

@@ -23,7 +23,7 @@ from ..capacity.federation import Federation
 from ..capacity.kube import GPU, POOL_KEY, PRODUCT_LABEL, KubeCapacity, MigStrategy, gpu_products, mig_single_products
 from ..profiles import Profile
 from ..projects.names import project_claim, project_slug
-from .common import ProfileSpawnerMixin
+from .common import ProfileSpawnerMixin, usage_ledger
 from .kube_sites import bound_reflector, site_api_client, site_core_api
 
 RESTRICTED_CONTAINER = {
@@ -273,6 +273,21 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
         cache = self.federation.sites.get(self.site)
         if cache is not None:
             cache.release(self.pod_name)
+
+    def stop_failed(self) -> None:
+        """The pod could not be seen to go away (an API server slow or away): it keeps counting for
+        quotas, under a key of its own, until the site's watch reports it gone."""
+        cache = self.federation.sites.get(self.site)
+        if cache is None:
+            super().stop_failed()
+            return
+        pod = f"{self.namespace}/{self.pod_name}"
+        lingering = f"{self.owner_key} (pod {pod} at {self.site or 'the cluster'} going away)"
+        ledger = usage_ledger()
+        ledger.rename(self.owner_key, lingering)
+        cache.release(self.pod_name)
+        self.log.warning("%s: pod %s is not gone yet; it counts for quotas until it is", self.owner_key, pod)
+        cache.when_gone(pod, lambda: ledger.release(lingering))
 
     def get_state(self) -> dict:
         state = super().get_state()
