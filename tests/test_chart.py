@@ -6,6 +6,8 @@ against the chart's schema; and the MIG layouts against the GPU models. No netwo
 
 from __future__ import annotations
 
+import asyncio
+
 import subprocess
 import sys
 from pathlib import Path
@@ -221,5 +223,13 @@ def test_upstream_values_use_what_our_chart_and_package_provide(tmp_path):
     class User:
         name, groups = "alice", {"atlas-ml", "ml-users"}
 
-    options = g.Backend.cluster_options(User())
+    # what the Dask Gateway chart's own configuration sets from these values
+    g.KubeClusterConfig.worker_extra_container_config = gw_values["gateway"]["backend"]["worker"]["extraContainerConfig"]
+    backend = g.DaskGateway.backend_class(config=g)
+    assert backend.profiles_dir == str(REPO / "spawner_profiles")
+    options = asyncio.run(backend.get_cluster_options(User()))
     assert {f.field for f in options.fields} >= {"worker_cores", "worker_memory", "worker_gpus"}
+    gpu_worker = options.get_configuration(options.parse_options({"worker_gpus": "1"}), User())
+    container = gpu_worker["worker_extra_container_config"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["securityContext"]["runAsNonRoot"] is True  # Pod Security "restricted" still admits it
