@@ -136,12 +136,14 @@ def gateway_service(s: Settings) -> dict:
         service["user"] = account.name
     else:
         (state / "clusters").mkdir(parents=True, exist_ok=True)
-    if s.dask_gateway.backend == "kubernetes" and s.kubernetes.default_kubeconfig:
+    if on_kubernetes and s.kubernetes.default_kubeconfig:
         # the gateway's account gets its own private copy of the cluster credentials (the hub's
-        # kubeconfig stays readable by root only)
+        # kubeconfig stays readable by root only); created 0600, never readable by others
         private = state / "kubeconfig"
-        private.write_bytes(Path(s.kubernetes.default_kubeconfig).read_bytes())
-        os.chmod(private, 0o600)
+        private.unlink(missing_ok=True)
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(Path(s.kubernetes.default_kubeconfig).read_bytes())
         if account is not None:
             os.chown(private, account.uid, account.gid)
         service["environment"]["KUBECONFIG"] = str(private)

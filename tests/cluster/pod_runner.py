@@ -39,7 +39,7 @@ class PodRunner:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
-        for proc in self.running.values():
+        for proc in list(self.running.values()):  # the thread may still be reading its last watch event
             self._kill(proc)
 
     def _loop(self) -> None:

@@ -13,8 +13,8 @@ import asyncio
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..profiles.mig import GPU_MODELS
