@@ -50,6 +50,7 @@ class Availability:
     free: int  # how many more servers of this profile fit now
     total: int  # how many would fit on the idle platform
     reason: str | None  # why none can be started, if free == 0
+    where: str | None = None  # per site, with a federation: "at site-a 1 free, site-b 2 free"
 
 
 class CapacitySource(Protocol):

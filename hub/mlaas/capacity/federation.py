@@ -47,6 +47,7 @@ class Federation:
                 for name in self.allowed(profile)]
 
     def availability(self, profile: Profile) -> Availability:
+        """Summed over the allowed sites, with the per-site detail in `where` (one pass over the sites)."""
         if not self.federated:
             return next(iter(self.sites.values())).availability(profile)
         per_site = self.breakdown(profile)
@@ -55,23 +56,15 @@ class Federation:
             return Availability(0, 0, f"it runs only at {wanted}, which this hub does not serve")
         free = sum(s.availability.free for s in per_site)
         total = sum(s.availability.total for s in per_site)
-        if free > 0:
-            return Availability(free, total, None)
-        reasons = [f"site {s.site} is unreachable" if s.unreachable else f"at {s.site}: {s.availability.reason}"
-                   for s in per_site]
-        return Availability(0, total, "; ".join(reasons))
+        reason = None
+        if free == 0:
+            reason = "; ".join(f"site {s.site} is unreachable" if s.unreachable else f"at {s.site}: {s.availability.reason}"
+                               for s in per_site)
+        return Availability(free, total, reason, _where(per_site))
 
     def where(self, profile: Profile) -> str | None:
         """Per-site detail for the form: 'at site-a 1 free, site-b 2 free; site-c cannot be reached'."""
-        if not self.federated:
-            return None
-        per_site = self.breakdown(profile)
-        up = [f"{s.site} {s.availability.free} free" for s in per_site if not s.unreachable]
-        down = [s.site for s in per_site if s.unreachable]
-        text = "at " + ", ".join(up) if up else ""
-        if down:
-            text += ("; " if text else "") + ", ".join(down) + " cannot be reached"
-        return text or None
+        return self.availability(profile).where
 
     def place(self, profile: Profile) -> str | None:
         """The allowed, reachable site with the most room for one more server of the profile."""
@@ -80,3 +73,12 @@ class Federation:
             if not s.unreachable and s.availability.free > best_free:
                 best, best_free = s.site, s.availability.free
         return best
+
+
+def _where(per_site: list[SiteAvailability]) -> str | None:
+    up = [f"{s.site} {s.availability.free} free" for s in per_site if not s.unreachable]
+    down = [s.site for s in per_site if s.unreachable]
+    text = "at " + ", ".join(up) if up else ""
+    if down:
+        text += ("; " if text else "") + ", ".join(down) + " cannot be reached"
+    return text or None

@@ -112,12 +112,8 @@ class ProfileSpawnerMixin(LoggingConfigurable):
             reason = availability.reason if availability.free == 0 else None
             if reason is None and (quota := self.quota_refusal(profile)):
                 reason = f"your group's quota is used ({quota})"
-            entries.append(FormEntry(profile, reason, capacity, self.where(profile)))
+            entries.append(FormEntry(profile, reason, capacity, availability.where))
         return entries
-
-    def where(self, profile: Profile) -> str | None:
-        """Where servers of the profile would run, when there is a choice (sites of a federation)."""
-        return None
 
     def form_notices(self) -> list[str]:
         """Platform conditions every user of the form should know about (e.g. a site that is down)."""

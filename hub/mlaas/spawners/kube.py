@@ -183,9 +183,6 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
         return [f"Site {name} cannot be reached{f' ({why})' if self.user.admin else ''}; servers start at the other sites."
                 for name, why in down.items()]
 
-    def where(self, profile: Profile) -> str | None:
-        return self.federation.where(profile)
-
     async def load_user_options(self) -> None:
         """The profile was applied by `apply_profile` (server-side checks included); KubeSpawner's
         own profile_list handling stays off."""
