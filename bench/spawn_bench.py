@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from jupyterhub.spawner import set_user_setuid  # noqa: E402
 
-from mlaas.accounts import ensure_account  # noqa: E402
+from mlaas.accounts import account_name, ensure_account  # noqa: E402
 
 from helpers import (  # noqa: E402  (the test helpers start the same platform as `make up`)
     ARTIFACTS,
@@ -85,7 +85,7 @@ def time_bare_singleuser(hub, name: str, token: str) -> float:
     args = [f"{sys.prefix}/bin/jupyterhub-singleuser", f"--port={port}", "--ip=127.0.0.1"]
     preexec = None
     if os.geteuid() == 0:  # like our servers: a user account, not root
-        account = ensure_account(name, Path(env["HOME"]))
+        account = ensure_account(account_name(name), name, Path(env["HOME"]))
         preexec = set_user_setuid(account.name, chdir=False)
     else:
         Path(env["HOME"]).mkdir(exist_ok=True)

@@ -5,7 +5,13 @@ Code in alice's kernel tries to reach bob's files, processes and server.
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import time
+
 import pytest
+import requests
 
 from conftest import needs_root
 from helpers import RunningPlatform, ensure_user, kernel_json, start_server, stop_server, user_token
@@ -33,34 +39,32 @@ def test_users_cannot_reach_each_others_files_processes_or_servers(hub, pair):
         """
 import json, os
 open(os.path.expanduser("~/secret.txt"), "w").write("bob's data")
-print(json.dumps({"home": os.path.expanduser("~"), "server_pid": os.getppid(),
-                  "server_url": os.environ["JUPYTERHUB_SERVICE_URL"], "uid": os.getuid()}))
+args = open(f"/proc/{os.getppid()}/cmdline").read().split("\\0")
+sock = next(a.split("=", 1)[1] for a in args if a.startswith("--ServerApp.sock="))
+print(json.dumps({"home": os.path.expanduser("~"), "server_pid": os.getppid(), "socket": sock, "uid": os.getuid()}))
 """,
     )
     probe = f"""
-import json, os, signal, urllib.request, urllib.error
+import json, os, signal, socket
 bob = {bob!r}
 def attempt(fn):
     try:
         return "allowed: " + repr(fn())[:80]
     except Exception as e:
         return type(e).__name__
-def http(token):
-    req = urllib.request.Request(bob["server_url"].rstrip("/") + "/api/contents/secret.txt")
-    if token:
-        req.add_header("Authorization", "token " + token)
-    try:
-        return urllib.request.urlopen(req, timeout=10).status
-    except urllib.error.HTTPError as e:
-        return e.code
+def connect():
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(bob["socket"])
+    s.sendall(b"GET /api/contents/secret.txt HTTP/1.0\\r\\n\\r\\n")
+    return s.recv(100)
 print(json.dumps({{
     "uid": os.getuid(),
     "list_home": attempt(lambda: os.listdir(bob["home"])),
     "read_file": attempt(lambda: open(bob["home"] + "/secret.txt").read()),
     "read_environ": attempt(lambda: open(f"/proc/{{bob['server_pid']}}/environ").read()),
     "signal": attempt(lambda: os.kill(bob["server_pid"], signal.SIGTERM)),
-    "http_no_token": http(None),
-    "http_own_token": http(os.environ["JUPYTERHUB_API_TOKEN"]),
+    "connect_server": attempt(connect),
+    "list_sockets": attempt(lambda: os.listdir(os.path.dirname(bob["socket"]))),
 }}))
 """
     alice = kernel_json(hub, "iso-alice", pair["iso-alice"], probe)
@@ -69,8 +73,8 @@ print(json.dumps({{
     assert alice["read_file"] == "PermissionError"
     assert alice["read_environ"] == "PermissionError"  # bob's server token lives there
     assert alice["signal"] == "PermissionError"
-    assert alice["http_no_token"] in (302, 403)  # to the hub's login, or refused
-    assert alice["http_own_token"] == 403
+    assert alice["connect_server"] == "PermissionError"  # bob's server listens where only he may go
+    assert alice["list_sockets"] == "PermissionError"
     # bob's server survived all of it
     model = hub.api().get(f"{hub.url}/hub/api/users/iso-bob").json()
     assert model["servers"][""]["ready"]
@@ -100,3 +104,94 @@ def test_an_existing_account_is_moved_to_this_platforms_home(hub):
     expected = str(hub.state_dir / "homes" / name)
     assert where == [expected, expected]
     assert pwd.getpwnam(name).pw_dir == expected
+
+
+TAKEOVER = r'''
+import json, os, subprocess, sys, time
+target = __TARGET__
+listener = """
+import os, socket, sys, time
+target, out = sys.argv[1], sys.argv[2]
+try:
+    if target.startswith("http+unix://"):
+        from urllib.parse import unquote
+        path = unquote(target[len("http+unix://"):])
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(path)
+    else:
+        host, port = target.split("://", 1)[1].rsplit(":", 1)
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, int(port)))
+    s.listen(8)
+    open(out + ".bind", "w").write("bound")
+except Exception as e:
+    open(out + ".bind", "w").write("refused: " + type(e).__name__)
+    sys.exit(0)
+s.settimeout(20)
+deadline = time.time() + 20
+while time.time() < deadline:
+    try:
+        conn, _ = s.accept()
+    except OSError:
+        break
+    conn.settimeout(2)
+    try:
+        data = conn.recv(65536)
+    except OSError:
+        data = b""
+    with open(out, "ab") as f:
+        f.write(data)
+    conn.close()
+"""
+out = os.path.expanduser("~/captured")
+for suffix in ("", ".bind"):
+    try:
+        os.unlink(out + suffix)
+    except FileNotFoundError:
+        pass
+subprocess.Popen([sys.executable, "-c", listener, target, out], start_new_session=True,
+                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+for _ in range(100):
+    if os.path.exists(out + ".bind"):
+        break
+    time.sleep(0.05)
+print(json.dumps(open(out + ".bind").read()))
+'''
+
+
+def test_a_dead_servers_address_cannot_be_taken_over_by_another_user(hub):
+    """Route takeover: bob's server dies; before the hub notices, alice's process tries to listen
+    where the proxy sends bob's requests. She must get no request and no token of his."""
+    ensure_user(hub, "iso-victim", ["ml-users"])
+    ensure_user(hub, "iso-thief", ["ml-users"])
+    victim, thief = user_token(hub, "iso-victim"), user_token(hub, "iso-thief")
+    start_server(hub, "iso-thief", thief, {"profile": "small"})
+    start_server(hub, "iso-victim", victim, {"profile": "small"})
+    try:
+        routes = re.findall(r"Adding user iso-victim to proxy /user/iso-victim/ => (\S+)", hub.hub_log())
+        assert routes, "the hub did not log the victim's route"
+        target = routes[-1]
+        server_pid = kernel_json(hub, "iso-victim", victim, "import os, json; print(json.dumps(os.getppid()))")
+        os.kill(server_pid, signal.SIGKILL)  # the server dies; the hub has not noticed yet
+        time.sleep(0.5)
+        bind = kernel_json(hub, "iso-thief", thief, TAKEOVER.replace("__TARGET__", repr(target)))
+        r = requests.get(f"{hub.url}/user/iso-victim/api/contents", headers={"Authorization": f"token {victim}"},
+                         timeout=30, allow_redirects=False)
+        time.sleep(1)
+        captured = kernel_json(hub, "iso-thief", thief, """
+import json, os
+path = os.path.expanduser("~/captured")
+print(json.dumps(open(path, errors="replace").read() if os.path.exists(path) else ""))
+""")
+    finally:
+        stop_server(hub, "iso-victim")
+        stop_server(hub, "iso-thief")
+    assert victim not in captured, "the other user's process received the victim's token"
+    assert captured == "", f"the other user's process received the victim's request: {captured[:200]!r}"
+    assert bind.startswith("refused"), f"another account could listen at the victim's address ({bind})"
+    assert r.status_code != 200

@@ -27,6 +27,7 @@ class ProfilesAPIHandler(APIHandler):
         if user is None or getattr(user, "kind", "user") != "user":
             raise web.HTTPError(403, "Only users have profiles; sign in or use a user's token.")
         spawner = user.get_spawner("", replace_failed=True)
+        await spawner.store.fresh()
         entries = spawner.form_entries()
         self.set_header("Content-Type", "application/json")
         self.write(
@@ -61,7 +62,7 @@ class QuotasAPIHandler(APIHandler):
     @needs_scope("admin:users")
     async def get(self) -> None:
         self.set_header("Content-Type", "application/json")
-        self.write(json.dumps({"groups": quotas.report(self.store.current(), usage_ledger().holdings())}))
+        self.write(json.dumps({"groups": quotas.report(await self.store.fresh(), usage_ledger().holdings())}))
 
 
 class CapacityAPIHandler(APIHandler):
@@ -92,7 +93,7 @@ class UsageAPIHandler(APIHandler):
             devices.setdefault(owner, []).append(
                 {"uuid": uuid, "model": d.model if d else "", "mig_profile": d.mig_profile if d else None}
             )
-        pset = self.store.current()
+        pset = await self.store.fresh()
         holdings = usage_ledger().holdings()
         self.set_header("Content-Type", "application/json")
         self.write(

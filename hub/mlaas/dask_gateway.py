@@ -187,7 +187,7 @@ class ProfileLimitsMixin(LoggingConfigurable):
     async def get_cluster_options(self, user: Any) -> Options:
         config = self.cluster_config_class(parent=self)
         return cluster_options_for(
-            self.store.current(), user.groups, dict(config.environment), kubernetes=self.kubernetes,
+            await self.store.fresh(), user.groups, dict(config.environment), kubernetes=self.kubernetes,
             worker_container=getattr(config, "worker_extra_container_config", None),
             worker_pod=getattr(config, "worker_extra_pod_config", None),
         )
@@ -213,7 +213,7 @@ class ProfileLimitsMixin(LoggingConfigurable):
         ]
 
     async def start_cluster(self, user: Any, cluster_options: dict) -> str:
-        refusal = new_cluster_refusal(self.store.current(), self._uses(), user.name, user.groups)
+        refusal = new_cluster_refusal(await self.store.fresh(), self._uses(), user.name, user.groups)
         if refusal:
             raise PublicException(f"New Dask cluster refused: {refusal}.")
         return await super().start_cluster(user, cluster_options)  # type: ignore[misc]

@@ -211,6 +211,7 @@ def configure(c, settings: Settings) -> None:
     sp = c.LocalProfileSpawner
     sp.gpu_inventory = s.gpu_inventory
     sp.homes_dir = str(s.homes_dir)
+    sp.accounts_db = str(s.accounts_db)
     sp.isolation = s.isolation
     sp.max_concurrent_starts = s.max_concurrent_starts
     c.Spawner.default_url = "/lab"

@@ -149,6 +149,11 @@ class Settings(BaseModel):
         return self.state_dir / "hub"
 
     @property
+    def accounts_db(self) -> Path:
+        """Hub users' system accounts and AAI identities (mlaas.accounts.AccountRegistry)."""
+        return self.hub_dir / "accounts.sqlite"
+
+    @property
     def homes_dir(self) -> Path:
         return self.state_dir / "homes"
 

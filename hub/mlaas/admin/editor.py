@@ -18,7 +18,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from ..profiles.loader import ProfileError, ProfileErrors, load_profile_texts
+from ..profiles.loader import ProfileError, ProfileErrors, load_profile_texts, load_yaml_bounded
 from ..profiles.model import GroupQuota, Profile
 from .history import Change, ChangeLog
 from .source import ProfileSource
@@ -125,9 +125,11 @@ class ProfileEditor:
 
     # --- changing ------------------------------------------------------------------------------
     def create(self, kind: str, item: dict[str, Any], who: str, file: str | None = None) -> Change:
+        _require_mapping(kind, item)
         return self._change(kind, str(item.get(self._kind(kind)[0], "")), who, item, None, create_in=file or "")
 
     def update(self, kind: str, key: str, item: dict[str, Any], version: str | None, who: str) -> Change:
+        _require_mapping(kind, item)  # None here would mean "delete": only delete() deletes
         return self._change(kind, key, who, item, version)
 
     def patch(self, kind: str, key: str, fields: dict[str, Any], version: str | None, who: str) -> Change:
@@ -251,7 +253,9 @@ class ProfileEditor:
 
     def _load(self, name: str) -> Any:
         try:
-            return _yaml().load(self.source.read(name))
+            text = self.source.read(name)
+            load_yaml_bounded(text)  # refuses alias bombs and oversized files before anything walks them
+            return _yaml().load(text)
         except Exception:
             return None  # a broken file: the checker reports it; nothing in it can be edited here
 
@@ -281,6 +285,11 @@ class ProfileEditor:
             k: v for k, v in new.items()
             if v is not None and (k in had or not (k in DEFAULTS and v == DEFAULTS[k]))
         }
+
+
+def _require_mapping(kind: str, item: Any) -> None:
+    if not isinstance(item, dict):
+        raise Invalid([FieldError("", f"a {kind[:-1]} must be a mapping of fields, not {type(item).__name__}")])
 
 
 def merge_into(node: CommentedMap, new: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ changed since `version` (with the current item), 404, 400.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from tornado import httpclient, ioloop, web
 from ..settings import load_settings
 from .editor import EditError, Invalid, ProfileEditor
 from .history import ChangeLog
-from .source import FileSource
+from .source import FILE_NAME_RE, FileSource
 
 log = logging.getLogger("mlaas.admin")
 HERE = Path(__file__).parent
@@ -85,6 +86,30 @@ class APIHandler(AdminHandler):
             raise web.HTTPError(400, "The request body must be a JSON object.")
         return data
 
+    def item(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The body's `item`: always a JSON object of fields (a missing item never means delete)."""
+        item = body.get("item")
+        if not isinstance(item, dict):
+            got = "missing" if "item" not in body else f"a {type(item).__name__ if item is not None else 'null'}"
+            raise web.HTTPError(400, f"'item' must be a JSON object with the item's fields ({got}); "
+                                     "to delete, use DELETE")
+        return item
+
+    def file(self, body: dict[str, Any]) -> str | None:
+        """The body's `file`: a profile file's name in the profiles directory, or absent."""
+        name = body.get("file")
+        if name is None:
+            return None
+        if not isinstance(name, str) or not FILE_NAME_RE.match(name):
+            raise web.HTTPError(400, f"'file' must name a profile file such as 'gpu.yaml' (lower-case letters, "
+                                     f"digits, - and _, no directories), not {str(name)[:80]!r}")
+        return name
+
+    def version(self, value: Any) -> str | None:
+        if value is not None and not isinstance(value, str):
+            raise web.HTTPError(400, f"'version' must be the string from GET, not {str(value)[:40]!r}")
+        return value
+
     def send(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
@@ -96,14 +121,18 @@ class APIHandler(AdminHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"status": status_code, "message": message}))
 
-    def edit(self, action, *args: Any) -> None:
+    async def edit(self, action, *args: Any) -> None:
         try:
-            change = action(*args)
+            # reading and validating YAML is work for a thread, not for this service's event loop
+            change = await asyncio.to_thread(action, *args)
         except Invalid as e:
             self.send({"message": f"Not saved: {e}", "errors": [x.as_dict() for x in e.errors]}, e.status)
             return
         except EditError as e:
             self.send({"message": str(e), "current": getattr(e, "current", None)}, e.status)
+            return
+        except ValueError as e:  # a name the source refuses (FileSource._checked)
+            self.send({"message": str(e)}, 400)
             return
         log.info("%s: change #%d %s %s %s", self.who, change.id, change.action, change.kind, change.key)
         current = None
@@ -113,45 +142,46 @@ class APIHandler(AdminHandler):
 
 
 class ItemsHandler(APIHandler):
-    def get(self, kind: str) -> None:
-        self.send({kind: self.editor.items(kind), "files": self.editor.files()})
+    async def get(self, kind: str) -> None:
+        items = await asyncio.to_thread(self.editor.items, kind)
+        self.send({kind: items, "files": self.editor.files()})
 
-    def post(self, kind: str) -> None:
+    async def post(self, kind: str) -> None:
         body = self.body()
-        self.edit(self.editor.create, kind, body.get("item"), self.who, body.get("file"))
+        await self.edit(self.editor.create, kind, self.item(body), self.who, self.file(body))
 
 
 class ItemHandler(APIHandler):
-    def get(self, kind: str, key: str) -> None:
+    async def get(self, kind: str, key: str) -> None:
         try:
-            self.send(self.editor.get(kind, key))
+            self.send(await asyncio.to_thread(self.editor.get, kind, key))
         except EditError as e:
             raise web.HTTPError(e.status, str(e)) from None
 
-    def put(self, kind: str, key: str) -> None:
+    async def put(self, kind: str, key: str) -> None:
         body = self.body()
-        self.edit(self.editor.update, kind, key, body.get("item"), body.get("version"), self.who)
+        await self.edit(self.editor.update, kind, key, self.item(body), self.version(body.get("version")), self.who)
 
-    def patch(self, kind: str, key: str) -> None:
+    async def patch(self, kind: str, key: str) -> None:
         body = self.body()
         fields = body.get("fields")
         if not isinstance(fields, dict):
-            raise web.HTTPError(400, "PATCH takes {'fields': {...}, 'version': ...}.")
-        self.edit(self.editor.patch, kind, key, fields, body.get("version"), self.who)
+            raise web.HTTPError(400, "PATCH takes {'fields': {...}, 'version': ...}: 'fields' must be a JSON object.")
+        await self.edit(self.editor.patch, kind, key, fields, self.version(body.get("version")), self.who)
 
-    def delete(self, kind: str, key: str) -> None:
-        self.edit(self.editor.delete, kind, key, self.get_query_argument("version", None), self.who)
+    async def delete(self, kind: str, key: str) -> None:
+        await self.edit(self.editor.delete, kind, key, self.get_query_argument("version", None), self.who)
 
 
 class HistoryHandler(APIHandler):
-    def get(self) -> None:
+    async def get(self) -> None:
         kind, key = self.get_query_argument("kind", None), self.get_query_argument("key", None)
         self.send({"changes": [c.as_dict() for c in self.editor.history.list(kind, key)]})
 
 
 class RestoreHandler(APIHandler):
-    def post(self, change_id: str) -> None:
-        self.edit(self.editor.restore, int(change_id), self.who)
+    async def post(self, change_id: str) -> None:
+        await self.edit(self.editor.restore, int(change_id), self.who)
 
 
 class FilesHandler(APIHandler):

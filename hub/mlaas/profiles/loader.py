@@ -18,6 +18,46 @@ from ruamel.yaml.error import MarkedYAMLError
 from .model import DaskPolicy, GroupQuota, Profile, ProfileFile, Project
 
 PROFILE_SUFFIXES = (".yaml", ".yml")
+# Bounds on what one file may cost to read. A file of YAML aliases that refer to each other
+# doubles with every level: 444 bytes expanded to millions of values and blocked the profile API
+# for a minute. Real profile files are a few KiB with a few hundred values.
+MAX_FILE_BYTES = 256 * 1024
+MAX_VALUES = 20_000
+
+
+class YAMLTooLarge(ValueError):
+    """A document over the size or expansion bounds (see docs/profiles.md, "Limits")."""
+
+
+def expanded_size_check(node: Any, limit: int = MAX_VALUES) -> None:
+    """Raise YAMLTooLarge when `node` expands (aliases followed) to more than `limit` values.
+
+    Counts while walking and stops at the limit, so the check itself costs at most `limit` steps."""
+    budget = limit
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise YAMLTooLarge(
+                f"expands to more than {limit:,} values (YAML aliases that repeat each other?); "
+                "a profile file may hold at most that many"
+            )
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def load_yaml_bounded(text: str) -> Any:
+    """Parse a profile file's text (ruamel round-trip) within the size and expansion bounds."""
+    size = len(text.encode("utf-8", errors="replace"))
+    if size > MAX_FILE_BYTES:
+        raise YAMLTooLarge(f"is {size:,} bytes; a profile file may be at most {MAX_FILE_BYTES:,} bytes")
+    raw = YAML(typ="rt").load(text)
+    expanded_size_check(raw)
+    return raw
 
 
 @dataclass(frozen=True)
@@ -64,9 +104,25 @@ class ProfileSet:
         return [p.slug for p in self.profiles]
 
 
+def profile_entries(directory: Path) -> list[Path]:
+    """Everything in a directory named like a profile file, regular file or not, by name."""
+    return sorted(p for p in directory.iterdir() if p.suffix in PROFILE_SUFFIXES)
+
+
 def profile_files(directory: Path) -> list[Path]:
     """The profile files of a directory, in the order they are read (by name)."""
-    return sorted(p for p in directory.iterdir() if p.suffix in PROFILE_SUFFIXES and p.is_file())
+    return [p for p in profile_entries(directory) if p.is_file()]
+
+
+def not_regular_files(directory: Path) -> list[ProfileError]:
+    """Entries named like profile files that cannot be read as one (a directory, a device, a
+    dangling link): reported, never silently skipped."""
+    errors = []
+    for p in profile_entries(directory):
+        if not p.is_file():
+            what = "a directory" if p.is_dir() else "a dangling link" if not p.exists() else "not a regular file"
+            errors.append(ProfileError(str(p), None, "", f"is {what}, not a profile file"))
+    return errors
 
 
 def load_profile_dir(directory: str | Path) -> ProfileSet:
@@ -81,6 +137,12 @@ def load_profile_files(paths: Iterable[Path]) -> ProfileSet:
     unreadable: list[ProfileError] = []
     for path in paths:
         try:
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:  # not even read: the bound is the point
+                unreadable.append(ProfileError(
+                    str(path), None, "", f"is {size:,} bytes; a profile file may be at most {MAX_FILE_BYTES:,} bytes"
+                ))
+                continue
             texts.append((str(path), path.read_text(encoding="utf-8")))
         except (OSError, UnicodeDecodeError) as e:
             unreadable.append(ProfileError(str(path), None, "", f"cannot be read: {e}"))
@@ -133,7 +195,9 @@ def parse_profile_text(text: str, filename: str) -> tuple[list[tuple[Profile, st
 def parse_file(text: str, filename: str) -> tuple[ParsedFile, list[ProfileError]]:
     """Validate one file's text; return its profiles and quotas (with 'file:line') or its errors."""
     try:
-        raw = YAML(typ="rt").load(text)
+        raw = load_yaml_bounded(text)
+    except YAMLTooLarge as e:
+        return ParsedFile(), [ProfileError(filename, None, "", str(e))]
     except MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None

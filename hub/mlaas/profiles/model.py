@@ -55,8 +55,16 @@ Cores = Annotated[float, BeforeValidator(_cores)]
 Bytes = Annotated[int, BeforeValidator(_bytes)]
 
 
+MAX_ENV_VARS = 64
+MAX_ENV_NAME = 128
+MAX_ENV_VALUE = 4096
+MAX_LIST = 256  # groups, sites, choices: longer lists are a mistake or an attack
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinities are refused for every number: `cpu: .nan` would pass `>`/`<` checks and a
+    # NaN quota would never be exceeded
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class CpuSpec(_Strict):
@@ -130,13 +138,15 @@ class Profile(_Strict):
     display_name: str = Field(min_length=1, max_length=80)
     description: str = Field("", max_length=500)
     image: str | None = Field(
-        None, description="Container image on Kubernetes; on one machine the platform's environment."
+        None, max_length=256, description="Container image on Kubernetes; on one machine the platform's environment."
     )
     cpu: CpuSpec
     memory: MemorySpec
     gpu: GpuRequest | None = None
     mig: MigRequest | None = None
-    groups: list[str] = Field(min_length=1, description="Groups that may use the profile; ['*'] for everyone.")
+    groups: list[str] = Field(
+        min_length=1, max_length=MAX_LIST, description="Groups that may use the profile; ['*'] for everyone."
+    )
     node_pool: str | None = Field(
         None,
         description="Kubernetes: run only on nodes labelled mlaas.io/node-pool=<pool>, tolerating that pool's taint "
@@ -144,6 +154,7 @@ class Profile(_Strict):
     )
     sites: list[str] | None = Field(
         None,
+        max_length=MAX_LIST,
         description="Kubernetes federation: the sites (clusters) this profile may run at, by the names in the hub's "
         "`kubernetes.sites`; every site if left out. Ignored on one machine.",
     )
@@ -202,7 +213,15 @@ class Profile(_Strict):
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
+        if len(value) > MAX_ENV_VARS:
+            raise ValueError(f"{len(value)} variables; a profile may set at most {MAX_ENV_VARS}")
+        for key, text in value.items():
+            if len(key) > MAX_ENV_NAME or len(text) > MAX_ENV_VALUE:
+                raise ValueError(
+                    f"{key[:40]!r}: names may be {MAX_ENV_NAME} and values {MAX_ENV_VALUE} characters long at most"
+                )
+            if "\0" in text:
+                raise ValueError(f"{key!r}: a value cannot hold a NUL character")
             if not ENV_NAME_RE.match(key):
                 raise ValueError(f"{key!r} is not an environment variable name")
             if key in RESERVED_ENV:
@@ -247,9 +266,9 @@ class DaskLimits(_Strict):
 class DaskPolicy(_Strict):
     """What Dask Gateway offers: worker sizes to choose from and limits per cluster and per user."""
 
-    worker_cores: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
-    worker_memory: list[Bytes] = Field(default_factory=lambda: [2 * 2**30, 4 * 2**30], min_length=1)
-    worker_gpus: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    worker_cores: list[int] = Field(default_factory=lambda: [1, 2], min_length=1, max_length=MAX_LIST)
+    worker_memory: list[Bytes] = Field(default_factory=lambda: [2 * 2**30, 4 * 2**30], min_length=1, max_length=MAX_LIST)
+    worker_gpus: list[int] = Field(default_factory=lambda: [0, 1], min_length=1, max_length=MAX_LIST)
     cluster_max_workers: int = Field(8, ge=1, le=10_000)
     cluster_max_cores: Cores = 16.0
     cluster_max_memory: Bytes = 64 * 2**30
@@ -280,7 +299,9 @@ class GroupQuota(_Strict):
 
     group: str
     gpus: int | None = Field(None, ge=0, le=100_000, description="Whole GPUs.")
-    mig: dict[str, int] = Field(default_factory=dict, description="MIG slices by profile, e.g. {3g.20gb: 2}.")
+    mig: dict[str, int] = Field(
+        default_factory=dict, max_length=MAX_LIST, description="MIG slices by profile, e.g. {3g.20gb: 2}."
+    )
     cpu: Cores | None = Field(None, description="CPU cores (sum of limits).")
     memory: Bytes | None = Field(None, description="Memory (sum of limits).")
     servers_per_user: int | None = Field(None, ge=0, le=1000, description="Running servers of one member.")

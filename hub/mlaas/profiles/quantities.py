@@ -5,6 +5,7 @@ One parser for both spawners, so a profile means the same on one machine and on 
 
 from __future__ import annotations
 
+import math
 import re
 
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
@@ -27,6 +28,8 @@ def parse_bytes(value: object) -> int:
         if isinstance(value, str) and value.strip().startswith("-"):
             raise ValueError(f"{value!r} is negative")
         raise ValueError(f"{value!r} is not a memory size (use e.g. 512Mi, 4Gi, 4G)")
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r} is not a memory size (not a finite number)")
     if number < 0:
         raise ValueError(f"{value!r} is negative")
     factor = 1 if unit is None else _BINARY.get(unit) or _DECIMAL[unit]
@@ -45,6 +48,8 @@ def parse_cpu(value: object) -> float:
         if isinstance(value, str) and value.strip().startswith("-"):
             raise ValueError(f"{value!r} is negative")
         raise ValueError(f"{value!r} is not a CPU amount (use e.g. 2, 0.5 or 500m)")
+    if not math.isfinite(cores):
+        raise ValueError(f"{value!r} is not a CPU amount (not a finite number)")
     if cores < 0:
         raise ValueError(f"{value!r} is negative")
     return cores

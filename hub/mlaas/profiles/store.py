@@ -1,12 +1,17 @@
 """Keep the profiles in force: reload on change, keep the last good set when an edit is broken.
 
-The hub asks `current()` before every form and spawn; a few `stat` calls decide whether the
-files changed. A valid edit takes effect at once; an invalid one is logged with every error
-and the last good profiles stay in force, also across hub restarts (a JSON snapshot).
+The hub asks `await fresh()` before every form and spawn: a few `stat` calls decide whether the
+files changed, and a changed file is parsed in a worker thread, never on the hub's event loop.
+`current()` called on an event loop never parses either: it answers with the set in force.
+A valid edit takes effect at once; an invalid one is logged with every error and the last good
+profiles stay in force, also across hub restarts (a JSON snapshot). A file that disappears or
+turns into something else (a directory) is an error too: the profiles it held stay in force
+until an admin withdraws them (docs/profiles.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -14,7 +19,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .loader import ProfileError, ProfileErrors, ProfileSet, load_profile_dir, profile_files
+from .loader import (
+    ProfileError, ProfileErrors, ProfileSet, load_profile_dir, not_regular_files, profile_entries, profile_files,
+)
 from .model import DaskPolicy, GroupQuota, Profile, Project
 
 Signature = tuple[tuple[str, int, int], ...]
@@ -32,7 +39,18 @@ class ProfileStore:
         self._loaded_once = False
 
     def current(self) -> ProfileSet:
-        self.refresh()
+        """The profiles in force. Off an event loop, reloaded first if the files changed; on one
+        (the hub's), never parsed here: `await fresh()` where a reload must be seen at once."""
+        if not _on_event_loop():
+            self.refresh()
+        elif not self._loaded_once:
+            self.refresh()  # the first load happens at start-up, before users arrive
+        return self._good
+
+    async def fresh(self) -> ProfileSet:
+        """The profiles in force after a reload of changed files, parsed in a worker thread."""
+        if self._read_signature() != self._signature:
+            await asyncio.to_thread(self.refresh)
         return self._good
 
     def refresh(self) -> bool:
@@ -47,6 +65,9 @@ class ProfileStore:
         self._signature = signature
         try:
             fresh = load_profile_dir(self.directory)
+            problems = self._entry_problems(fresh)
+            if problems:
+                raise ProfileErrors(problems)
         except ProfileErrors as e:
             self.errors = e.errors
             kept = self._good if self._loaded_once else self._restore_snapshot()
@@ -70,9 +91,38 @@ class ProfileStore:
 
     def _read_signature(self) -> Signature:
         try:
-            return tuple((p.name, st.st_mtime_ns, st.st_size) for p in profile_files(self.directory) for st in [p.stat()])
+            return tuple(
+                (p.name, st.st_mtime_ns, st.st_size, st.st_mode)
+                for p in profile_entries(self.directory) for st in [p.lstat()]
+            )
         except OSError:
             return ()
+
+    def _entry_problems(self, fresh: ProfileSet) -> list[ProfileError]:
+        """Entries that are not profile files, and files that vanished with profiles still in force."""
+        problems = not_regular_files(self.directory)
+        known = self._good.sources if self._loaded_once else self._snapshot_sources()
+        present = {str(p) for p in profile_files(self.directory)}
+        by_file: dict[str, list[str]] = {}
+        for slug, where in known.items():
+            by_file.setdefault(where.rsplit(":", 1)[0], []).append(slug)
+        for file, slugs in sorted(by_file.items()):
+            withdrawn = [slug for slug in slugs if fresh.get(slug) is None]
+            if file not in present and withdrawn and not any(str(e.file) == file for e in problems):
+                problems.append(ProfileError(
+                    file, None, "",
+                    f"is gone (deleted or renamed) with profile(s) {', '.join(withdrawn)}, which stay in force; "
+                    "to withdraw them, delete them on the admin page or put back the file without them",
+                ))
+        return problems
+
+    def _snapshot_sources(self) -> dict[str, str]:
+        if not self.snapshot or not self.snapshot.exists():
+            return {}
+        try:
+            return dict(json.loads(self.snapshot.read_text()).get("sources", {}))
+        except (OSError, ValueError, AttributeError):
+            return {}
 
     def _save_snapshot(self, pset: ProfileSet) -> None:
         if not self.snapshot:
@@ -107,3 +157,11 @@ class ProfileStore:
             return ProfileSet()
         self.log.warning("Using the last good profiles saved in %s", self.snapshot)
         return pset
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

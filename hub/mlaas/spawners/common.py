@@ -46,7 +46,11 @@ class ProfileSpawnerMixin(LoggingConfigurable):
 
     @default("options_form")
     def _options_form_default(self):
-        return lambda spawner: spawner.render_options_form()
+        async def form(spawner: "ProfileSpawnerMixin") -> str:
+            await spawner.store.fresh()  # a changed file is parsed off the event loop
+            return spawner.render_options_form()
+
+        return form
 
     @default("apply_user_options")
     def _apply_user_options_default(self):
@@ -134,6 +138,14 @@ class ProfileSpawnerMixin(LoggingConfigurable):
     def options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, Any]:
         return {"profile": (formdata.get("profile") or [""])[0]}
 
+    def options_from_query(self, query_data: dict[str, list[str]]) -> dict[str, Any]:
+        """A link (`GET /hub/spawn/<user>?profile=…`) never starts a server: a page on any site
+        could make a signed-in user's browser follow it (no XSRF check on GET) and spend the
+        group's GPUs. JupyterHub then shows the form, where a POST with its XSRF token starts it."""
+        raise web.HTTPError(
+            400, "A link cannot start a server: choose a profile in this form and press Start."
+        )
+
     # --- the server-side check: every request, from the form or the API --------------------
     def resolve_profile(self, options: dict[str, Any]) -> Profile:
         unknown = sorted(set(options) - KNOWN_OPTIONS)
@@ -166,6 +178,7 @@ class ProfileSpawnerMixin(LoggingConfigurable):
         return profile
 
     async def apply_profile(self, options: dict[str, Any]) -> None:
+        await self.store.fresh()
         profile = self.resolve_profile(options)
         # The quota check and the holding happen without an await between them: no other spawn
         # on the hub's event loop can slip in.

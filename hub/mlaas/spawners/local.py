@@ -4,6 +4,12 @@ On top of JupyterHub's LocalProcessSpawner it adds: a per-user system account an
 (when the hub is root), the profile's CPU/memory limits (see `mlaas.limits`), GPUs and MIG
 instances by UUID in CUDA_VISIBLE_DEVICES, progress events, and readiness reported the moment
 the server listens (the hub's own polling backs off up to seconds).
+
+Servers listen on a Unix socket, never on a TCP port: any account can bind a free loopback port,
+so a server that stopped or died would leave its address to whoever binds it first, and the
+proxy would hand that process the owner's requests, cookies and tokens. The socket lives in a
+directory that only the server's own account (and root: the hub and its proxy) may enter, and
+is created mode 0600, so no other account can take its place or connect to it.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ import sys
 import time
 from pathlib import Path
 
+from urllib.parse import quote
+
 from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
 from jupyterhub.utils import url_path_join
 from tornado import web
 from traitlets import Float, Integer, Unicode, default
 
-from ..accounts import Account, account_name, ensure_account, own_account, untraversable_ancestor
+from ..accounts import Account, AccountRegistry, ensure_account, own_account, untraversable_ancestor
 from ..capacity import DeviceAllocator, NoCapacity, inventory_source
 from ..limits import LimitBackend, Placement, detect_backend
 from ..profiles.quantities import format_bytes
@@ -33,6 +41,7 @@ from ..projects.storage import LINKS_DIR, ensure_storage, link_projects, set_pro
 from .common import ProfileSpawnerMixin
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SOCKET_MODE_PORT = 8888  # jupyter_server's default port, which it requires alongside --sock
 USER_JUPYTER_CONFIG = Path(__file__).resolve().parents[2] / "user_env" / "jupyter"
 
 
@@ -40,6 +49,30 @@ USER_JUPYTER_CONFIG = Path(__file__).resolve().parents[2] / "user_env" / "jupyte
 def device_allocator(spec: str) -> DeviceAllocator:
     """One allocator per inventory in the hub process: a device is never given twice."""
     return DeviceAllocator(inventory_source(spec))
+
+
+@functools.cache
+def account_registry(path: str) -> AccountRegistry:
+    return AccountRegistry(path)
+
+
+def socket_root(instance: str) -> Path:
+    """Where this platform's servers' sockets live: `/run/mlaas-<id>` (root, mode 0711), else a
+    private directory under /tmp. Short and lower-case: socket paths are limited to 107 bytes."""
+    digest = hashlib.sha256(instance.encode()).hexdigest()[:10]
+    if os.geteuid() == 0 and os.access("/run", os.W_OK):
+        root, mode = Path(f"/run/mlaas-{digest}"), 0o711
+    else:
+        root, mode = Path(f"/tmp/mlaas-{os.getuid()}-{digest}"), 0o700
+    root.mkdir(exist_ok=True)
+    if root.is_symlink() or root.stat().st_uid != os.geteuid():
+        raise RuntimeError(f"{root} is not the platform's own directory")
+    os.chmod(root, mode)
+    return root
+
+
+def socket_url(path: Path) -> str:
+    return "http+unix://" + quote(str(path), safe="")
 
 
 @functools.cache
@@ -69,6 +102,10 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
     homes_dir = Unicode("state/homes", config=True, help="Where per-user home directories live.")
     projects_dir = Unicode("state/projects", config=True, help="Where group project storage lives.")
     gpu_inventory = Unicode("nvml", config=True, help="'nvml' or the path of a simulated inventory YAML.")
+    accounts_db = Unicode(
+        "state/hub/accounts.sqlite", config=True,
+        help="The registry of hub users' system accounts (mlaas.accounts.AccountRegistry).",
+    )
     isolation = Unicode(
         "auto",
         config=True,
@@ -87,6 +124,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
 
     account: Account | None = None
     placement: Placement | None = None
+    socket_path: str = ""
 
     @default("cmd")
     def _cmd_default(self):
@@ -107,9 +145,51 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         return self.isolation == "accounts"
 
     @property
+    def registry(self) -> AccountRegistry:
+        return account_registry(str(Path(self.accounts_db).resolve()))
+
+    @property
+    def account_name(self) -> str:
+        """The hub user's system account (also the name of its home), from the registry."""
+        return self.registry.account_for(self.user.name)
+
+    @property
     def placement_key(self) -> str:
-        suffix = f"-{re.sub(r'[^a-z0-9_-]', '-', self.name.lower())}" if self.name else ""
-        return account_name(self.user.name) + suffix
+        """The server's cgroup: the account's name, and for a named server a '.'-suffix ('.' is
+        never part of an account name, so two users' keys can never meet)."""
+        if not self.name:
+            return self.account_name
+        slug = re.sub(r"[^a-z0-9_-]", "-", self.name.lower())[:20]
+        return f"{self.account_name}.{slug}-{hashlib.sha256(self.name.encode()).hexdigest()[:8]}"
+
+    # --- where the server listens: a socket only its account can create ----------------------
+    def _prepare_socket(self) -> Path:
+        account = self.account
+        assert account is not None
+        directory = socket_root(str(Path(self.homes_dir).resolve())) / str(account.uid)
+        directory.mkdir(exist_ok=True)
+        if directory.is_symlink():
+            raise web.HTTPError(500, f"Server setup error: {directory} is a link; ask the admins.")
+        os.chown(directory, account.uid, account.gid)
+        os.chmod(directory, 0o700)
+        name = "server" if not self.name else f"server-{hashlib.sha256(self.name.encode()).hexdigest()[:12]}"
+        path = directory / f"{name}.sock"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a stale socket of an earlier run of this server
+        return path
+
+    @property
+    def server(self):
+        server = LocalProcessSpawner.server.fget(self)
+        if server is not None and self.socket_path:
+            url = socket_url(Path(self.socket_path))
+            if not server.connect_url.startswith(url):
+                server.connect_url = url  # the base URL is added by JupyterHub's Server
+        return server
+
+    @server.setter
+    def server(self, server) -> None:
+        LocalProcessSpawner.server.fset(self, server)
 
     # --- environment ---------------------------------------------------------------------------
     def user_env(self, env: dict[str, str]) -> dict[str, str]:
@@ -143,6 +223,8 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         args = super().get_args()
         if os.geteuid() == 0 and not self.uses_accounts:
             args.append("--ServerApp.allow_root=True")
+        if self.socket_path:  # instead of the TCP port: see the module's doc
+            args += [f"--ServerApp.sock={self.socket_path}", "--ServerApp.sock_mode=0600"]
         return args
 
     def make_preexec_fn(self, name: str):
@@ -169,10 +251,13 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         state = super().get_state()
         if self.state_gpus:
             state["gpus"] = list(self.state_gpus)
+        if self.socket_path:
+            state["socket"] = self.socket_path
         return state
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
+        self.socket_path = state.get("socket", "")
         self.state_gpus = list(state.get("gpus", []))
         if self.state_gpus:
             self.capacity.restore(self.owner_key, self.state_gpus)
@@ -180,6 +265,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
     def clear_state(self) -> None:
         super().clear_state()
         self.state_gpus = []
+        self.socket_path = ""
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self):
@@ -191,12 +277,13 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         assert profile is not None
         self.emit(10, f"Profile {profile.display_name}: {profile.summary()}")
 
-        home = Path(self.homes_dir) / account_name(self.user.name)
+        account_name = await asyncio.to_thread(lambda: self.account_name)
+        home = Path(self.homes_dir) / account_name
         if self.uses_accounts:
             blocked = untraversable_ancestor(Path(self.homes_dir))
             if blocked is not None:
                 raise web.HTTPError(500, f"Server setup error: user accounts cannot enter {blocked}; ask the admins.")
-            self.account = await asyncio.to_thread(ensure_account, self.user.name, home)
+            self.account = await asyncio.to_thread(ensure_account, account_name, self.user.name, home)
             self.emit(20, f"Using account {self.account.name} with a private home directory")
         else:
             self.account = own_account(home)
@@ -222,16 +309,23 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
 
         started = time.perf_counter()
         try:
+            self.socket_path = str(await asyncio.to_thread(self._prepare_socket))
+            # nothing listens on TCP: jupyter_server takes --sock only with its default port (which
+            # jupyterhub-singleuser copies from JUPYTERHUB_SERVICE_URL), and then binds no port
+            self.port = SOCKET_MODE_PORT
             async with self._start_slot():
                 self.emit(50, "Starting JupyterLab")
-                ip, port = await super().start()
-                await self._wait_until_answering(ip, port)
+                await super().start()
+                await self._wait_until_answering(self.socket_path)
         except BaseException:
             self.release_resources()
             raise
         self.log.info("%s answers after %.2fs", self.owner_key, time.perf_counter() - started)
         self.emit(90, "JupyterLab is up; connecting you")
-        return ip, port
+        url = socket_url(Path(self.socket_path))
+        if self.server is not None:
+            self.server.connect_url = url
+        return url
 
     def _prepare_projects(self) -> None:
         """Project storage: a project server works in it; a member's server links to each."""
@@ -266,14 +360,14 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         finally:
             queue.slots.release()
 
-    async def _wait_until_answering(self, ip: str, port: int) -> None:
+    async def _wait_until_answering(self, socket_path: str) -> None:
         """Return as soon as the server answers HTTP, so the hub's first check succeeds at once.
 
         The hub's own check backs off (0.2 … 3.2 s between tries); polling here every 10 ms
         makes a spawn as fast as the server itself.
         """
         path = url_path_join(self.server.base_url if self.server else "/", "api")
-        request = f"GET {path} HTTP/1.0\r\nHost: {ip}:{port}\r\n\r\n".encode()
+        request = f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode()
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             status = self.proc.poll() if self.proc else None
@@ -282,7 +376,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
                     500, f"The server exited with status {status} before it answered; the hub log has its output."
                 )
             try:
-                reader, writer = await asyncio.open_connection(ip, port)
+                reader, writer = await asyncio.open_unix_connection(socket_path)
                 try:
                     writer.write(request)
                     line = await asyncio.wait_for(reader.readline(), timeout=self.start_timeout)
@@ -294,7 +388,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
             except (OSError, ValueError, IndexError, asyncio.TimeoutError):
                 pass
             await asyncio.sleep(self.listen_poll_interval)
-        raise asyncio.TimeoutError(f"Server on {ip}:{port} did not answer within {self.start_timeout}s")
+        raise asyncio.TimeoutError(f"Server on {socket_path} did not answer within {self.start_timeout}s")
 
     def release_resources(self) -> None:
         super().release_resources()
