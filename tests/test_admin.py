@@ -34,7 +34,7 @@ def admin_hub() -> RunningPlatform:
 
 @pytest.fixture(scope="module")
 def admin_token(admin_hub) -> str:
-    session, r = oidc_login(admin_hub, "admin", "admin-pw")
+    session, r = oidc_login(admin_hub, "admin")
     assert r.status_code == 200
     return user_token(admin_hub, "admin")
 
@@ -92,7 +92,7 @@ def test_non_admins_are_refused(admin_hub):
     assert api.get(f"{base}/profiles").status_code == 403
     assert api.patch(f"{base}/profiles/small", json={"fields": {"memory": {"limit": "8Gi"}}}).status_code == 403
     assert requests.get(f"{base}/profiles").status_code in (302, 403)  # no token at all
-    session, r = oidc_login(admin_hub, "bob", "bob-pw")
+    session, r = oidc_login(admin_hub, "bob")
     page = session.get(f"{admin_hub.url}/services/mlaas-admin/")
     assert page.status_code == 403 and "MLaaS Hub administration" not in page.text
 
@@ -168,7 +168,7 @@ def test_browser_admin_edits_a_profile_and_a_user_sees_it_in_the_spawn_form(admi
     user = browser.new_context(viewport={"width": 1280, "height": 900})
     try:
         page = admin.new_page()
-        browser_login(page, admin_hub.url, "admin", "admin-pw")
+        browser_login(page, admin_hub.url, "admin", admin_hub.password("admin"))
         page.goto(f"{admin_hub.url}/services/mlaas-admin/")
         page.wait_for_selector("#profiles-table tr[data-slug=small]")
         page.click("#profiles-table tr[data-slug=small] button.edit")
@@ -194,7 +194,7 @@ def test_browser_admin_edits_a_profile_and_a_user_sees_it_in_the_spawn_form(admi
 
         # a user's spawn form shows the new name and size at once, without a hub restart
         alice = user.new_page()
-        browser_login(alice, admin_hub.url, "alice", "alice-pw")
+        browser_login(alice, admin_hub.url, "alice", admin_hub.password("alice"))
         alice.goto(f"{admin_hub.url}/hub/spawn")
         alice.wait_for_selector("[data-profile=small]")
         text = alice.inner_text("[data-profile=small]")

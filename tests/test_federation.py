@@ -152,7 +152,7 @@ def test_a_site_whose_api_server_is_down_is_skipped_and_named_in_the_form(federa
 
         # what a person sees
         page = browser.new_page()
-        browser_login(page, hub.url, "carol", "carol-pw")
+        browser_login(page, hub.url, "carol", hub.password("carol"))
         page.goto(f"{hub.url}/hub/spawn")
         page.wait_for_selector(".mlaas-notice")
         assert "Site fed-b cannot be reached" in page.inner_text(".mlaas-notice")

@@ -65,6 +65,7 @@ print(json.dumps({{
     "signal": attempt(lambda: os.kill(bob["server_pid"], signal.SIGTERM)),
     "connect_server": attempt(connect),
     "list_sockets": attempt(lambda: os.listdir(os.path.dirname(bob["socket"]))),
+    "read_idp_passwords": attempt(lambda: open({str(hub.state_dir / "secrets" / "dev-idp-passwords.yaml")!r}).read()),
 }}))
 """
     alice = kernel_json(hub, "iso-alice", pair["iso-alice"], probe)
@@ -75,6 +76,7 @@ print(json.dumps({{
     assert alice["signal"] == "PermissionError"
     assert alice["connect_server"] == "PermissionError"  # bob's server listens where only he may go
     assert alice["list_sockets"] == "PermissionError"
+    assert alice["read_idp_passwords"] == "PermissionError"  # nobody signs in as the demo admin
     # bob's server survived all of it
     model = hub.api().get(f"{hub.url}/hub/api/users/iso-bob").json()
     assert model["servers"][""]["ready"]
@@ -195,3 +197,44 @@ print(json.dumps(open(path, errors="replace").read() if os.path.exists(path) els
     assert captured == "", f"the other user's process received the victim's request: {captured[:200]!r}"
     assert bind.startswith("refused"), f"another account could listen at the victim's address ({bind})"
     assert r.status_code != 200
+
+
+def test_hub_names_that_map_alike_never_share_an_account_home_or_cgroup(hub):
+    """`iso.dot` needs hashing (`jupyter-iso-dot-<hash>`); a second user whose name is exactly that
+    hashed form, and a pair of long names, must each get their own account, home and cgroup, and
+    starting one must not end the other."""
+    from mlaas.accounts import account_name
+
+    dotted = "iso.dot"
+    lookalike = account_name(dotted)[len("jupyter-"):]
+    long_name = "iso-" + "l" * 40
+    long_lookalike = account_name(long_name)[len("jupyter-"):]
+    names = [dotted, lookalike, long_name, long_lookalike]
+    tokens = {}
+    for name in names:
+        ensure_user(hub, name, ["ml-users"])
+        tokens[name] = user_token(hub, name)
+    facts = {}
+    try:
+        for name in names:
+            start_server(hub, name, tokens[name], {"profile": "small"})
+            facts[name] = kernel_json(hub, name, tokens[name], f"""
+import json, os
+open(os.path.expanduser("~/owner.txt"), "w").write({name!r})
+print(json.dumps({{"uid": os.getuid(), "home": os.path.expanduser("~"),
+                  "cgroup": open("/proc/self/cgroup").read()}}))
+""")
+        for name in names:  # every server still runs, and each home holds only its owner's file
+            model = hub.api().get(f"{hub.url}/hub/api/users/{name}").json()
+            assert model["servers"][""]["ready"], f"{name}'s server was ended by another user's start"
+            owner = kernel_json(hub, name, tokens[name], """
+import json, os
+print(json.dumps(open(os.path.expanduser("~/owner.txt")).read()))
+""")
+            assert owner == name
+    finally:
+        for name in names:
+            stop_server(hub, name)
+    assert len({f["uid"] for f in facts.values()}) == len(names)
+    assert len({f["home"] for f in facts.values()}) == len(names)
+    assert len({f["cgroup"] for f in facts.values()}) == len(names)

@@ -76,7 +76,7 @@ def offered(hub: RunningPlatform, token: str) -> dict:
 
 def test_mig_spawn_lands_on_a_node_with_the_slice_and_is_reached(site):
     hub, cluster = site["hub"], site["cluster"]
-    session, r = oidc_login(hub, "alice", "alice-pw")
+    session, r = oidc_login(hub, "alice")
     assert r.status_code == 200
     token = user_token(hub, "alice")
     assert wait_until(lambda: offered(hub, token)["mig-atlas"]["capacity"] == "4 of 4 free", 30), offered(hub, token)

@@ -36,7 +36,7 @@ def people(hub: RunningPlatform) -> dict[str, dict]:
     """alice, dave (members of atlas-ml) and bob (not), logged in through the IdP."""
     people = {}
     for name in ("alice", "dave", "bob"):
-        session, r = oidc_login(hub, name, f"{name}-pw")
+        session, r = oidc_login(hub, name)
         assert r.status_code == 200, f"{name} could not log in: {r.status_code} {r.url}"
         people[name] = {"session": session, "token": user_token(hub, name)}
     deadline = time.monotonic() + 15  # the project user appears within seconds of the hub start
@@ -73,7 +73,7 @@ def test_browser_member_starts_opens_and_stops_the_project_server_from_the_home_
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     try:
         page = context.new_page()
-        browser_login(page, hub.url, "dave", "dave-pw")
+        browser_login(page, hub.url, "dave", hub.password("dave"))
         page.goto(f"{hub.url}/hub/home")
         row = f"#mlaas-projects tr[data-user={PROJECT}]"
         page.wait_for_selector(row)

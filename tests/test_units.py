@@ -150,3 +150,20 @@ def test_projects_section_is_validated_with_file_and_line(tmp_path):
         load_profile_dir(tmp_path)
     text = str(e.value)
     assert "p.yaml:3 projects[1].group" in text and "is not a group name" in text
+
+
+def test_account_registry_is_one_to_one_and_persistent(tmp_path):
+    from mlaas.accounts import AccountRegistry, account_name
+
+    registry = AccountRegistry(tmp_path / "accounts.sqlite")
+    dotted = "x.y"
+    lookalike = account_name(dotted)[len("jupyter-"):]
+    assert account_name(lookalike) == account_name(dotted)  # the collision the registry exists for
+    first = registry.account_for(dotted)
+    second = registry.account_for(lookalike)
+    assert first != second and len(second) <= 32
+    again = AccountRegistry(tmp_path / "accounts.sqlite")  # a hub restart
+    assert (again.account_for(lookalike), again.account_for(dotted)) == (second, first)
+    names = ["u" * 60, "u" * 61, "U" * 60]
+    accounts = [registry.account_for(n) for n in names]
+    assert len(set(accounts)) == 3 and all(len(a) <= 32 for a in accounts)

@@ -23,6 +23,10 @@ const issuer = `http://${HOST}:${port}`;
 const usersFile = process.env.MLAAS_IDP_USERS || new URL('./users.yaml', import.meta.url).pathname;
 const clientId = process.env.MLAAS_IDP_CLIENT_ID || 'mlaas-hub';
 const secretFile = process.env.MLAAS_IDP_CLIENT_SECRET_FILE;
+// the installation's generated demo passwords (mlaas.dev_idp_passwords; 0600 under state/secrets)
+const passwordsFile = process.env.MLAAS_IDP_PASSWORDS;
+// set when an operator forced the provider in front of a hub at a non-loopback address
+const publicWarning = process.env.MLAAS_IDP_PUBLIC_WARNING || '';
 const redirectUris = (process.env.MLAAS_IDP_REDIRECT_URIS || 'http://127.0.0.1:8000/hub/oauth_callback')
   .split(',').map((s) => s.trim()).filter(Boolean);
 
@@ -39,21 +43,30 @@ try {
   fail(`cannot read the client secret file ${secretFile}: ${e.message}`);
 }
 
-function loadUsers(file) {
-  let doc;
+function readYaml(file) {
   try {
-    doc = yaml.load(fs.readFileSync(file, 'utf8'));
+    return yaml.load(fs.readFileSync(file, 'utf8'));
   } catch (e) {
-    fail(`${file}: ${e.message}`);
+    return fail(`${file}: ${e.message}`);
   }
+}
+
+function loadUsers(file) {
+  if (!passwordsFile) fail('MLAAS_IDP_PASSWORDS is not set (the launcher generates the demo passwords)');
+  const doc = readYaml(file);
+  const passwords = readYaml(passwordsFile)?.passwords ?? {};
   const users = new Map();
   for (const [i, u] of (doc?.users ?? []).entries()) {
-    if (!u || typeof u.username !== 'string' || typeof u.password !== 'string') {
-      fail(`${file}: users[${i}] needs a username and a password`);
+    if (!u || typeof u.username !== 'string') {
+      fail(`${file}: users[${i}] needs a username`);
+    }
+    const password = passwords[u.username];
+    if (typeof password !== 'string' || password.length < 8) {
+      fail(`${passwordsFile}: no generated password for ${u.username}`);
     }
     users.set(u.username, {
       username: u.username,
-      password: u.password,
+      password,
       name: u.name ?? u.username,
       email: u.email ?? `${u.username}@example.org`,
       groups: u.groups ?? [],
@@ -132,6 +145,7 @@ function page(title, body) {
 label{display:block;margin-top:1rem}input{width:100%;padding:.45rem;font-size:1rem;box-sizing:border-box}
 button{margin-top:1.2rem;padding:.5rem 1.2rem;font-size:1rem}.error{color:#a00}</style></head>
 <body><p class="banner">Development identity provider — demo accounts only, not for production.</p>
+${publicWarning ? `<p class="banner error">${escapeHtml(publicWarning)}</p>` : ''}
 <h1>${escapeHtml(title)}</h1>${body}</body></html>`;
 }
 

@@ -86,14 +86,17 @@ def _pid_file() -> Path:
     return load_settings().state_dir / "mlaas-up.pid"
 
 
-def _demo_logins(users_file: Path) -> list[str]:
-    import yaml
+def _demo_logins(users_file: Path, passwords_file: Path) -> list[str]:
+    """The demo users with this installation's generated passwords (see mlaas.dev_idp)."""
+    from .dev_idp import demo_users, ensure_passwords
 
     try:
-        users = (yaml.safe_load(users_file.read_text()) or {}).get("users", [])
+        passwords = ensure_passwords(users_file, passwords_file)
+        users = demo_users(users_file)
     except OSError:
         return []
-    return [f"{u['username']} / {u['password']}  ({', '.join(u.get('groups') or ['entitlements'])})" for u in users]
+    return [f"{u['username']} / {passwords.get(u['username'], '?')}  ({', '.join(u.get('groups') or ['entitlements'])})"
+            for u in users]
 
 
 def cmd_up() -> int:
@@ -137,7 +140,8 @@ def cmd_up() -> int:
         print(f" {notice}")
     if settings.dev_idp.enabled:
         print(" Demo logins (development identity provider):")
-        for line in _demo_logins(settings.dev_idp.users_file):
+        print(f"   (generated for this installation, kept in {settings.dev_idp_passwords_file}, mode 0600)")
+        for line in _demo_logins(settings.dev_idp.users_file, settings.dev_idp_passwords_file):
             print(f"   {line}")
     print(" Stop with Ctrl-C or `make down`.")
     print("=" * 72, flush=True)

@@ -285,6 +285,9 @@ def configure_gateway_options(c: Any, profiles_dir: str) -> None:
 
 def configure(c: Any, settings: Any) -> None:
     """dask-gateway-server's configuration, as a JupyterHub-managed service of the platform."""
+    from .logscrub import install
+
+    install()
     gw = settings.dask_gateway
     state = settings.state_dir / "dask-gateway"
     venv_bin = Path(sys.prefix) / "bin"

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from . import dask_gateway as gateway
+from . import logscrub
 from .accounts import ensure_system_account
 from .api import CapacityAPIHandler, ProfilesAPIHandler, QuotasAPIHandler, UsageAPIHandler
 from .auth import MLaaSAuthenticator
@@ -160,6 +161,7 @@ def gateway_controller_service(s: Settings) -> dict:
 
 
 def configure(c, settings: Settings) -> None:
+    logscrub.install()  # OAuth codes, states and tokens never reach a log line
     prepare_state(settings)
     s, oidc = settings, settings.oidc
     hub_dir = s.hub_dir
@@ -203,6 +205,9 @@ def configure(c, settings: Settings) -> None:
     a.allowed_groups = set(oidc.allowed_groups)
     a.admin_groups = set(oidc.admin_groups)
     a.login_service = "institute account (OpenID Connect)"
+    a.identity_claim = oidc.identity_claim
+    a.identity_issuer = oidc.issuer
+    a.accounts_db = str(s.accounts_db)
 
     # --- spawning -------------------------------------------------------------------------------
     c.JupyterHub.spawner_class = LocalProfileSpawner
@@ -303,6 +308,7 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
     """
     from .spawners.kube import KubeProfileSpawner
 
+    logscrub.install()
     snapshot = str(Path(state_dir) / "profiles.last-good.json")
     store = profile_store(profiles_dir, snapshot)
     c.JupyterHub.spawner_class = KubeProfileSpawner
@@ -311,6 +317,7 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
     c.JupyterHub.authenticator_class = MLaaSAuthenticator
     c.MLaaSAuthenticator.manage_groups = True
     c.MLaaSAuthenticator.basic_auth = True
+    c.MLaaSAuthenticator.accounts_db = str(Path(state_dir) / "accounts.sqlite")  # identities bound to names
     c.JupyterHub.extra_handlers = profile_api_handlers(profiles_dir, snapshot)
     c.JupyterHub.load_roles = configure_projects(c, store)
     if sites:

@@ -169,10 +169,20 @@ class Platform:
             self.notices.append(f"XCache for {configured.url} on root://{data.cache_host}:{configured.cache_port}")
 
     def _start_idp(self, timeout: float) -> None:
+        from .dev_idp import ensure_passwords, is_loopback_url, public_refusal, public_warning
+
         s = self.settings
+        if not is_loopback_url(s.public_url):
+            if not s.dev_idp.allow_public:
+                raise LaunchError(public_refusal(s.public_url))
+            self.notices.append(public_warning(s.public_url))
+        ensure_passwords(s.dev_idp.users_file, s.dev_idp_passwords_file)
         node = shutil.which("node") or "node"
         env = self._env()
+        if not is_loopback_url(s.public_url):
+            env["MLAAS_IDP_PUBLIC_WARNING"] = public_warning(s.public_url)
         env.update(
+            MLAAS_IDP_PASSWORDS=str(s.dev_idp_passwords_file),
             MLAAS_IDP_PORT=str(s.dev_idp.port),
             MLAAS_IDP_USERS=str(s.dev_idp.users_file),
             MLAAS_IDP_CLIENT_ID=s.oidc.client_id,

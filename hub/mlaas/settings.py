@@ -33,6 +33,9 @@ class OidcSettings(BaseModel):
     userdata_url: str | None = None
     scopes: list[str] = ["openid", "profile", "email", "groups", "entitlements"]
     username_claim: str = "preferred_username"
+    identity_claim: str = Field(
+        "sub", description="Claim that identifies a person for good; a hub name stays with the first identity using it."
+    )
     groups_claim: str = "groups"
     entitlements_claim: str = "eduperson_entitlement"
     entitlement_prefixes: list[str] = ["urn:mace:egi.eu:group:"]
@@ -51,6 +54,9 @@ class DevIdpSettings(BaseModel):
     enabled: bool = True
     port: int = 9000
     users_file: Path = REPO_ROOT / "hub" / "dev_idp" / "users.yaml"
+    allow_public: bool = Field(
+        False, description="Serve a hub whose public URL is not loopback (a demonstration; warned on every page).",
+    )
 
 
 class DaskGatewaySettings(BaseModel):
@@ -164,6 +170,10 @@ class Settings(BaseModel):
     @property
     def secrets_dir(self) -> Path:
         return self.state_dir / "secrets"
+
+    @property
+    def dev_idp_passwords_file(self) -> Path:
+        return self.secrets_dir / "dev-idp-passwords.yaml"
 
     @property
     def client_secret_file(self) -> Path:

@@ -224,6 +224,9 @@ def make_app(editor: ProfileEditor, prefix: str) -> web.Application:
 
 
 def main() -> None:
+    from ..logscrub import install
+
+    install()
     logging.basicConfig(level=logging.INFO, format="[%(levelname).1s %(asctime)s mlaas-admin] %(message)s")
     settings = load_settings()
     state = settings.state_dir / "admin"
