@@ -4,9 +4,12 @@ cluster with data read through the site cache, and users' clusters stay theirs."
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 
+from conftest import needs_root
 from helpers import ensure_user, kernel_json, run_in_kernel, start_server, stop_server, user_token
 
 TRAIN = """
@@ -57,7 +60,8 @@ def dask_users(hub):
 
 def gateway_api(hub, token: str, path: str = "", method: str = "GET") -> requests.Response:
     return requests.request(method, f"{hub.url}/services/dask-gateway/api/v1/clusters/{path}",
-                            headers={"Authorization": f"jupyterhub {token}"}, timeout=30)
+                            headers={"Authorization": f"jupyterhub {token}"}, timeout=30,
+                            json={"cluster_options": {}} if method == "POST" else None)
 
 
 def test_train_a_model_on_a_two_worker_cluster_from_a_users_server(hub, dask_users):
@@ -168,3 +172,93 @@ print(json.dumps({"stdout": text}))
     printed = json.loads(out["stdout"].strip().splitlines()[-1])["stdout"]
     assert "//store/demo/events.parquet" in printed and "test accuracy: 0." in printed
     assert gateway_api(hub, dask_users["dask-ben"]).json() == {}  # the notebook shut its cluster down
+
+
+def _gateway_pid(hub) -> int:
+    """The dask-gateway-server of this platform (it carries the platform's MLAAS_CONFIG)."""
+    from pathlib import Path
+
+    marker = f"MLAAS_CONFIG={hub.platform.config_file}".encode() + b"\0"
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"dask-gateway-server" in (entry / "cmdline").read_bytes() \
+                    and marker in (entry / "environ").read_bytes():
+                return int(entry.name)
+        except OSError:
+            continue
+    raise AssertionError("the platform's dask-gateway-server is not running")
+
+
+@needs_root
+def test_dask_tasks_run_as_their_owner_and_cannot_reach_the_gateway_or_other_clusters(hub, dask_users):
+    """A task on ben's worker tries the gateway's environment (its hub token) and memory, and the
+    TLS key of ann's cluster: each is refused, and the worker runs as ben's own account."""
+    created = gateway_api(hub, dask_users["dask-ann"], "", "POST")  # ann's cluster, started by REST
+    assert created.status_code == 201, created.text
+    ann_cluster = created.json()["name"]
+    try:
+        victim_key = hub.state_dir / "dask-gateway" / "clusters" / ann_cluster / ".certs" / "dask.pem"
+        deadline = time.monotonic() + 30
+        while not victim_key.exists():
+            assert time.monotonic() < deadline, "ann's cluster did not start"
+            time.sleep(0.2)
+        code = PROBE.replace("__GW__", str(_gateway_pid(hub))).replace("__KEY__", repr(str(victim_key)))
+        result = kernel_json(hub, "dask-ben", dask_users["dask-ben"], code)
+    finally:
+        gateway_api(hub, dask_users["dask-ann"], ann_cluster, "DELETE")
+    assert result["worker_uid"] == result["kernel_uid"] != 0  # ben's account, as his server
+    assert result["environ"] == "PermissionError"
+    assert result["mem"] == "PermissionError"
+    assert result["key"] == "PermissionError"
+    assert result["clusters"] == "PermissionError"
+
+
+PROBE = """
+import json, os
+from dask_gateway import Gateway
+def probe(gw_pid, key):
+    import os
+    def attempt(fn):
+        try:
+            return "allowed: " + repr(fn())[:60]
+        except Exception as e:
+            return type(e).__name__
+    return {"worker_uid": os.getuid(),
+            "environ": attempt(lambda: open(f"/proc/{gw_pid}/environ", "rb").read()),
+            "mem": attempt(lambda: open(f"/proc/{gw_pid}/mem", "rb").read(1)),
+            "key": attempt(lambda: open(key, "rb").read()),
+            "clusters": attempt(lambda: os.listdir(os.path.dirname(os.path.dirname(os.path.dirname(key)))))}
+with Gateway().new_cluster() as cluster:
+    cluster.scale(1)
+    client = cluster.get_client()
+    client.wait_for_workers(1, timeout=120)
+    found = client.submit(probe, __GW__, __KEY__, pure=False).result()
+print(json.dumps({"kernel_uid": os.getuid(), **found}))
+"""
+
+
+def test_a_project_servers_token_counts_against_its_groups_dask_quota(hub):
+    """atlas-ml may have one Dask cluster (tests/fixtures/profiles/quotas.yaml); a member holds it.
+    The project's own identity (project-atlas-ml, whose servers' tokens create clusters) is refused."""
+    ensure_user(hub, "dq-member", ["ml-users", "atlas-ml"])
+    member = user_token(hub, "dq-member")
+    deadline = time.monotonic() + 15
+    while hub.api().get(f"{hub.url}/hub/api/users/project-atlas-ml").status_code != 200:
+        assert time.monotonic() < deadline, "the project's hub user was not created"
+        time.sleep(0.3)
+    project = user_token(hub, "project-atlas-ml")
+    held = gateway_api(hub, member, "", "POST")
+    assert held.status_code == 201, held.text
+    try:
+        refused = gateway_api(hub, project, "", "POST")
+        assert refused.status_code == 422
+        assert "group atlas-ml may have 1 Dask cluster(s) and has 1" in refused.text
+    finally:
+        gateway_api(hub, member, held.json()["name"], "DELETE")
+
+
+def test_bogus_credentials_at_the_gateway_are_401(hub):
+    url = f"{hub.url}/services/dask-gateway/api/v1/clusters/"
+    for header in ("jupyterhub not-a-token", "jupyterhub", "bogus", "jupyterhub a b", "token abc"):
+        r = requests.get(url, headers={"Authorization": header}, timeout=30)
+        assert r.status_code == 401, (header, r.status_code, r.text[:200])

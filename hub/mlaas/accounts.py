@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+ADMIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin"  # useradd & co., whatever $PATH says
 PREFIX = "jupyter-"
 MAX_NAME = 32  # useradd's limit
 COMMENT_PREFIX = "MLaaS Hub user "
@@ -181,7 +182,7 @@ def ensure_system_account(
     except KeyError:
         subprocess.run(
             [
-                "useradd",
+                admin_tool("useradd"),
                 "--no-create-home",
                 "--home-dir", str(home),
                 "--shell", shell,
@@ -195,12 +196,18 @@ def ensure_system_account(
         )
         entry = pwd.getpwnam(name)
     if move_home and entry.pw_dir != str(home):  # an account from an earlier installation or state dir
-        subprocess.run(["usermod", "--home", str(home), name], check=False, capture_output=True, text=True)
+        subprocess.run([admin_tool("usermod"), "--home", str(home), name], check=False, capture_output=True, text=True)
         entry = pwd.getpwnam(name)
     home.mkdir(parents=True, exist_ok=True)
     os.chown(home, entry.pw_uid, entry.pw_gid)
     os.chmod(home, 0o700)
     return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, home)
+
+
+def admin_tool(name: str) -> str:
+    import shutil
+
+    return shutil.which(name, path=ADMIN_PATH) or name
 
 
 def own_account(home: Path) -> Account:

@@ -7,15 +7,18 @@ members together (clusters, worker cores, memory, GPUs). They are checked when a
 created, when it is scaled (a clear error naming the limit and the current use), and on every
 scheduler heartbeat (adaptive scaling is capped, never refused).
 
-One machine: `UnsafeLocalBackend`, the local backend that works without per-user system
-accounts. Every cluster runs under the gateway's own unprivileged account (`mlaas-dask`), so
-users' Dask processes are isolated from the hub but not from each other; the Kubernetes backend
-(with the chart) runs each cluster in its own pods.
+One machine, hub as root: `MLaaSLocalBackend` (dask-gateway's `LocalBackend`) runs every
+scheduler and worker under the cluster owner's own system account (the same one as their
+server, from the account registry), in its own cgroup with the worker's cores and memory, with
+umask 077; the gateway itself runs as root, so no user's task can read its environment, its
+memory or another user's cluster files. Without root (development), `MLaaSUnsafeLocalBackend`
+runs everything as the hub's account. The Kubernetes backend runs each cluster in its own pods.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from dask_gateway_server.backends.kubernetes.backend import KubeBackend
-from dask_gateway_server.backends.local import UnsafeLocalBackend
+from dask_gateway_server.backends.local import LocalBackend, UnsafeLocalBackend
 from dask_gateway_server.models import ClusterStatus
 from dask_gateway_server.options import Options, Select
+from dask_gateway_server.auth import JupyterHubAuthenticator, unauthorized
 from dask_gateway_server.backends.base import PublicException
 from traitlets import Unicode
 from traitlets.config import LoggingConfigurable
@@ -33,6 +37,7 @@ from traitlets.config import LoggingConfigurable
 from .profiles import ProfileSet, ProfileStore, allowed_profiles
 from .profiles.model import DaskLimits
 from .profiles.quantities import format_bytes, parse_bytes, to_quantity
+from .projects.identity import acting_groups
 
 SERVICE_NAME = "dask-gateway"
 PREFIX = f"/services/{SERVICE_NAME}"
@@ -184,10 +189,15 @@ class ProfileLimitsMixin(LoggingConfigurable):
         """The clusters that are starting or running, with their worker counts."""
         raise NotImplementedError
 
+    def groups_of(self, user: Any, pset: ProfileSet) -> list[str]:
+        """The groups a gateway user acts in: a project's hub user counts as its group."""
+        return acting_groups(user.name, user.groups, pset.projects)
+
     async def get_cluster_options(self, user: Any) -> Options:
         config = self.cluster_config_class(parent=self)
+        pset = await self.store.fresh()
         return cluster_options_for(
-            await self.store.fresh(), user.groups, dict(config.environment), kubernetes=self.kubernetes,
+            pset, self.groups_of(user, pset), dict(config.environment), kubernetes=self.kubernetes,
             worker_container=getattr(config, "worker_extra_container_config", None),
             worker_pod=getattr(config, "worker_extra_pod_config", None),
         )
@@ -195,7 +205,7 @@ class ProfileLimitsMixin(LoggingConfigurable):
     async def process_cluster_options(self, user: Any, request: dict) -> tuple[dict, Any]:
         options, config = await super().process_cluster_options(user, request)  # type: ignore[misc]
         options = dict(options)
-        options["mlaas_groups"] = sorted(user.groups)  # kept with the cluster, for group limits
+        options["mlaas_groups"] = self.groups_of(user, self.store.current())  # kept with the cluster, for group limits
         return options, config
 
     def _uses(self) -> list[ClusterUse]:
@@ -213,7 +223,8 @@ class ProfileLimitsMixin(LoggingConfigurable):
         ]
 
     async def start_cluster(self, user: Any, cluster_options: dict) -> str:
-        refusal = new_cluster_refusal(await self.store.fresh(), self._uses(), user.name, user.groups)
+        pset = await self.store.fresh()
+        refusal = new_cluster_refusal(pset, self._uses(), user.name, self.groups_of(user, pset))
         if refusal:
             raise PublicException(f"New Dask cluster refused: {refusal}.")
         return await super().start_cluster(user, cluster_options)  # type: ignore[misc]
@@ -240,11 +251,155 @@ class ProfileLimitsMixin(LoggingConfigurable):
         await super().on_cluster_heartbeat(cluster_name, msg)  # type: ignore[misc]
 
 
-class MLaaSLocalBackend(ProfileLimitsMixin, UnsafeLocalBackend):
-    """One machine: clusters as local processes (UnsafeLocalBackend), CPU workers only."""
+class MLaaSHubAuthenticator(JupyterHubAuthenticator):
+    """dask-gateway's JupyterHub authenticator, with every bad credential a 401, never a 500.
 
+    Upstream answers 500 when the hub says 403 (JupyterHub's answer for a token it does not know)
+    and crashes on a malformed Authorization header; a bogus token is the caller's mistake."""
+
+    def get_token(self, request: Any) -> str | None:
+        scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "jupyterhub" or not token or any(c.isspace() or not c.isprintable() for c in token):
+            return None
+        return token
+
+    async def authenticate(self, request: Any) -> Any:
+        from aiohttp import ClientError, web
+
+        if self.get_token(request) is None:
+            raise unauthorized("jupyterhub")
+        try:
+            return await super().authenticate(request)
+        except web.HTTPInternalServerError:  # upstream's answer to the hub's 403 for an unknown token
+            raise unauthorized("jupyterhub") from None
+        except (ClientError, ValueError, KeyError) as e:
+            self.log.warning("Could not verify a token with the hub: %s", type(e).__name__)
+            raise web.HTTPBadGateway(reason="The hub could not verify the token; try again") from None
+
+
+class _LocalActive:
     def _active(self) -> list[_Active]:
-        return [_Active(c.name, c.username, c.options, c.config, c.count) for c in self.db.active_clusters()]
+        return [_Active(c.name, c.username, c.options, c.config, c.count) for c in self.db.active_clusters()]  # type: ignore[attr-defined]
+
+
+class MLaaSLocalBackend(_LocalActive, ProfileLimitsMixin, LocalBackend):
+    """One machine, as root: each cluster's processes under its owner's account (see module doc)."""
+
+    accounts_db = Unicode("", config=True, help="The platform's account registry (mlaas.accounts).")
+    homes_dir = Unicode("", config=True, help="Where the accounts' homes are (as for servers).")
+    limits_group = Unicode("mlaas-dask", config=True, help="The cgroup subtree of Dask processes.")
+
+    @property
+    def _registry(self):
+        from .accounts import AccountRegistry
+
+        if not hasattr(self, "_registry_obj"):
+            self._registry_obj = AccountRegistry(self.accounts_db)
+        return self._registry_obj
+
+    @property
+    def _limits(self):
+        if not hasattr(self, "_limits_obj"):
+            from .limits import detect_backend
+
+            self._limits_obj = detect_backend(self.log, group=self.limits_group)
+            self._pid_keys: dict[int, str] = {}
+            self.log.info("Dask processes run as their owners' accounts; limits: %s", self._limits_obj.describe())
+        return self._limits_obj
+
+    def account_of(self, username: str):
+        """The hub user's system account (created like a server's, if this is their first use)."""
+        from pathlib import Path
+
+        from .accounts import ensure_account
+
+        name = self._registry.account_for(username)
+        return ensure_account(name, username, Path(self.homes_dir) / name)
+
+    def set_file_permissions(self, paths: list[str], username: str) -> None:
+        """Only files of the cluster directories change owner (never anything else, whatever a caller passes)."""
+        account = self.account_of(username)
+        root = os.path.realpath(self.clusters_directory) + os.sep
+        for p in paths:
+            if not os.path.realpath(p).startswith(root):
+                raise ValueError(f"refusing to change the owner of {p!r}: not in a cluster directory")
+            os.lchown(p, account.uid, account.gid)
+
+    def setup_working_directory(self, cluster: Any) -> str:
+        """The cluster's directory, its TLS files and logs, owned by the cluster's owner (0700/0600).
+
+        Written here rather than by LocalBackend, whose version (dask-gateway-server 2026.3.0)
+        adds the TLS paths to its list character by character (`paths.extend(path)`) and so
+        changes the owner of "/" to the cluster's user before failing."""
+        if not self.clusters_directory:
+            raise ValueError("MLaaSLocalBackend needs clusters_directory")
+        account = self.account_of(cluster.username)
+        workdir = os.path.join(self.clusters_directory, cluster.name)
+        certs, logs = self.get_certs_directory(workdir), self.get_logs_directory(workdir)
+        for path in (workdir, certs, logs):
+            os.mkdir(path, 0o700)  # fresh: a cluster name is new, and nothing may be there already
+            os.lchown(path, account.uid, account.gid)
+        cert_path, key_path = self._get_tls_paths(workdir)
+        for path, data in ((cert_path, cluster.tls_cert), (key_path, cluster.tls_key)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                os.fchown(f.fileno(), account.uid, account.gid)
+                f.write(data)
+        return workdir
+
+    def get_env(self, cluster: Any) -> dict[str, str]:
+        env = super().get_env(cluster)
+        account = self.account_of(cluster.username)
+        env.update(USER=account.name, HOME=str(account.home))
+        return env
+
+    def make_preexec_fn(self, cluster: Any):  # pragma: no cover - runs in the child
+        raise NotImplementedError("start_process builds the child's set-up itself")
+
+    async def start_process(self, cluster: Any, cmd: list[str], env: dict[str, str], name: str) -> int:
+        import asyncio
+
+        account = self.account_of(cluster.username)
+        workdir = cluster.state["workdir"]
+        cores = cluster.config.worker_cores if name != "scheduler" else cluster.config.scheduler_cores
+        memory = cluster.config.worker_memory if name != "scheduler" else cluster.config.scheduler_memory
+        key = f"{account.name}.dask-{cluster.name[:12]}-{name[:24]}"
+        placement = self._limits.place(key, float(cores), int(memory))
+        groups = os.getgrouplist(account.name, account.gid)
+
+        def preexec() -> None:
+            placement.preexec()
+            os.setgid(account.gid)
+            os.setgroups(groups)
+            os.setuid(account.uid)
+            os.umask(0o077)
+            os.chdir(workdir)
+
+        log_path = os.path.join(self.get_logs_directory(workdir), name + ".log")
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchown(fd, account.uid, account.gid)
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, preexec_fn=preexec, start_new_session=True, env=env, stdout=fd, stderr=asyncio.subprocess.STDOUT,
+            )
+        except BaseException:
+            self._limits.release(key)
+            raise
+        finally:
+            os.close(fd)
+        self._pid_keys[proc.pid] = key
+        return proc.pid
+
+    async def stop_process(self, pid: int) -> None:
+        await super().stop_process(pid)
+        key = self._pid_keys.pop(pid, None)
+        if key:
+            self._limits.release(key)
+
+
+class MLaaSUnsafeLocalBackend(_LocalActive, ProfileLimitsMixin, UnsafeLocalBackend):
+    """One machine without root (development): every cluster runs as the hub's own account."""
 
 
 class MLaaSKubeBackend(ProfileLimitsMixin, KubeBackend):
@@ -280,6 +435,7 @@ def configure_gateway_options(c: Any, profiles_dir: str) -> None:
     """Dask Gateway on Kubernetes (its Helm chart's extraConfig): worker choices and per-cluster
     limits from the same profile files as the hub, mounted from the profiles ConfigMap."""
     c.DaskGateway.backend_class = MLaaSKubeBackend  # the chart's KubeBackend settings apply to it
+    c.DaskGateway.authenticator_class = MLaaSHubAuthenticator  # the chart's JupyterHub auth settings apply too
     c.MLaaSKubeBackend.profiles_dir = profiles_dir
 
 
@@ -291,7 +447,7 @@ def configure(c: Any, settings: Any) -> None:
     gw = settings.dask_gateway
     state = settings.state_dir / "dask-gateway"
     venv_bin = Path(sys.prefix) / "bin"
-    c.DaskGateway.authenticator_class = "dask_gateway_server.auth.JupyterHubAuthenticator"
+    c.DaskGateway.authenticator_class = MLaaSHubAuthenticator
     c.JupyterHubAuthenticator.jupyterhub_service_name = SERVICE_NAME  # only tokens with its access scope
     c.DaskGateway.address = f"127.0.0.1:{gw.api_port}"
     c.Proxy.address = f"127.0.0.1:{gw.port}"
@@ -300,9 +456,18 @@ def configure(c: Any, settings: Any) -> None:
     if gw.backend == "kubernetes":
         configure_kube_backend(c, settings)
     else:
-        c.DaskGateway.backend_class = MLaaSLocalBackend
-        c.MLaaSLocalBackend.profiles_dir = str(settings.profiles_dir)
-        c.MLaaSLocalBackend.clusters_directory = str(state / "clusters")
+        import hashlib
+
+        if os.geteuid() == 0 and settings.isolation != "single-account":
+            c.DaskGateway.backend_class = MLaaSLocalBackend
+            c.MLaaSLocalBackend.accounts_db = str(settings.accounts_db)
+            c.MLaaSLocalBackend.homes_dir = str(settings.homes_dir)
+            digest = hashlib.sha256(str(settings.homes_dir.resolve()).encode()).hexdigest()[:10]
+            c.MLaaSLocalBackend.limits_group = f"mlaas-{digest}-dask"
+        else:
+            c.DaskGateway.backend_class = MLaaSUnsafeLocalBackend
+        c.ProfileLimitsMixin.profiles_dir = str(settings.profiles_dir)
+        c.LocalBackend.clusters_directory = str(state / "clusters")
         c.ClusterConfig.scheduler_cmd = [str(venv_bin / "dask"), "scheduler"]
         c.ClusterConfig.worker_cmd = [str(venv_bin / "dask"), "worker"]
     from .xcache import client_env

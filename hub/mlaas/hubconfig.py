@@ -130,11 +130,20 @@ def gateway_service(s: Settings) -> dict:
     }
     state.mkdir(parents=True, exist_ok=True)
     account = None
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and (on_kubernetes or s.isolation == "single-account"):
+        # no processes of users here: the gateway runs under its own unprivileged account
         account = ensure_system_account(s.dask_gateway.account, state, "MLaaS Hub Dask Gateway")
         (state / "clusters").mkdir(exist_ok=True)
         os.chown(state / "clusters", account.uid, account.gid)
         service["user"] = account.name
+    elif os.geteuid() == 0:
+        # users' clusters run under their own accounts (mlaas.dask_gateway.MLaaSLocalBackend), which
+        # only root can start: the gateway stays root, out of reach of every user's tasks; each
+        # cluster's directory belongs to its owner (0700) under a directory others cannot list
+        os.chmod(state, 0o711)
+        (state / "clusters").mkdir(exist_ok=True)
+        os.chown(state / "clusters", 0, 0)
+        os.chmod(state / "clusters", 0o711)
     else:
         (state / "clusters").mkdir(parents=True, exist_ok=True)
     if on_kubernetes and s.kubernetes.default_kubeconfig:

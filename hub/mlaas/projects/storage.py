@@ -18,6 +18,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from ..accounts import admin_tool
 from .names import UNIX_GROUP_PREFIX, project_slug, unix_group
 
 log = logging.getLogger("JupyterHub.mlaas.projects")
@@ -45,7 +46,7 @@ def ensure_unix_group(name: str) -> int:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        subprocess.run(["groupadd", "--system", name], check=True, capture_output=True, text=True)
+        subprocess.run([admin_tool("groupadd"), "--system", name], check=True, capture_output=True, text=True)
         return grp.getgrnam(name).gr_gid
 
 
@@ -54,10 +55,10 @@ def set_project_groups(account: str, groups: list[str]) -> None:
     wanted = {unix_group(g) for g in groups}
     current = {g.gr_name for g in grp.getgrall() if g.gr_name.startswith(UNIX_GROUP_PREFIX) and account in g.gr_mem}
     for name in sorted(wanted - current):
-        subprocess.run(["gpasswd", "--add", account, name], check=True, capture_output=True, text=True)
+        subprocess.run([admin_tool("gpasswd"), "--add", account, name], check=True, capture_output=True, text=True)
         log.info("Account %s joined %s", account, name)
     for name in sorted(current - wanted):
-        subprocess.run(["gpasswd", "--delete", account, name], check=True, capture_output=True, text=True)
+        subprocess.run([admin_tool("gpasswd"), "--delete", account, name], check=True, capture_output=True, text=True)
         log.info("Account %s left %s (no longer in the group)", account, name)
 
 

@@ -17,6 +17,7 @@ from ..capacity import CapacitySource
 from ..profiles import Profile, ProfileStore, allowed_profiles, may_use, preselected, refusal
 from ..profiles.model import Project
 from ..projects import is_project_user, project_user
+from ..projects.identity import acting_groups
 from .form import FormEntry, render_form
 
 # Options a spawn request may carry; anything else is refused so typos and probes are visible.
@@ -79,10 +80,7 @@ class ProfileSpawnerMixin(LoggingConfigurable):
 
     def user_groups(self) -> list[str]:
         """Whose profile rules and quota apply: the user's groups, or the project's group."""
-        if is_project_user(self.user.name):
-            project = self.project
-            return [project.group] if project else []
-        return sorted(g.name for g in self.user.groups)
+        return acting_groups(self.user.name, (g.name for g in self.user.groups), self.store.current().projects)
 
     def project_groups(self) -> list[str]:
         """The groups whose project storage this server sees."""
