@@ -158,3 +158,55 @@ print(json.dumps({"rows": len(df), "columns": sorted(df.columns), "url": data.ur
     assert facts["columns"] == ["eta", "label", "mass", "njets", "pt"]
     cache_port = hub.platform.settings.data.origins[0].cache_port
     assert facts["url"] == f"root://127.0.0.1:{cache_port}//store/demo/events.parquet"
+
+
+def _cache_port(site, name: str) -> int:
+    return next(o.cache_port for o in site["settings"].origins if o.name == name)
+
+
+def test_origins_and_caches_refuse_writes_and_deletes(site):
+    """Nobody changes a site's data through the platform's XRootD servers: the origin and the
+    cache export read-only (XRootD's `r/o`), whatever the client asks."""
+    from XRootD import client
+    from XRootD.client.flags import OpenFlags
+
+    origin_file = site["origins"]["alpha"][1].base_dir / "data" / "store" / "alpha" / "cold.bin"
+    before = origin_file.read_bytes()
+    for port in (site["origins"]["alpha"][0], _cache_port(site, "alpha")):
+        base = f"root://127.0.0.1:{port}"
+        status, _ = client.FileSystem(base).rm("/store/alpha/cold.bin")
+        assert not status.ok, f"deleted through {base}"
+        f = client.File()
+        status, _ = f.open(f"{base}//store/alpha/new.bin", OpenFlags.NEW)
+        assert not status.ok, f"created a file through {base}"
+        status, _ = f.open(f"{base}//store/alpha/cold.bin", OpenFlags.UPDATE)
+        assert not status.ok, f"opened for writing through {base}"
+        status, _ = client.FileSystem(base).mkdir("/store/alpha/newdir")
+        assert not status.ok, f"made a directory through {base}"
+    assert origin_file.read_bytes() == before
+    assert not (origin_file.parent / "new.bin").exists() and not (origin_file.parent / "newdir").exists()
+
+
+def _global_ipv4() -> str | None:
+    import subprocess
+
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show", "scope", "global"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        return line.split()[3].split("/")[0]
+    return None
+
+
+def test_the_demo_origin_and_loopback_caches_refuse_other_hosts(site, monkeypatch):
+    """XRootD listens on every interface (5.5 cannot bind one address): `xrd.allow` makes the demo
+    origin and a cache whose clients are on this machine refuse any other host."""
+    from XRootD import client
+
+    address = _global_ipv4()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to connect from")
+    for name, value in {"XRD_CONNECTIONRETRY": "1", "XRD_CONNECTIONWINDOW": "3", "XRD_REQUESTTIMEOUT": "5"}.items():
+        monkeypatch.setenv(name, value)
+    for port in (site["origins"]["alpha"][0], _cache_port(site, "alpha")):
+        assert client.FileSystem(f"root://127.0.0.1:{port}").stat("/store/alpha/cold.bin")[0].ok
+        status, _ = client.FileSystem(f"root://{address}:{port}").stat("/store/alpha/cold.bin")
+        assert not status.ok, f"port {port} answered {address}"

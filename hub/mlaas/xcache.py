@@ -79,8 +79,26 @@ class DataSettings(BaseModel):
 CACHE_TEMPLATE = Path(__file__).parent / "templates" / "xcache.cfg"  # also used by the chart and Ansible
 
 
-def render_cache_config(origin: OriginSettings, cache_dir: Path, admin_dir: Path, ram: str) -> str:
-    return string.Template(CACHE_TEMPLATE.read_text()).substitute(
+# XRootD 5.5 has no directive to bind one address: it listens on every interface. `xrd.allow`
+# refuses every connection from a host that is not listed, before any request is read.
+LOOPBACK_ONLY = "xrd.allow host localhost\n"
+
+
+def is_loopback_host(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def render_cache_config(origin: OriginSettings, cache_dir: Path, admin_dir: Path, ram: str,
+                        loopback_only: bool = False) -> str:
+    """The shared template (read-only export), plus the one-machine platform's host restriction."""
+    text = string.Template(CACHE_TEMPLATE.read_text()).substitute(
         origin_name=origin.name,
         origin_url=origin.url,
         port=origin.cache_port,
@@ -89,14 +107,19 @@ def render_cache_config(origin: OriginSettings, cache_dir: Path, admin_dir: Path
         cache_dir=cache_dir,
         ram=ram,
     )
+    if loopback_only:
+        text += "# this platform's users reach the cache on this machine only (data.cache_host)\n" + LOOPBACK_ONLY
+    return text
 
 
 def render_origin_config(port: int, data_dir: Path, admin_dir: Path) -> str:
     return "\n".join(
         [
-            "# Demo data origin - rendered by mlaas.xcache; development and tests only",
+            "# Demo data origin - rendered by mlaas.xcache; development and tests only.",
+            "# Read-only, and only for clients on this machine (the caches).",
             f"xrd.port {port}",
-            "all.export /",
+            LOOPBACK_ONLY.strip(),
+            "all.export / r/o",
             f"oss.localroot {data_dir}",
             f"all.adminpath {admin_dir}",
             f"all.pidpath {admin_dir}",
@@ -205,7 +228,8 @@ def cache_process(origin: OriginSettings, settings: DataSettings, state_dir: Pat
     base = state_dir / "xcache" / origin.name
     (base / "data").mkdir(parents=True, exist_ok=True)
     (base / "admin").mkdir(parents=True, exist_ok=True)
-    config = render_cache_config(origin, base / "data", base / "admin", settings.ram)
+    config = render_cache_config(origin, base / "data", base / "admin", settings.ram,
+                                 loopback_only=is_loopback_host(settings.cache_host))
     return XRootDProcess(f"xcache-{origin.name}", config, base, dict(CACHE_CLIENT_ENV))
 
 
