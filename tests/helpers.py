@@ -92,6 +92,7 @@ def start_platform(
         "gpu_inventory": gpu_inventory,
         "admin_api_token_file": str(token_file),
         "admin_service_port": free_port(),
+        "max_processes": 256,  # low enough for a test to reach
         "dask_gateway": {"port": free_port(), "api_port": free_port(), "tcp_port": free_port()},
         "data": {
             "demo_origin": {"port": origin_port},

@@ -238,3 +238,41 @@ print(json.dumps(open(os.path.expanduser("~/owner.txt")).read()))
     assert len({f["uid"] for f in facts.values()}) == len(names)
     assert len({f["home"] for f in facts.values()}) == len(names)
     assert len({f["cgroup"] for f in facts.values()}) == len(names)
+
+
+def test_a_fork_bomb_ends_at_the_servers_process_limit(hub, pair):
+    """The test platform allows 256 processes and threads per server (`max_processes`): forking
+    beyond it fails in the server, and the machine (and bob's server) carry on."""
+    bomb = """
+import json, os, signal, time
+children, error = [], None
+try:
+    for _ in range(600):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(30)
+            os._exit(0)
+        children.append(pid)
+except OSError as e:
+    error = type(e).__name__
+for pid in children:
+    os.kill(pid, signal.SIGKILL)
+for pid in children:
+    os.waitpid(pid, 0)
+print(json.dumps({"forked": len(children), "error": error}))
+"""
+    # in a child of the kernel: the kernel and the server need a few threads of their own meanwhile
+    result = kernel_json(hub, "iso-alice", pair["iso-alice"], f"""
+import subprocess, sys
+print(subprocess.run([sys.executable, "-c", {bomb!r}], capture_output=True, text=True, timeout=120).stdout)
+""")
+    assert result["error"] == "BlockingIOError"  # EAGAIN: the limit, not the machine's end
+    assert 100 < result["forked"] < 256
+    model = hub.api().get(f"{hub.url}/hub/api/users/iso-bob").json()
+    assert model["servers"][""]["ready"]
+
+
+def test_the_hub_names_its_process_and_disk_limits_at_start(hub):
+    log = hub.hub_log()
+    assert re.search(r"Resource limits for local servers: .*(pids\.max 256|RLIMIT_NPROC 256)", log)
+    assert re.search(r"Disk quotas for homes: (user quotas on \S+|none: \S+ \(\w+\) is .*a user can fill it)", log)

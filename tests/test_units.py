@@ -167,3 +167,22 @@ def test_account_registry_is_one_to_one_and_persistent(tmp_path):
     names = ["u" * 60, "u" * 61, "U" * 60]
     accounts = [registry.account_for(n) for n in names]
     assert len(set(accounts)) == 3 and all(len(a) <= 32 for a in accounts)
+
+
+def test_disk_quota_support_is_read_from_the_mount_options(tmp_path):
+    from mlaas.diskquota import support
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/vda / ext4 rw,relatime 0 0\n"
+        "/dev/vdb /srv/homes ext4 rw,relatime,usrjquota=aquota.user,jqfmt=vfsv1 0 0\n"
+        "/dev/vdc /srv/homes-xfs xfs rw,uquota 0 0\n"
+    )
+    plain = support(tmp_path / "x", str(mounts))
+    assert (plain.mount, plain.enabled) == ("/", False)
+    assert "not mounted with user quotas" in plain.describe(2**30) and "a user can fill it" in plain.describe(2**30)
+    assert support(tmp_path.parent / "srv" / "homes" / "a", str(mounts)).enabled is False  # not under that mount
+    from pathlib import Path
+
+    assert support(Path("/srv/homes/jupyter-a"), str(mounts)).enabled is True
+    assert support(Path("/srv/homes-xfs/jupyter-a"), str(mounts)).enabled is True

@@ -31,7 +31,7 @@ from dask_gateway_server.models import ClusterStatus
 from dask_gateway_server.options import Options, Select
 from dask_gateway_server.auth import JupyterHubAuthenticator, unauthorized
 from dask_gateway_server.backends.base import PublicException
-from traitlets import Unicode
+from traitlets import Integer, Unicode
 from traitlets.config import LoggingConfigurable
 
 from .profiles import ProfileSet, ProfileStore, allowed_profiles
@@ -289,6 +289,7 @@ class MLaaSLocalBackend(_LocalActive, ProfileLimitsMixin, LocalBackend):
     accounts_db = Unicode("", config=True, help="The platform's account registry (mlaas.accounts).")
     homes_dir = Unicode("", config=True, help="Where the accounts' homes are (as for servers).")
     limits_group = Unicode("mlaas-dask", config=True, help="The cgroup subtree of Dask processes.")
+    max_processes = Integer(1024, config=True, help="Processes and threads one scheduler or worker may have.")
 
     @property
     def _registry(self):
@@ -303,7 +304,7 @@ class MLaaSLocalBackend(_LocalActive, ProfileLimitsMixin, LocalBackend):
         if not hasattr(self, "_limits_obj"):
             from .limits import detect_backend
 
-            self._limits_obj = detect_backend(self.log, group=self.limits_group)
+            self._limits_obj = detect_backend(self.log, group=self.limits_group, pids=self.max_processes)
             self._pid_keys: dict[int, str] = {}
             self.log.info("Dask processes run as their owners' accounts; limits: %s", self._limits_obj.describe())
         return self._limits_obj
@@ -464,6 +465,7 @@ def configure(c: Any, settings: Any) -> None:
             c.MLaaSLocalBackend.homes_dir = str(settings.homes_dir)
             digest = hashlib.sha256(str(settings.homes_dir.resolve()).encode()).hexdigest()[:10]
             c.MLaaSLocalBackend.limits_group = f"mlaas-{digest}-dask"
+            c.MLaaSLocalBackend.max_processes = settings.max_processes
         else:
             c.DaskGateway.backend_class = MLaaSUnsafeLocalBackend
         c.ProfileLimitsMixin.profiles_dir = str(settings.profiles_dir)

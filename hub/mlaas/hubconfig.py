@@ -19,6 +19,7 @@ from .api import CapacityAPIHandler, ProfilesAPIHandler, QuotasAPIHandler, Usage
 from .auth import MLaaSAuthenticator
 from .settings import REPO_ROOT, Settings, ensure_secret, prepare_state
 from .profiles import ProfileStore
+from .profiles.quantities import parse_bytes
 from .projects import project_role_specs
 from .projects.home import template_var as project_servers_var
 from .projects.sync import keep_in_sync
@@ -226,6 +227,8 @@ def configure(c, settings: Settings) -> None:
     sp.gpu_inventory = s.gpu_inventory
     sp.homes_dir = str(s.homes_dir)
     sp.accounts_db = str(s.accounts_db)
+    sp.max_processes = s.max_processes
+    sp.disk_quota = parse_bytes(s.disk_quota)
     sp.isolation = s.isolation
     sp.max_concurrent_starts = s.max_concurrent_starts
     c.Spawner.default_url = "/lab"
@@ -264,6 +267,12 @@ def configure(c, settings: Settings) -> None:
         roles.append({"name": "mlaas-ops", "scopes": OPS_SCOPES, "services": ["mlaas-ops"]})
     c.JupyterHub.services = services
     c.JupyterHub.load_roles = roles
+
+    if s.spawner == "local":  # name the limits, process bounds and disk quotas in force at start-up
+        from .spawners.local import disk_quota_support, limit_backend
+
+        limit_backend(str(s.homes_dir.resolve()), s.max_processes)
+        disk_quota_support(str(s.homes_dir.resolve()), str(s.hub_dir.resolve()), parse_bytes(s.disk_quota))
 
     running_as_root = os.geteuid() == 0
     if s.isolation == "single-account" or (s.isolation == "auto" and not running_as_root):

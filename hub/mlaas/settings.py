@@ -145,6 +145,13 @@ class Settings(BaseModel):
         None, description="If set, a service 'mlaas-ops' with the admin role uses the token in this file."
     )
     spawn_timeout: int = 120
+    max_processes: int = Field(
+        1024, ge=64, le=1_000_000,
+        description="Processes and threads one local server (or Dask process) may have: pids cgroup, else RLIMIT_NPROC.",
+    )
+    disk_quota: str = Field(
+        "20Gi", description="Per-account limit on the homes' filesystem, where it has user quotas (mlaas.diskquota).",
+    )
     max_concurrent_starts: int = Field(
         0, ge=0, description="Local servers starting at once (0: one per CPU core, at least 2); others queue."
     )

@@ -34,6 +34,7 @@ from traitlets import Float, Integer, Unicode, default
 
 from ..accounts import Account, AccountRegistry, ensure_account, own_account, untraversable_ancestor
 from ..capacity import DeviceAllocator, NoCapacity, inventory_source
+from ..diskquota import QuotaSupport, apply as apply_quota, support
 from ..limits import LimitBackend, Placement, detect_backend
 from ..profiles.quantities import format_bytes
 from ..projects.names import project_slug
@@ -76,13 +77,22 @@ def socket_url(path: Path) -> str:
 
 
 @functools.cache
-def limit_backend(instance: str) -> LimitBackend:
+def limit_backend(instance: str, pids: int) -> LimitBackend:
     """One per platform instance (named after its homes directory)."""
     log = logging.getLogger("JupyterHub.mlaas.limits")
     digest = hashlib.sha256(instance.encode()).hexdigest()[:10]
-    backend = detect_backend(log, group=f"mlaas-{digest}")
+    backend = detect_backend(log, group=f"mlaas-{digest}", pids=pids)
     log.info("Resource limits for local servers: %s", backend.describe())
     return backend
+
+
+@functools.cache
+def disk_quota_support(homes: str, hub_dir: str, limit: int) -> QuotaSupport:
+    quota = support(Path(homes))
+    logging.getLogger("JupyterHub.mlaas.limits").info(
+        "Disk quotas for homes: %s", quota.describe(limit, Path(hub_dir))
+    )
+    return quota
 
 
 class StartQueue:
@@ -112,6 +122,8 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         help="'accounts' (a system account per user; needs root), 'single-account' (development), or 'auto'.",
     )
     listen_poll_interval = Float(0.01, config=True, help="Seconds between checks that the new server answers.")
+    max_processes = Integer(1024, config=True, help="Processes and threads a server may have (pids cgroup or RLIMIT_NPROC).")
+    disk_quota = Integer(20 * 2**30, config=True, help="Bytes per account on the homes' filesystem, where quotas exist.")
     max_concurrent_starts = Integer(
         0,
         config=True,
@@ -136,7 +148,12 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
 
     @property
     def limits(self) -> LimitBackend:
-        return limit_backend(str(Path(self.homes_dir).resolve()))
+        return limit_backend(str(Path(self.homes_dir).resolve()), self.max_processes)
+
+    @property
+    def disk_quota_support(self) -> QuotaSupport:
+        homes = Path(self.homes_dir).resolve()
+        return disk_quota_support(str(homes), str(Path(self.accounts_db).resolve().parent), self.disk_quota)
 
     @property
     def uses_accounts(self) -> bool:
@@ -284,6 +301,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
             if blocked is not None:
                 raise web.HTTPError(500, f"Server setup error: user accounts cannot enter {blocked}; ask the admins.")
             self.account = await asyncio.to_thread(ensure_account, account_name, self.user.name, home)
+            await asyncio.to_thread(apply_quota, self.disk_quota_support, self.account.name, self.disk_quota)
             self.emit(20, f"Using account {self.account.name} with a private home directory")
         else:
             self.account = own_account(home)
