@@ -203,3 +203,53 @@ def test_browser_admin_edits_a_profile_and_a_user_sees_it_in_the_spawn_form(admi
     finally:
         admin.close()
         user.close()
+
+
+@pytest.mark.parametrize(
+    "method, path, body, field",
+    [
+        ("post", "profiles", {"item": None}, "'item'"),
+        ("post", "profiles", {"item": ["slug", "x"]}, "'item'"),
+        ("post", "profiles", {"item": "small"}, "'item'"),
+        ("post", "profiles", {}, "'item'"),
+        ("post", "profiles", {"item": {"slug": "x"}, "file": "../../etc/evil.yaml"}, "'file'"),
+        ("post", "profiles", {"item": {"slug": "x"}, "file": "/tmp/evil.yaml"}, "'file'"),
+        ("post", "profiles", {"item": {"slug": "x"}, "file": 5}, "'file'"),
+        ("post", "profiles", {"item": {"slug": "x"}, "file": ["cpu.yaml"]}, "'file'"),
+        ("put", "profiles/small", {"version": "x"}, "'item'"),
+        ("put", "profiles/small", {"item": None, "version": "x"}, "'item'"),
+        ("put", "profiles/small", {"item": {"slug": "small"}, "version": 7}, "'version'"),
+        ("patch", "profiles/small", {"fields": ["memory"]}, "'fields'"),
+        ("patch", "profiles/small", {"fields": None}, "'fields'"),
+        ("post", "quotas", {"item": 3}, "'item'"),
+        ("put", "quotas/quota-team", {}, "'item'"),
+    ],
+)
+def test_malformed_requests_get_a_400_naming_the_field_and_change_nothing(admin_hub, admin_token, method, path, body,
+                                                                         field):
+    api, base = admin_api(admin_hub, admin_token)
+    files = {p.name: p.read_text() for p in admin_hub.profiles_dir.iterdir()}
+    r = getattr(api, method)(f"{base}/{path}", json=body)
+    assert r.status_code == 400, r.text
+    assert field in r.json()["message"]
+    assert {p.name: p.read_text() for p in admin_hub.profiles_dir.iterdir()} == files  # nothing written or deleted
+    assert api.get(f"{base}/profiles/small").status_code == 200
+
+
+def test_a_profile_file_of_nested_aliases_is_refused_and_the_api_keeps_answering(admin_hub, admin_token):
+    """A few hundred bytes of YAML aliases expand to millions of values: refused by size of the
+    expansion, reported, and the last good profiles stay in force for the hub and the admin API."""
+    bomb = admin_hub.profiles_dir / "bomb.yaml"
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    bomb.write_text("\n".join(levels) + "\nprofiles: *a8\n")
+    assert len(bomb.read_bytes()) < 700
+    try:
+        api, base = admin_api(admin_hub, admin_token)
+        r = api.get(f"{base}/profiles", timeout=30)
+        assert r.status_code == 200 and "small" in [p["key"] for p in r.json()["profiles"]]
+        hub_profiles = admin_hub.api(admin_token).get(f"{admin_hub.url}/hub/api/mlaas/profiles", timeout=30)
+        assert hub_profiles.status_code == 200 and "small" in [p["slug"] for p in hub_profiles.json()["profiles"]]
+        assert "bomb.yaml: expands to more than 20,000 values" in admin_hub.hub_log()
+    finally:
+        bomb.unlink()

@@ -160,3 +160,17 @@ def test_idp_unreachable_during_the_callback_gives_a_readable_page_and_no_code_i
     assert "The identity provider" in r.text and "cannot be reached right now" in r.text
     log = hub.hub_log()
     assert code not in log and state not in log
+
+
+def test_a_link_with_spawn_options_never_starts_a_server(hub: RunningPlatform):
+    """Cross-site spawning: a page anywhere can make a signed-in browser GET
+    /hub/spawn/<user>?profile=…; that must show the form (where a POST with the XSRF token starts
+    a server), never start one and spend the group's quota."""
+    session, r = oidc_login(hub, "carol")
+    assert r.status_code == 200
+    for link in (f"{hub.url}/hub/spawn/carol?profile=small", f"{hub.url}/hub/spawn?profile=small&next=/hub/home"):
+        r = session.get(link, headers={"Referer": "https://elsewhere.example/"})
+        assert "mlaas-profiles" in r.text  # the form is shown
+        assert "A link cannot start a server" in r.text
+        model = hub.api().get(f"{hub.url}/hub/api/users/carol").json()
+        assert model["servers"] == {} and not model["pending"]

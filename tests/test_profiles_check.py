@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import FIXTURES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,3 +59,67 @@ def test_absurd_and_negative_resources_and_bad_groups_are_errors():
     assert "absurd.yaml:6 profiles[0].mig: '3g.21gb' is not a MIG profile" in err
     assert "absurd.yaml:7 profiles[0].groups: 'atlas ml' is not a group name" in err
     assert "4 error(s)" in err
+
+
+def _errors(text: str) -> list[str]:
+    from mlaas.profiles import ProfileErrors
+    from mlaas.profiles.loader import load_profile_texts
+
+    with pytest.raises(ProfileErrors) as e:
+        load_profile_texts([("t.yaml", text)])
+    return [str(x) for x in e.value.errors]
+
+
+BASE = "profiles:\n  - slug: p\n    display_name: P\n    groups: ['*']\n"
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN", "NaN", "nan", "inf"])
+def test_nan_and_infinities_are_refused_for_every_number(value):
+    cpu = _errors(BASE + f"    cpu: {{limit: {value}}}\n    memory: {{limit: 1Gi}}\n")
+    assert any("profiles[0].cpu.limit" in e for e in cpu), cpu
+    memory = _errors(BASE + f"    cpu: {{limit: 1}}\n    memory: {{limit: {value}}}\n")
+    assert any("profiles[0].memory.limit" in e for e in memory), memory
+    quota = _errors(f"quotas:\n  - group: g\n    cpu: {value}\n")
+    assert any("quotas[0].cpu" in e for e in quota), quota
+    dask = _errors(f"dask:\n  cluster_max_cores: {value}\n")
+    assert any("dask.cluster_max_cores" in e for e in dask), dask
+
+
+def test_alias_bombs_and_oversized_files_are_refused_with_the_reason():
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    (error,) = _errors("\n".join(levels) + "\nprofiles: *a8\n")
+    assert "t.yaml: expands to more than 20,000 values" in error
+    (error,) = _errors("# " + "x" * 300_000 + "\n")
+    assert "t.yaml: is 300,003 bytes; a profile file may be at most 262,144 bytes" in error
+
+
+def test_env_and_texts_are_bounded():
+    many = "".join(f"      V{i}: x\n" for i in range(65))
+    errors = _errors(BASE + "    cpu: {limit: 1}\n    memory: {limit: 1Gi}\n    env:\n" + many)
+    assert any("profiles[0].env" in e and "at most 64" in e for e in errors), errors
+    errors = _errors(BASE + "    cpu: {limit: 1}\n    memory: {limit: 1Gi}\n    env: {BIG: " + "y" * 5000 + "}\n")
+    assert any("profiles[0].env" in e and "4096" in e for e in errors), errors
+    errors = _errors(BASE.replace("display_name: P", "display_name: " + "P" * 200) + "    cpu: {limit: 1}\n    memory: {limit: 1Gi}\n")
+    assert any("display_name" in e for e in errors), errors
+
+
+def test_a_profile_file_that_becomes_a_directory_or_vanishes_is_reported_and_its_profiles_stay(tmp_path):
+    from mlaas.profiles import ProfileStore
+
+    (tmp_path / "a.yaml").write_text(BASE + "    cpu: {limit: 1}\n    memory: {limit: 1Gi}\n")
+    (tmp_path / "b.yaml").write_text(BASE.replace("slug: p", "slug: q") + "    cpu: {limit: 1}\n    memory: {limit: 1Gi}\n")
+    store = ProfileStore(tmp_path, tmp_path / "snapshot.json")
+    assert store.current().slugs == ["p", "q"] and store.errors == []
+
+    (tmp_path / "a.yaml").unlink()
+    assert store.current().slugs == ["p", "q"]  # not silently withdrawn
+    assert "a.yaml: is gone (deleted or renamed) with profile(s) p, which stay in force" in str(store.errors[0])
+
+    (tmp_path / "a.yaml").mkdir()
+    assert store.current().slugs == ["p", "q"]
+    assert any("a.yaml: is a directory, not a profile file" in str(e) for e in store.errors)
+
+    (tmp_path / "a.yaml").rmdir()
+    (tmp_path / "a.yaml").write_text("profiles: []\n")  # withdrawn on purpose
+    assert store.current().slugs == ["q"] and store.errors == []
