@@ -113,7 +113,7 @@ def gateway_client_env(s: Settings) -> dict[str, str]:
 
 
 def gateway_service(s: Settings) -> dict:
-    """dask-gateway-server as a hub-managed service, under its own unprivileged account."""
+    """dask-gateway-server as a hub-managed service (as root with per-user accounts, see below)."""
     state = s.state_dir / "dask-gateway"
     on_kubernetes = s.dask_gateway.backend == "kubernetes"  # no built-in proxy: the API answers directly
     service: dict = {

@@ -70,7 +70,11 @@ class DaskGatewaySettings(BaseModel):
         "local", description="local: clusters as processes here; kubernetes: as pods (with spawner: kubernetes)."
     )
     controller_port: int = 8005  # the Kubernetes backend's controller (health endpoint)
-    account: str = Field("mlaas-dask", description="System account the gateway and its clusters run as (root hub).")
+    account: str = Field(
+        "mlaas-dask",
+        description="System account of the gateway when no user processes run here (Kubernetes backend, or "
+        "single-account mode as root); with per-user accounts the gateway is root and clusters run as their owners.",
+    )
 
 
 class ClusterSite(BaseModel):
