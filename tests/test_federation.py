@@ -9,7 +9,6 @@ single-user server of each Running pod on the pod's loopback IP (each site its o
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml

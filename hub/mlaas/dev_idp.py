@@ -8,13 +8,15 @@ URL is not a loopback address unless an operator forces it (`dev_idp.allow_publi
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import secrets
 from pathlib import Path
-from urllib.parse import urlparse
 
 import yaml
+
+from .netaddr import is_loopback_url
+
+__all__ = ["demo_users", "ensure_passwords", "is_loopback_url", "public_refusal", "public_warning"]
 
 
 def demo_users(users_file: Path) -> list[dict]:
@@ -40,16 +42,6 @@ def ensure_passwords(users_file: Path, passwords_file: Path) -> dict[str, str]:
             yaml.safe_dump({"passwords": passwords}, f)
         os.replace(tmp, passwords_file)
     return passwords
-
-
-def is_loopback_url(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def public_refusal(public_url: str) -> str:

@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .netaddr import is_loopback_host
+
 # The cache's own client: fail fast when the origin is down, recover soon after it returns
 # (measured: defaults hang > 60 s and stay broken for 30 min; ../shared/README.md).
 CACHE_CLIENT_ENV = {"XRD_CONNECTIONWINDOW": "2", "XRD_CONNECTIONRETRY": "1", "XRD_STREAMERRORWINDOW": "2",
@@ -82,17 +84,6 @@ CACHE_TEMPLATE = Path(__file__).parent / "templates" / "xcache.cfg"  # also used
 # XRootD 5.5 has no directive to bind one address: it listens on every interface. `xrd.allow`
 # refuses every connection from a host that is not listed, before any request is read.
 LOOPBACK_ONLY = "xrd.allow host localhost\n"
-
-
-def is_loopback_host(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def render_cache_config(origin: OriginSettings, cache_dir: Path, admin_dir: Path, ram: str,
