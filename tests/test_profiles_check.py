@@ -123,3 +123,13 @@ def test_a_profile_file_that_becomes_a_directory_or_vanishes_is_reported_and_its
     (tmp_path / "a.yaml").rmdir()
     (tmp_path / "a.yaml").write_text("profiles: []\n")  # withdrawn on purpose
     assert store.current().slugs == ["q"] and store.errors == []
+
+
+def test_two_groups_whose_projects_would_share_names_are_refused():
+    """`x.y` needs hashing for its project's names; a group literally named like the result would
+    share its storage, hub user and Unix group."""
+    from mlaas.projects.names import project_slug
+
+    twin = project_slug("x.y")
+    (error,) = _errors(f"projects:\n  - group: x.y\n  - group: {twin}\n")
+    assert f"project of group '{twin}'" in error and "the same as the project of group 'x.y'" in error

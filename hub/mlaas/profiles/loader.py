@@ -167,6 +167,7 @@ def load_profile_texts(texts: Iterable[tuple[str, str]], errors: list[ProfileErr
     errors.extend(_duplicates([(q.group, where) for q, where in quotas], "quota for group"))
     errors.extend(_duplicates([("dask", where) for _, where in dask], "section"))
     errors.extend(_duplicates([(p.group, where) for p, where in projects], "project of group"))
+    errors.extend(_project_name_collisions(projects))
     if errors:
         raise ProfileErrors(errors)
     return ProfileSet(
@@ -312,4 +313,29 @@ def _cross_file_errors(loaded: list[tuple[Profile, str]]) -> list[ProfileError]:
                 f"only one profile can be the default; {defaults[0][0].slug!r} already is ({defaults[0][1]})",
             )
         )
+    return errors
+
+
+def _project_name_collisions(projects: list[tuple[Project, str]]) -> list[ProfileError]:
+    """Two groups whose projects would share a hub user, a directory, a Unix group or a volume.
+
+    Names derived from a group get a hash when the group's name needs changing (`x.y` ->
+    `x-y-<hash>`), so a group literally called `x-y-<hash>` would land on the same names and
+    share the first group's storage. Refused here, where the admin writes them."""
+    from ..projects.names import project_claim, project_slug, project_user, unix_group
+
+    errors: list[ProfileError] = []
+    seen: dict[str, tuple[str, str]] = {}
+    for project, where in projects:
+        for kind, name in (("directory", project_slug(project.group)), ("hub user", project_user(project.group)),
+                           ("Unix group", unix_group(project.group)), ("volume", project_claim(project.group))):
+            other = seen.get(f"{kind}:{name}")
+            if other and other[0] != project.group:
+                errors.append(ProfileError(
+                    *_position(where), f"project of group {project.group!r}",
+                    f"its {kind} would be {name!r}, the same as the project of group {other[0]!r} ({other[1]}); "
+                    "rename one of the groups",
+                ))
+                break
+            seen[f"{kind}:{name}"] = (project.group, where)
     return errors
