@@ -196,9 +196,9 @@ def test_deploy_installs_our_chart_and_the_pinned_upstream_charts(site, tmp_path
 
 def test_deploy_takes_upstream_charts_from_local_archives_when_given(site, tmp_path):
     """Air-gapped sites: `mlaas deploy --charts-dir` installs the pinned charts from `helm pull` archives."""
-    (tmp_path / "jupyterhub-4.3.3.tgz").write_bytes(b"")
+    (tmp_path / "jupyterhub-4.4.0.tgz").write_bytes(b"")
     commands = {c[3]: c for c in helm_commands(site, tmp_path / "generated.yaml", tmp_path)}
-    assert commands["jupyterhub"][4] == str(tmp_path / "jupyterhub-4.3.3.tgz") and "--repo" not in commands["jupyterhub"]
+    assert commands["jupyterhub"][4] == str(tmp_path / "jupyterhub-4.4.0.tgz") and "--repo" not in commands["jupyterhub"]
     assert "--repo" in commands["dask-gateway"]  # no archive of the pinned version: from its repository
 
 

@@ -55,11 +55,67 @@ def profile_api_handlers(profiles_dir: str, snapshot: str) -> list[tuple]:
     ]
 
 
+# --- adding to JupyterHub's lists, never replacing them ---------------------------------------------
+# Zero to JupyterHub sets its idle culler's service and role, and a site's hub.loadRoles and
+# hub.services, before our code runs: ours go next to them.
+def add_roles(c, roles: list[dict]) -> None:
+    """Add roles to `load_roles`; a role of the same name (e.g. `user`) gets the union of scopes."""
+    current = c.JupyterHub.load_roles
+    if not isinstance(current, list):  # unset so far: traitlets' lazy value extends the default
+        current.extend(_merged_roles([], roles))
+        return
+    c.JupyterHub.load_roles = _merged_roles(current, roles)
+
+
+def _merged_roles(existing: list[dict], new: list[dict]) -> list[dict]:
+    merged = [dict(r) for r in existing]
+    for role in new:
+        same = next((r for r in merged if r.get("name") == role["name"]), None)
+        if same is None:
+            merged.append(dict(role))
+            continue
+        for key in ("scopes", "users", "groups", "services"):
+            if key in role:
+                same[key] = list(dict.fromkeys([*same.get(key, []), *role[key]]))
+    return merged
+
+
+def add_services(c, services: list[dict]) -> None:
+    c.JupyterHub.services.extend(services)
+
+
+def add_template_vars(c, variables: dict) -> None:
+    c.JupyterHub.template_vars.update(variables)
+
+
+def add_server_environment(c, environment: dict[str, str], spawner_section: str = "Spawner") -> None:
+    """What every user's server gets: on both the generic Spawner and the concrete spawner's section,
+    so a dict set there (z2jh's singleuser.extraEnv) keeps its entries and gains ours."""
+    c.Spawner.environment.update(environment)
+    if spawner_section != "Spawner":
+        c[spawner_section].environment.update(environment)
+
+
 def configure_projects(c, store: ProfileStore) -> list[dict]:
     """Group projects: the home page section; returns the roles that give members their servers."""
-    c.JupyterHub.template_paths = [str(Path(__file__).parent / "templates")]
-    c.JupyterHub.template_vars = {"mlaas_projects": project_servers_var(store)}
+    template_dir = str(Path(__file__).parent / "templates")
+    paths = c.JupyterHub.template_paths
+    if isinstance(paths, list):
+        c.JupyterHub.template_paths = [template_dir, *[p for p in paths if p != template_dir]]
+    else:
+        paths.prepend([template_dir])
+    add_template_vars(c, {"mlaas_projects": project_servers_var(store)})
     return project_role_specs(store.current().projects)
+
+
+def gateway_roles_and_scopes(c) -> list[dict]:
+    """Users may use the Dask Gateway, and so may their servers' tokens (nothing else may)."""
+    c.Spawner.server_token_scopes = [
+        "access:servers!server",
+        "users:activity!user",
+        f"access:services!service={gateway.SERVICE_NAME}",
+    ]
+    return [{"name": "user", "scopes": ["self", f"access:services!service={gateway.SERVICE_NAME}"]}]
 
 
 def follow_profile_files(store: ProfileStore) -> None:
@@ -251,22 +307,16 @@ def configure(c, settings: Settings) -> None:
         services.append(gateway_service(s))
         if s.dask_gateway.backend == "kubernetes":
             services.append(gateway_controller_service(s))
-        # users may use the gateway, and so may their servers' tokens (nothing else may)
-        roles.append({"name": "user", "scopes": ["self", f"access:services!service={gateway.SERVICE_NAME}"]})
-        c.Spawner.server_token_scopes = [
-            "access:servers!server",
-            "users:activity!user",
-            f"access:services!service={gateway.SERVICE_NAME}",
-        ]
-    c.Spawner.environment = environment
+        roles.extend(gateway_roles_and_scopes(c))
+    add_server_environment(c, environment, "KubeProfileSpawner" if s.spawner == "kubernetes" else "LocalProfileSpawner")
 
     # --- an admin-scoped service token for automation, if asked for ----------------------------
     if s.admin_api_token_file:
         token = Path(s.admin_api_token_file).read_text().strip()
         services.append({"name": "mlaas-ops", "api_token": token})
         roles.append({"name": "mlaas-ops", "scopes": OPS_SCOPES, "services": ["mlaas-ops"]})
-    c.JupyterHub.services = services
-    c.JupyterHub.load_roles = roles
+    add_services(c, services)
+    add_roles(c, roles)
 
     if s.spawner == "local":  # name the limits, process bounds and disk quotas in force at start-up
         from .spawners.local import disk_quota_support, limit_backend
@@ -314,15 +364,48 @@ def configure_kube_spawner(c, s: Settings) -> None:
                  k.kubeconfig or os.environ.get("KUBECONFIG", "the in-cluster config"))
 
 
+K8S_GATEWAY_ADDRESS = "http://proxy-public/services/dask-gateway"  # z2jh's proxy Service, in-cluster
+K8S_GATEWAY_PROXY = "gateway://traefik-dask-gateway:80"  # the Dask Gateway chart's Traefik (release dask-gateway)
+K8S_DATA_CONFIG = "/etc/mlaas/data/xcache.json"  # the mlaas-data ConfigMap of charts/mlaas-hub
+
+
+def k8s_gateway_client_env(address: str = K8S_GATEWAY_ADDRESS, proxy: str = K8S_GATEWAY_PROXY) -> dict[str, str]:
+    """What `Gateway()` in a user's pod needs to work with no arguments (the Dask Gateway chart)."""
+    return {
+        "DASK_GATEWAY__ADDRESS": address,
+        "DASK_GATEWAY__PROXY_ADDRESS": proxy,
+        "DASK_GATEWAY__PUBLIC_ADDRESS": gateway.PREFIX + "/",
+        "DASK_GATEWAY__AUTH__TYPE": "jupyterhub",
+    }
+
+
+def k8s_data_env(data_config: str | Path) -> dict[str, str]:
+    """`MLAAS_XCACHE` for users' pods from the chart's mlaas-data ConfigMap (the site's caches)."""
+    from .xcache import CACHE_CLIENT_ENV
+
+    path = Path(data_config)
+    if not path.is_file():
+        log.warning("No cache map at %s (charts/mlaas-hub ConfigMap mlaas-data): mlaas.data reads origins directly",
+                    path)
+        return {}
+    return {"MLAAS_XCACHE": path.read_text().strip(), **CACHE_CLIENT_ENV}
+
+
 def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir: str = "/srv/jupyterhub",
-                         sites: dict[str, str] | None = None) -> None:
+                         sites: dict[str, str] | None = None, dask_gateway: bool = True,
+                         gateway_address: str = K8S_GATEWAY_ADDRESS, gateway_proxy: str = K8S_GATEWAY_PROXY,
+                         data_config: str | Path = K8S_DATA_CONFIG) -> None:
     """The mlaas parts of a hub deployed with Zero to JupyterHub (charts/values/jupyterhub.yaml).
 
     The chart configures the hub, proxy and database; this adds the profile spawner, the AAI
     authenticator (its URLs and client come from the site's values), the platform's REST API,
-    group projects and the profile watcher. The profile files come from the mlaas-profiles
-    ConfigMap, mounted at `profiles_dir`. `sites` (name -> kubeconfig path, or "in-cluster" for
-    the hub's own cluster) makes it a federation of several clusters (docs/deploy.md §8).
+    group projects and the profile watcher, the Dask Gateway's client settings and its access
+    scope for users (the service itself is `hub.services.dask-gateway` in the values), and the
+    site's cache map for users' pods. Everything is *added* to what z2jh and the site's values set
+    (roles such as the idle culler's, services, template variables, singleuser.extraEnv).
+    The profile files come from the mlaas-profiles ConfigMap, mounted at `profiles_dir`. `sites`
+    (name -> kubeconfig path, or "in-cluster" for the hub's own cluster) makes it a federation of
+    several clusters (docs/deploy.md §8).
     """
     from .spawners.kube import KubeProfileSpawner
 
@@ -336,8 +419,14 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
     c.MLaaSAuthenticator.manage_groups = True
     c.MLaaSAuthenticator.basic_auth = True
     c.MLaaSAuthenticator.accounts_db = str(Path(state_dir) / "accounts.sqlite")  # identities bound to names
-    c.JupyterHub.extra_handlers = profile_api_handlers(profiles_dir, snapshot)
-    c.JupyterHub.load_roles = configure_projects(c, store)
+    c.JupyterHub.extra_handlers.extend(profile_api_handlers(profiles_dir, snapshot))
+    roles = configure_projects(c, store)
+    environment = k8s_data_env(data_config)
+    if dask_gateway:
+        roles.extend(gateway_roles_and_scopes(c))
+        environment.update(k8s_gateway_client_env(gateway_address, gateway_proxy))
+    add_roles(c, roles)
+    add_server_environment(c, environment, "KubeSpawner")
     if sites:
         c.KubeProfileSpawner.sites = dict(sites)
     follow_profile_files(store)
