@@ -189,3 +189,40 @@ def test_make_k8s_up_runs_clusters_side_by_side_and_k8s_down_stops_them(tmp_path
 
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"{name}'s apiserver still listens after k8s-down"
+
+
+def test_the_hubs_capacity_watch_needs_only_our_charts_read_only_cluster_role(cluster, tmp_path):
+    """The hub's ServiceAccount, with its own token (no admin credentials): refused by RBAC until
+    our chart's ClusterRole is bound to it, and the form says so instead of "unreachable"; with it,
+    the watch sees the GPU nodes. The role grants reading Nodes and Pods, nothing else."""
+    import asyncio
+
+    from mlaas.capacity.kube import KubeCapacity
+    from mlaas.profiles.model import Profile
+    from mlaas.spawners.kube_sites import site_api_client
+
+    cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": "rbac-probe"}})
+    kubeconfig = cluster.service_account_kubeconfig("rbac-probe", "hub", tmp_path / "hub-sa.yaml")
+    mig = Profile.model_validate({"slug": "mig", "display_name": "MIG", "cpu": {"limit": 1}, "memory": {"limit": "1Gi"},
+                                  "mig": "3g.20gb", "groups": ["*"]})
+
+    async def watch_for(seconds: float) -> tuple[str | None, int]:
+        cache = KubeCapacity()
+        task = asyncio.ensure_future(cache.run(site_api_client(str(kubeconfig)), retry_seconds=0.3))
+        await asyncio.sleep(seconds)
+        task.cancel()
+        availability = cache.availability(mig)
+        return availability.reason, availability.free
+
+    reason, free = asyncio.run(watch_for(2))
+    assert reason is not None and "the hub may not list nodes (RBAC, HTTP 403)" in reason and free == 0
+    assert "unreachable" not in reason
+    r = helm(cluster, "install", "mlaas-hub-rbac", str(REPO / "charts" / "mlaas-hub"), "--namespace", "rbac-probe",
+             "--set", "xcache.enabled=false", "--set", "migManager.enabled=false", "--set", "site=probe",
+             "--set", "rbac.clusterRoleName=mlaas-hub-capacity-probe", "--wait", "--timeout", "60s")
+    assert r.returncode == 0, r.stdout + r.stderr
+    role = cluster.request("GET", "/apis/rbac.authorization.k8s.io/v1/clusterroles/mlaas-hub-capacity-probe")
+    assert {(tuple(rule["resources"]), tuple(rule["verbs"])) for rule in role["rules"]} == {
+        (("nodes",), ("get", "list", "watch")), (("pods",), ("list", "watch"))}
+    reason, free = asyncio.run(watch_for(3))
+    assert reason is None and free == 4  # test-a's MIG node: 4 × 3g.20gb, none in use

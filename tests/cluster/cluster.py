@@ -25,6 +25,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import zlib
 from dataclasses import dataclass, field
@@ -211,6 +212,27 @@ class Cluster:
         self.kubeconfig.write_text(yaml.safe_dump(config))
         os.chmod(self.kubeconfig, 0o600)
         self._token = token
+
+    def service_account_kubeconfig(self, namespace: str, name: str, path: Path) -> Path:
+        """A kubeconfig holding a ServiceAccount's own token (TokenRequest API): what a pod of the
+        product would use, with exactly the permissions RBAC gives that account."""
+        try:
+            self.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts", {"metadata": {"name": name}})
+        except urllib.error.HTTPError as e:
+            if e.code != 409:
+                raise
+        token = self.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
+                             {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                              "spec": {"expirationSeconds": 7200}})["status"]["token"]
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": name,
+            "clusters": [{"name": self.name, "cluster": {"server": self.server, "insecure-skip-tls-verify": True}}],
+            "users": [{"name": name, "user": {"token": token}}],
+            "contexts": [{"name": name, "context": {"cluster": self.name, "user": name, "namespace": namespace}}],
+        }
+        path.write_text(yaml.safe_dump(config))
+        os.chmod(path, 0o600)
+        return path
 
     def request(self, method: str, path: str, body: dict | None = None, content_type: str = "application/json") -> dict:
         ctx = ssl._create_unverified_context()  # the apiserver's self-signed serving cert, loopback only

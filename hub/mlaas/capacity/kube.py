@@ -113,6 +113,7 @@ class KubeCapacity:
         self.reservations: dict[str, Profile] = {}  # spawns whose pods are not in the cache yet
         self.synced: set[str] = set()  # kinds listed at least once
         self.unreachable: str | None = None
+        self.forbidden: str | None = None  # the API server answered, but RBAC refused the hub
         self.api_calls = 0
         self._on_gone: dict[str, list[Callable[[], None]]] = {}  # pod key -> what to do once it is gone
 
@@ -224,6 +225,8 @@ class KubeCapacity:
         return max(0, min(counts)) if counts else 0
 
     def availability(self, profile: Profile) -> Availability:
+        if self.forbidden:
+            return Availability(0, 0, self.forbidden)
         if self.unreachable:
             return Availability(0, 0, f"the cluster is unreachable ({self.unreachable})")
         if "node" not in self.synced:
@@ -283,7 +286,7 @@ class KubeCapacity:
                 self.api_calls += 1
                 listed = await list_fn()
                 self.replace(kind, [api_client.sanitize_for_serialization(i) for i in listed.items])
-                self.unreachable = None
+                self.unreachable = self.forbidden = None
                 version = listed.metadata.resource_version
                 stream = watch.Watch().stream(list_fn, resource_version=version, timeout_seconds=300)
                 self.api_calls += 1
@@ -292,6 +295,15 @@ class KubeCapacity:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the API server is down or the watch expired: list again
-                self.unreachable = f"{type(e).__name__}: {e}"[:200]
-                self.log.warning("Capacity watch of %ss failed, relisting in %ss: %s", kind, retry, e)
+                status = getattr(e, "status", None)
+                if status in (401, 403):  # reached, and refused: a permission to grant, not an outage
+                    self.forbidden = (
+                        f"the hub may not list {kind}s (RBAC, HTTP {status}): bind its ServiceAccount to the "
+                        "ClusterRole mlaas-hub-capacity of charts/mlaas-hub (docs/deploy.md)"
+                    )
+                    self.unreachable = None
+                    self.log.error("Capacity watch of %ss refused by RBAC (HTTP %s); retrying in %ss", kind, status, retry)
+                else:
+                    self.unreachable = f"{type(e).__name__}: {e}"[:200]
+                    self.log.warning("Capacity watch of %ss failed, relisting in %ss: %s", kind, retry, e)
                 await asyncio.sleep(retry)
