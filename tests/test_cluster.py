@@ -199,7 +199,9 @@ def test_the_hubs_capacity_watch_needs_only_our_charts_read_only_cluster_role(cl
 
     from mlaas.capacity.kube import KubeCapacity
     from mlaas.profiles.model import Profile
-    from mlaas.spawners.kube_sites import site_api_client
+    from kubernetes_asyncio.client import ApiClient
+
+    from mlaas.spawners.kube_sites import _load_configuration
 
     cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": "rbac-probe"}})
     kubeconfig = cluster.service_account_kubeconfig("rbac-probe", "hub", tmp_path / "hub-sa.yaml")
@@ -208,14 +210,16 @@ def test_the_hubs_capacity_watch_needs_only_our_charts_read_only_cluster_role(cl
 
     async def watch_for(seconds: float) -> tuple[str | None, int]:
         cache = KubeCapacity()
-        task = asyncio.ensure_future(cache.run(site_api_client(str(kubeconfig)), retry_seconds=0.3))
-        await asyncio.sleep(seconds)
-        task.cancel()
+        async with ApiClient(configuration=_load_configuration(str(kubeconfig))) as api:
+            task = asyncio.ensure_future(cache.run(api, retry_seconds=0.3))
+            await asyncio.sleep(seconds)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         availability = cache.availability(mig)
         return availability.reason, availability.free
 
     reason, free = asyncio.run(watch_for(2))
-    assert reason is not None and "the hub may not list nodes (RBAC, HTTP 403)" in reason and free == 0
+    assert reason is not None and "the hub may not list nodes, pods (RBAC, HTTP 403)" in reason and free == 0
     assert "unreachable" not in reason
     r = helm(cluster, "install", "mlaas-hub-rbac", str(REPO / "charts" / "mlaas-hub"), "--namespace", "rbac-probe",
              "--set", "xcache.enabled=false", "--set", "migManager.enabled=false", "--set", "site=probe",

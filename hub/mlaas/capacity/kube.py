@@ -113,7 +113,7 @@ class KubeCapacity:
         self.reservations: dict[str, Profile] = {}  # spawns whose pods are not in the cache yet
         self.synced: set[str] = set()  # kinds listed at least once
         self.unreachable: str | None = None
-        self.forbidden: str | None = None  # the API server answered, but RBAC refused the hub
+        self.refused: dict[str, int] = {}  # kind -> HTTP status: the API server answered, RBAC refused the hub
         self.api_calls = 0
         self._on_gone: dict[str, list[Callable[[], None]]] = {}  # pod key -> what to do once it is gone
 
@@ -224,6 +224,15 @@ class KubeCapacity:
         counts = [math.floor(free.get(r, 0.0) / need + 1e-9) for r, need in requests.items() if need > 0]
         return max(0, min(counts)) if counts else 0
 
+    @property
+    def forbidden(self) -> str | None:
+        if not self.refused:
+            return None
+        kinds = ", ".join(f"{k}s" for k in sorted(self.refused))
+        status = max(self.refused.values())
+        return (f"the hub may not list {kinds} (RBAC, HTTP {status}): bind its ServiceAccount to the ClusterRole "
+                "mlaas-hub-capacity of charts/mlaas-hub (docs/deploy.md)")
+
     def availability(self, profile: Profile) -> Availability:
         if self.forbidden:
             return Availability(0, 0, self.forbidden)
@@ -286,7 +295,8 @@ class KubeCapacity:
                 self.api_calls += 1
                 listed = await list_fn()
                 self.replace(kind, [api_client.sanitize_for_serialization(i) for i in listed.items])
-                self.unreachable = self.forbidden = None
+                self.unreachable = None
+                self.refused.pop(kind, None)
                 version = listed.metadata.resource_version
                 stream = watch.Watch().stream(list_fn, resource_version=version, timeout_seconds=300)
                 self.api_calls += 1
@@ -297,10 +307,7 @@ class KubeCapacity:
             except Exception as e:  # the API server is down or the watch expired: list again
                 status = getattr(e, "status", None)
                 if status in (401, 403):  # reached, and refused: a permission to grant, not an outage
-                    self.forbidden = (
-                        f"the hub may not list {kind}s (RBAC, HTTP {status}): bind its ServiceAccount to the "
-                        "ClusterRole mlaas-hub-capacity of charts/mlaas-hub (docs/deploy.md)"
-                    )
+                    self.refused[kind] = status
                     self.unreachable = None
                     self.log.error("Capacity watch of %ss refused by RBAC (HTTP %s); retrying in %ss", kind, status, retry)
                 else:
