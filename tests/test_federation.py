@@ -3,6 +3,9 @@ they may run. A spawn lands on the allowed site with the most room; with one sit
 stopped, new spawns go to the others and the form (in Chromium) says that site cannot be
 reached; when it is back, it is used again.
 
+The hub uses, at each site, its own ServiceAccount's token with the roles the charts ship
+(z2jh's namespaced Role, our read-only ClusterRole), never admin credentials.
+
 Simulated: the nodes (KWOK) and the kubelet's work; tests/cluster/pod_runner.py runs the real
 single-user server of each Running pod on the pod's loopback IP (each site its own 127.x range)."""
 
@@ -15,8 +18,10 @@ import yaml
 
 from cluster.cluster import Cluster, binaries, in_range, pod_range
 from cluster.pod_runner import PodRunner, wait_until
+from cluster.upstream_rbac import apply_upstream_rbac
 from conftest import browser_login
 from helpers import ARTIFACTS, RunningPlatform, ensure_user, error_message, start_platform, state_root, user_token
+from test_upstream_charts import charts_dir
 
 pytestmark = pytest.mark.platform
 NAMESPACE = "mlaas-users"
@@ -43,7 +48,7 @@ PROFILES = {"profiles": [
 
 @pytest.fixture(scope="module")
 def federation():
-    clusters, runners = {}, []
+    clusters, runners, accounts = {}, [], {}
     profiles = state_root() / "federation-profiles"
     profiles.mkdir(parents=True, exist_ok=True)
     (profiles / "federation.yaml").write_text(yaml.safe_dump(PROFILES))
@@ -57,11 +62,13 @@ def federation():
             cluster.start(nodes)
             cluster.request("POST", "/api/v1/namespaces", {"metadata": {
                 "name": NAMESPACE, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+            apply_upstream_rbac(cluster, NAMESPACE, charts_dir(), releases=("jupyterhub",), ours=True)
+            accounts[name] = cluster.service_account_kubeconfig(NAMESPACE, "hub", cluster.state / "hub.kubeconfig")
             runners.append(PodRunner(cluster, NAMESPACE, cluster.state / "pods").start())
         hub = start_platform(
             "federation", profiles=profiles, spawner="kubernetes",
             kubernetes={"namespace": NAMESPACE,
-                        "sites": [{"name": n, "kubeconfig": str(c.kubeconfig)} for n, c in clusters.items()]},
+                        "sites": [{"name": n, "kubeconfig": str(accounts[n])} for n in clusters]},
             dask_gateway={"enabled": False}, data={"enabled": False},
         )
         yield {"hub": hub, "clusters": clusters}

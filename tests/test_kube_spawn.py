@@ -3,6 +3,10 @@ through the dev IdP, sees capacity that comes from the cluster's nodes and pods,
 profile; the real scheduler puts the pod on a node with that slice; the server is reached
 through the proxy; stopping deletes the pod.
 
+Least privilege: the hub, the Dask Gateway and its controller talk to the API server with their
+own ServiceAccounts' tokens, with the roles the upstream charts and ours ship (applied from the
+chart mirror, tests/cluster/upstream_rbac.py); only the test harness holds admin credentials.
+
 Simulated: the nodes (KWOK) and the kubelet's work; tests/cluster/pod_runner.py runs the real
 single-user server with the pod's environment on the pod's (loopback) IP."""
 
@@ -17,7 +21,11 @@ import yaml
 
 from cluster.cluster import Cluster, binaries, free_port, in_range, pod_range
 from cluster.pod_runner import PodRunner, wait_until
-from helpers import ARTIFACTS, RunningPlatform, error_message, oidc_login, start_platform, state_root, user_token
+from cluster.upstream_rbac import apply_upstream_rbac
+from helpers import (
+    ARTIFACTS, FIXTURES, RunningPlatform, error_message, oidc_login, start_platform, state_root, user_token,
+)
+from test_upstream_charts import charts_dir
 from mlaas.deploy import chart_values
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,15 +41,19 @@ def site():
     cluster.request("POST", "/api/v1/namespaces", {"metadata": {
         "name": NAMESPACE, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
     cluster.apply_crds(REPO / "tests" / "cluster" / "crds" / "dask-gateway.yaml")
+    apply_upstream_rbac(cluster, NAMESPACE, charts_dir())  # z2jh's hub Role, Dask Gateway's roles
+    install_chart(cluster, FIXTURES / "profiles")  # ours: project volumes, the hub's read-only ClusterRole
+    accounts = {name: str(cluster.service_account_kubeconfig(NAMESPACE, name, cluster.state / f"{name}.kubeconfig"))
+                for name in ("hub", "api-dask-gateway", "controller-dask-gateway")}
     runner = PodRunner(cluster, NAMESPACE, cluster.state / "pods").start()
     hub = start_platform(
         "kube", spawner="kubernetes",
-        kubernetes={"kubeconfig": str(cluster.kubeconfig), "namespace": NAMESPACE},
+        kubernetes={"kubeconfig": accounts["hub"], "namespace": NAMESPACE},
         dask_gateway={"backend": "kubernetes", "port": free_port(), "api_port": free_port(), "tcp_port": free_port(),
-                      "controller_port": free_port()},
+                      "controller_port": free_port(), "kubeconfig": accounts["api-dask-gateway"],
+                      "controller_kubeconfig": accounts["controller-dask-gateway"]},
         data={"enabled": False},
     )
-    install_chart(cluster, hub)
     yield {"cluster": cluster, "hub": hub, "runner": runner}
     hub.platform.stop()
     runner.stop()
@@ -49,10 +61,11 @@ def site():
     shutil.copytree(hub.log_dir, ARTIFACTS / "kube-logs", dirs_exist_ok=True)
 
 
-def install_chart(cluster: Cluster, hub: RunningPlatform) -> None:
+def install_chart(cluster: Cluster, profiles: Path) -> None:
     """Our chart in the users' namespace, as a site installs it: here it brings the group
-    project volumes (static RWX volumes stand in for a storage provisioner)."""
-    generated, _ = chart_values([hub.profiles_dir])
+    project volumes (static RWX volumes stand in for a storage provisioner) and the hub's
+    read-only ClusterRole for its capacity watch."""
+    generated, _ = chart_values([profiles])
     values = {**generated, "site": "test", "xcache": {"enabled": False}, "migManager": {"enabled": False},
               "projects": {**generated["projects"], "storageClassName": "rwx-test", "size": "1Gi"}}
     values_file = cluster.state / "values.yaml"

@@ -168,8 +168,11 @@ def gateway_client_env(s: Settings) -> dict[str, str]:
     }
 
 
-def gateway_service(s: Settings) -> dict:
-    """dask-gateway-server as a hub-managed service (as root with per-user accounts, see below)."""
+def gateway_service(s: Settings, kubeconfig: Path | None = None, credentials_copy: str = "kubeconfig") -> dict:
+    """dask-gateway-server as a hub-managed service (as root with per-user accounts, see below).
+
+    With the Kubernetes backend it uses its own cluster credentials (`dask_gateway.kubeconfig`, a
+    ServiceAccount with the Dask Gateway chart's API role; the hub's if unset)."""
     state = s.state_dir / "dask-gateway"
     on_kubernetes = s.dask_gateway.backend == "kubernetes"  # no built-in proxy: the API answers directly
     service: dict = {
@@ -203,14 +206,15 @@ def gateway_service(s: Settings) -> dict:
         os.chmod(state / "clusters", 0o711)
     else:
         (state / "clusters").mkdir(parents=True, exist_ok=True)
-    if on_kubernetes and s.kubernetes.default_kubeconfig:
-        # the gateway's account gets its own private copy of the cluster credentials (the hub's
-        # kubeconfig stays readable by root only); created 0600, never readable by others
-        private = state / "kubeconfig"
+    source = kubeconfig or s.dask_gateway.kubeconfig or s.kubernetes.default_kubeconfig
+    if on_kubernetes and source:
+        # the gateway's account gets its own private copy of its cluster credentials (the
+        # original stays readable by root only); created 0600, never readable by others
+        private = state / credentials_copy
         private.unlink(missing_ok=True)
         fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(Path(s.kubernetes.default_kubeconfig).read_bytes())
+            f.write(Path(source).read_bytes())
         if account is not None:
             os.chown(private, account.uid, account.gid)
         service["environment"]["KUBECONFIG"] = str(private)
@@ -218,8 +222,9 @@ def gateway_service(s: Settings) -> dict:
 
 
 def gateway_controller_service(s: Settings) -> dict:
-    """The Kubernetes backend's controller: turns DaskCluster objects into pods (no web endpoint)."""
-    service = gateway_service(s)
+    """The Kubernetes backend's controller: turns DaskCluster objects into pods (no web endpoint),
+    with the credentials of `dask_gateway.controller_kubeconfig` (the chart's controller role)."""
+    service = gateway_service(s, s.dask_gateway.controller_kubeconfig, "controller-kubeconfig")
     service["name"] = f"{gateway.SERVICE_NAME}-controller"
     service.pop("url")
     service["command"] = [service["command"][0], "kube-controller", *service["command"][1:]]

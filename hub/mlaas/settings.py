@@ -70,6 +70,14 @@ class DaskGatewaySettings(BaseModel):
         "local", description="local: clusters as processes here; kubernetes: as pods (with spawner: kubernetes)."
     )
     controller_port: int = 8005  # the Kubernetes backend's controller (health endpoint)
+    kubeconfig: Path | None = Field(
+        None, description="Kubernetes backend: the gateway's own credentials (the Dask Gateway chart's API role); "
+        "default: the hub's.",
+    )
+    controller_kubeconfig: Path | None = Field(
+        None, description="Kubernetes backend: the controller's credentials (the chart's controller role); "
+        "default: the gateway's.",
+    )
     account: str = Field(
         "mlaas-dask",
         description="System account of the gateway when no user processes run here (Kubernetes backend, or "
