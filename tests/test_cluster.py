@@ -8,7 +8,6 @@ storage (static PersistentVolumes stand in for a provisioner)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
