@@ -253,3 +253,14 @@ def test_a_profile_file_of_nested_aliases_is_refused_and_the_api_keeps_answering
         assert "bomb.yaml: expands to more than 20,000 values" in admin_hub.hub_log()
     finally:
         bomb.unlink()
+
+
+def test_deeply_nested_or_huge_bodies_are_refused_not_crashed(admin_hub, admin_token):
+    api, base = admin_api(admin_hub, admin_token)
+    deep = "[" * 100_000 + "]" * 100_000
+    r = api.post(f"{base}/profiles", data=deep, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["message"]
+    r = api.post(f"{base}/profiles", data=b"{" + b" " * (2 * 1024 * 1024) + b"}",
+                 headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "over 1024 KiB" in r.json()["message"]
+    assert api.get(f"{base}/profiles/small").status_code == 200  # the service is still there

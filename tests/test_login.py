@@ -114,6 +114,12 @@ def test_an_invalid_user_name_is_told_that_its_name_is_invalid(hub: RunningPlatf
     assert "not a member of a group" not in r.text
 
 
+def test_an_account_without_the_name_claim_is_told_so(hub: RunningPlatform):
+    _, r = oidc_login(hub, "nameless")
+    assert r.status_code == 403
+    assert "did not send the 'preferred_username' claim that names you" in r.text
+
+
 def test_demo_passwords_are_generated_per_installation_and_private(hub: RunningPlatform):
     from mlaas.settings import REPO_ROOT
 

@@ -71,6 +71,7 @@ function loadUsers(file) {
       email: u.email ?? `${u.username}@example.org`,
       groups: u.groups ?? [],
       entitlements: u.entitlements ?? [],
+      omit: Array.isArray(u.omit_claims) ? u.omit_claims.filter((c) => c !== 'sub') : [],
     });
   }
   return users;
@@ -102,7 +103,7 @@ const provider = new Provider(issuer, {
     return {
       accountId: sub,
       async claims() {
-        return {
+        const claims = {
           sub,
           name: user.name,
           preferred_username: user.username,
@@ -111,6 +112,9 @@ const provider = new Provider(issuer, {
           groups: user.groups,
           eduperson_entitlement: user.entitlements,
         };
+        // an account may leave claims out, as some AAIs do (tests of the hub's refusals)
+        for (const name of user.omit) delete claims[name];
+        return claims;
       },
     };
   },

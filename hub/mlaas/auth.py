@@ -127,6 +127,11 @@ class MLaaSAuthenticator(GenericOAuthenticator):
                 self.log.error("The identity provider answered the sign-in with HTTP %s", e.code)
                 raise web.HTTPError(503, self._unreachable()) from None
             raise
+        except ValueError:  # oauthenticator: the claim that names the user is missing
+            raise web.HTTPError(
+                403, f"Your identity provider did not send the {self.username_claim!r} claim that names you on this "
+                "hub, so you cannot sign in. Ask the platform admins (the hub may need more scopes).",
+            ) from None
         if not model:
             return model
         return await asyncio.to_thread(self._bind, model)

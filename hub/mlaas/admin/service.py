@@ -38,6 +38,7 @@ from .history import ChangeLog
 from .source import FILE_NAME_RE, FileSource
 
 log = logging.getLogger("mlaas.admin")
+MAX_BODY = 1024 * 1024
 HERE = Path(__file__).parent
 
 
@@ -73,6 +74,8 @@ class PageHandler(AdminHandler):
 
 class APIHandler(AdminHandler):
     def prepare(self) -> None:
+        if len(self.request.body or b"") > MAX_BODY:
+            raise web.HTTPError(413, f"The request body is over {MAX_BODY // 1024} KiB; an item is a few KiB.")
         if self.current_user is None:
             raise web.HTTPError(403, "Only hub admins may use this API (no admin token or login).")
         self.check_admin()
@@ -82,6 +85,8 @@ class APIHandler(AdminHandler):
             data = json.loads(self.request.body or b"{}")
         except ValueError as e:
             raise web.HTTPError(400, f"The request body is not JSON: {e}") from None
+        except RecursionError:
+            raise web.HTTPError(400, "The request body is nested too deeply to be an item.") from None
         if not isinstance(data, dict):
             raise web.HTTPError(400, "The request body must be a JSON object.")
         return data
@@ -238,6 +243,7 @@ def main() -> None:
     from urllib.parse import urlparse
 
     parsed = urlparse(url)
-    make_app(editor, prefix).listen(parsed.port or 80, parsed.hostname or "127.0.0.1")
+    # an item is a few KiB: bodies over MAX_BODY get a 413 (prepare); far larger ones are not even read
+    make_app(editor, prefix).listen(parsed.port or 80, parsed.hostname or "127.0.0.1", max_body_size=16 * MAX_BODY)
     log.info("Admin service for %s at %s", settings.profiles_dir, url)
     ioloop.IOLoop.current().start()
