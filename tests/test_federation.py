@@ -32,7 +32,7 @@ SITES = {  # name -> (pod IP range, node pools)
                                  "taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]}]),
     "fed-b": (pod_range(4), [{"name": "gpu", "count": 1, "cpu": "8", "memory": "32Gi",
                                  "extended": {"nvidia.com/gpu": "2"},
-                                 "labels": {"nvidia.com/gpu.product": "NVIDIA-H100-SXM5-80GB"},
+                                 "labels": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
                                  "taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]}]),
     "fed-c": (pod_range(5), [{"name": "cpu", "count": 1, "cpu": "8", "memory": "32Gi"}]),
 }

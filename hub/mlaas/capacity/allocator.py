@@ -6,6 +6,7 @@ follows it cannot interleave with another spawn's.
 
 from __future__ import annotations
 
+from ..profiles.mig import device_matches
 from ..profiles.model import Profile
 from .base import Availability, Device, Inventory, InventorySource
 
@@ -15,9 +16,8 @@ class NoCapacity(Exception):
 
 
 def _matches(profile: Profile, device: Device) -> bool:
-    if profile.gpu:
-        model = (profile.gpu.model or "").lower()
-        return device.kind == "gpu" and model in device.model.lower()
+    if profile.gpu:  # the same rule as the Kubernetes path's product labels (mlaas.profiles.mig)
+        return device.kind == "gpu" and device_matches(profile.gpu.model, device.model)
     if profile.mig:
         return device.kind == "mig" and device.mig_profile == profile.mig.profile
     return False

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..profiles.mig import GPU_MODELS
+from ..profiles.mig import GPU_MODELS, product_labels
 from ..profiles.model import Profile
 from ..profiles.quantities import parse_bytes, parse_cpu
 from .base import Availability
@@ -28,20 +28,15 @@ POOL_KEY = "mlaas.io/node-pool"
 MigStrategy = Literal["mixed", "single"]
 
 
-def product_label(model_name: str) -> str:
-    """The GPU operator's product label value for a catalogue model: 'NVIDIA-A100-SXM4-40GB'."""
-    return "NVIDIA-" + model_name.replace(" ", "-")
-
-
 def gpu_products(model: str | None) -> list[str]:
-    """Product label values of the catalogue models matching a profile's `gpu.model` ('A100')."""
-    wanted = (model or "").lower()
-    return [product_label(m.name) for m in GPU_MODELS if wanted in m.name.lower()]
+    """GFD product label values of the catalogue models a profile's `gpu.model` means ('H100' ->
+    NVIDIA-H100-80GB-HBM3, NVIDIA-H100-PCIe, NVIDIA-H100-NVL); see mlaas.profiles.mig."""
+    return product_labels(model)
 
 
 def mig_single_products(mig_profile: str) -> list[str]:
     """Product label values of GPUs split into `mig_profile` slices under the `single` strategy."""
-    return [f"{product_label(m.name)}-MIG-{mig_profile}" for m in GPU_MODELS if mig_profile in m.mig_profiles]
+    return [f"{m.gfd_product}-MIG-{mig_profile}" for m in GPU_MODELS if mig_profile in m.mig_profiles]
 
 
 def _quantity(resource: str, value: Any) -> float:

@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from .mig import ALL_MIG_PROFILES
+from .mig import ALL_MIG_PROFILES, FAMILIES, is_product_name, models_matching
 from .quantities import format_bytes, format_cpu, parse_bytes, parse_cpu
 
 MAX_CPU_CORES = 1024.0
@@ -100,10 +100,23 @@ class MemorySpec(_Strict):
 
 
 class GpuRequest(_Strict):
-    """Whole GPUs. `model` narrows the choice, e.g. 'A100' (matched against the product name)."""
+    """Whole GPUs. `model` narrows the choice: a family ('A100', 'H100': any of them) or one model
+    by any of its names ('A100-SXM4-80GB', 'NVIDIA H100 80GB HBM3', 'NVIDIA-H100-80GB-HBM3'); the
+    same on one machine (NVML) and on Kubernetes (GPU feature discovery's labels)."""
 
     count: int = Field(1, ge=1, le=MAX_GPUS)
     model: str | None = Field(None, min_length=1, max_length=64)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str | None) -> str | None:
+        if value is not None and not models_matching(value) and not is_product_name(value):
+            raise ValueError(
+                f"{value!r} is not a GPU model this platform knows: use a family ({', '.join(FAMILIES)}), a model "
+                "such as 'A100-SXM4-80GB' or 'NVIDIA H100 80GB HBM3', or another GPU's full product name as NVML "
+                "reports it ('NVIDIA L40S'); docs/profiles.md lists them"
+            )
+        return value
 
 
 class MigRequest(_Strict):
