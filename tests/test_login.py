@@ -115,9 +115,11 @@ def test_an_invalid_user_name_is_told_that_its_name_is_invalid(hub: RunningPlatf
 
 
 def test_an_account_without_the_name_claim_is_told_so(hub: RunningPlatform):
+    import html
+
     _, r = oidc_login(hub, "nameless")
     assert r.status_code == 403
-    assert "did not send the 'preferred_username' claim that names you" in r.text
+    assert "did not send the 'preferred_username' claim that names you" in html.unescape(r.text)
 
 
 def test_demo_passwords_are_generated_per_installation_and_private(hub: RunningPlatform):

@@ -186,3 +186,14 @@ def test_disk_quota_support_is_read_from_the_mount_options(tmp_path):
 
     assert support(Path("/srv/homes/jupyter-a"), str(mounts)).enabled is True
     assert support(Path("/srv/homes-xfs/jupyter-a"), str(mounts)).enabled is True
+
+
+def test_log_scrubbing_hides_secrets_in_urls_and_headers_and_leaves_the_rest():
+    from mlaas.logscrub import scrub
+
+    assert scrub("GET /hub/oauth_callback?code=abc123&state=eyJ0&iss=http%3A") == \
+        "GET /hub/oauth_callback?code=[secret]&state=[secret]&iss=http%3A"
+    assert scrub("already ?code=[secret]&state=[secret]") == "already ?code=[secret]&state=[secret]"
+    assert scrub("{'Authorization': 'token abc'}") == "{'Authorization': 'token [secret]'}"
+    assert scrub("?_xsrf=2|abc&token=t0k3n") == "?_xsrf=[secret]&token=[secret]"
+    assert scrub("decode=ok codes=1 statement=2") == "decode=ok codes=1 statement=2"

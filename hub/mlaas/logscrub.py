@@ -14,7 +14,7 @@ import traceback
 
 SECRET_PARAMS = ("code", "state", "token", "access_token", "refresh_token", "id_token", "client_secret",
                  "_xsrf", "session_state", "password")
-_PARAM = re.compile(r"(?i)(?<![A-Za-z0-9_])(" + "|".join(map(re.escape, SECRET_PARAMS)) + r")=([^&\s\"'#,;)\]}]+)")
+_PARAM = re.compile(r"(?i)(?<![A-Za-z0-9_])(" + "|".join(map(re.escape, SECRET_PARAMS)) + r")=(?!\[secret\])([^&\s\"'#,;)\]}]+)")
 _AUTH = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:token|bearer|jupyterhub)\s+)[^\s\"',}]+")
 
 
