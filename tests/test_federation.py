@@ -129,8 +129,10 @@ def test_spawns_go_to_the_allowed_site_with_the_most_room(federation):
             status = hub.api(user_token(hub, user)).get(f"{hub.url}/user/{user}/api/status")
             assert status.status_code == 200, status.text  # reached at the pod's IP on its site
         assert placed == {"fed-1": "fed-b", "fed-2": "fed-a", "fed-3": "fed-b"}
-        usage = hub.api().get(f"{hub.url}/hub/api/mlaas/usage").json()["servers"]
-        assert {u["user"]: u["site"] for u in usage} == placed  # what the admins' usage view shows
+        usage = hub.api().get(f"{hub.url}/hub/api/mlaas/usage").json()
+        assert {u["user"]: u["site"] for u in usage["servers"]} == placed  # what the admins' usage view shows
+        assert all(u["gpus"] == 1 and u["devices"] == [] for u in usage["servers"])  # the cluster hands out GPUs
+        assert usage["devices"] is None  # no local GPU inventory is offered for a cluster's servers
         pod = pods(clusters["fed-a"])["jupyter-fed-2"]
         assert pod["spec"]["nodeName"] == "fed-a-gpu-0" and in_range(pod["status"]["podIP"], clusters["fed-a"].pod_cidr)
 

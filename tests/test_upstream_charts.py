@@ -134,6 +134,9 @@ def test_z2jh_hub_config_runs_with_mlaas_and_keeps_its_roles_and_services(tmp_pa
     assert cache_map["namespaces"]["/store/demo"] == "root://data.site-a.example.org:1094"
     assert "access:services!service=dask-gateway" in built["server_token_scopes"]
     assert "mlaas_projects" in built["template_vars"]
+    # the platform's REST API, as on the one-machine hub (no machine GPU inventory on a cluster)
+    assert {"/api/mlaas/profiles", "/api/mlaas/quotas", "/api/mlaas/usage"} <= set(built["extra_handlers"])
+    assert "/api/mlaas/capacity" not in built["extra_handlers"]
 
 
 def _our_chart_objects() -> list[dict]:

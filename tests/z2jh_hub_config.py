@@ -53,6 +53,7 @@ def main() -> None:
         "kubespawner_environment": value(ks, "environment", value(c.Spawner, "environment", {})),
         "server_token_scopes": value(c.Spawner, "server_token_scopes", []),
         "template_vars": sorted(value(jh, "template_vars", {}) or {}),
+        "extra_handlers": [h[0] for h in value(jh, "extra_handlers", []) or []],
     }, default=str))
 
 

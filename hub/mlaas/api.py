@@ -78,27 +78,33 @@ class CapacityAPIHandler(APIHandler):
 
 
 class UsageAPIHandler(APIHandler):
-    def initialize(self, profiles_dir: str, snapshot: str, gpu_inventory: str) -> None:
-        from .spawners.local import device_allocator
+    """On both hubs. With local servers (`gpu_inventory` given) it names the devices each server
+    holds; on Kubernetes the device plugin hands them out, so servers show their profile's GPUs and
+    MIG slices, and the site they run at."""
 
+    def initialize(self, profiles_dir: str, snapshot: str, gpu_inventory: str | None = None) -> None:
         self.store = profile_store(profiles_dir, snapshot)
-        self.allocator = device_allocator(gpu_inventory)
+        self.allocator = None
+        if gpu_inventory is not None:
+            from .spawners.local import device_allocator
+
+            self.allocator = device_allocator(gpu_inventory)
 
     @needs_scope("read:servers")
     async def get(self) -> None:
-        inventory = {d.uuid: d for d in self.allocator.inventory().devices}
         devices: dict[str, list[dict]] = {}
-        for uuid, owner in self.allocator.held().items():
-            d = inventory.get(uuid)
-            devices.setdefault(owner, []).append(
-                {"uuid": uuid, "model": d.model if d else "", "mig_profile": d.mig_profile if d else None}
-            )
+        inventory_view = None
+        if self.allocator is not None:
+            inventory = {d.uuid: d for d in self.allocator.inventory().devices}
+            for uuid, owner in self.allocator.held().items():
+                d = inventory.get(uuid)
+                devices.setdefault(owner, []).append(
+                    {"uuid": uuid, "model": d.model if d else "", "mig_profile": d.mig_profile if d else None}
+                )
+            inventory_view = self.allocator.inventory().as_dict(held=self.allocator.held())
         pset = await self.store.fresh()
         holdings = usage_ledger().holdings()
         self.set_header("Content-Type", "application/json")
-        self.write(
-            json.dumps(
-                quotas.usage(holdings, devices)
-                | {"quotas": quotas.report(pset, holdings), "devices": self.allocator.inventory().as_dict(held=self.allocator.held())}
-            )
-        )
+        self.write(json.dumps(
+            quotas.usage(holdings, devices) | {"quotas": quotas.report(pset, holdings), "devices": inventory_view}
+        ))

@@ -47,12 +47,18 @@ def start_profile_watcher(store: ProfileStore, interval: float = 2.0) -> None:
     threading.Thread(target=watch, name="mlaas-profile-watcher", daemon=True).start()
 
 
-def profile_api_handlers(profiles_dir: str, snapshot: str) -> list[tuple]:
-    """The REST endpoints every hub of the platform has (one machine or Kubernetes)."""
-    return [
+def profile_api_handlers(profiles_dir: str, snapshot: str, gpu_inventory: str | None = None) -> list[tuple]:
+    """The REST endpoints every hub of the platform has (one machine or Kubernetes); with local
+    servers (`gpu_inventory`), also this machine's GPU inventory and which server holds what."""
+    handlers: list[tuple] = [
         (r"/api/mlaas/profiles", ProfilesAPIHandler),
         (r"/api/mlaas/quotas", QuotasAPIHandler, {"profiles_dir": profiles_dir, "snapshot": snapshot}),
+        (r"/api/mlaas/usage", UsageAPIHandler,
+         {"profiles_dir": profiles_dir, "snapshot": snapshot, "gpu_inventory": gpu_inventory}),
     ]
+    if gpu_inventory is not None:
+        handlers.append((r"/api/mlaas/capacity", CapacityAPIHandler, {"gpu_inventory": gpu_inventory}))
+    return handlers
 
 
 # --- adding to JupyterHub's lists, never replacing them ---------------------------------------------
@@ -249,12 +255,9 @@ def configure(c, settings: Settings) -> None:
     c.ConfigurableHTTPProxy.pid_file = str(hub_dir / "proxy.pid")
     snapshot = str(hub_dir / "profiles.last-good.json")
     store = profile_store(str(s.profiles_dir), snapshot)
-    c.JupyterHub.extra_handlers = [
-        *profile_api_handlers(str(s.profiles_dir), snapshot),
-        (r"/api/mlaas/capacity", CapacityAPIHandler, {"gpu_inventory": s.gpu_inventory}),
-        (r"/api/mlaas/usage", UsageAPIHandler,
-         {"profiles_dir": str(s.profiles_dir), "snapshot": snapshot, "gpu_inventory": s.gpu_inventory}),
-    ]
+    c.JupyterHub.extra_handlers.extend(
+        profile_api_handlers(str(s.profiles_dir), snapshot, s.gpu_inventory if s.spawner == "local" else None)
+    )
 
     # --- login through the AAI ----------------------------------------------------------------
     c.JupyterHub.authenticator_class = MLaaSAuthenticator

@@ -302,11 +302,13 @@ async function loadUsage() {
   }
   const devices = document.querySelector("#usage-devices tbody");
   devices.innerHTML = "";
-  for (const d of r.data.devices.devices || []) {
+  // on Kubernetes the cluster's device plugin hands out GPUs: no machine inventory (servers show their profile's)
+  const inventory = r.data.devices || { devices: [], unavailable_reason: "GPUs are handed out by the cluster; each server above shows what its profile holds." };
+  for (const d of inventory.devices || []) {
     devices.append(el("tr", {}, el("td", {}, d.uuid), el("td", {}, d.model), el("td", {}, d.mig_profile || "–"), el("td", {}, d.held_by || "free")));
   }
-  if (!(r.data.devices.devices || []).length) {
-    devices.append(el("tr", {}, el("td", { colspan: 4 }, r.data.devices.unavailable_reason || "No GPUs on this machine.")));
+  if (!(inventory.devices || []).length) {
+    devices.append(el("tr", {}, el("td", { colspan: 4 }, inventory.unavailable_reason || "No GPUs on this machine.")));
   }
 }
 
