@@ -1,5 +1,5 @@
-"""A real Kubernetes control plane (etcd, kube-apiserver with Pod Security and ResourceQuota
-admission, controller-manager, scheduler; built from the Go module proxy by
+"""A real Kubernetes control plane (etcd, kube-apiserver with Pod Security admission,
+controller-manager, scheduler; built from the Go module proxy by
 tests/cluster/build.sh) with KWOK's simulated GPU/MIG nodes: what no unit test can show.
 
 Simulated: the nodes (KWOK marks scheduled pods Running; nothing is executed in them) and the
@@ -127,32 +127,35 @@ def test_the_upstream_charts_install_from_local_archives(cluster, tmp_path):
     assert all(p["status"]["phase"] == "Running" for p in pods), [(p["metadata"]["name"], p["status"]["phase"]) for p in pods]
 
 
-def test_pod_security_admission_refuses_a_non_restricted_pod_in_the_namespace(cluster):
-    """A pod that may run as root with privilege escalation: what our chart's pods are not."""
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bad"},
-           "spec": {"containers": [{"name": "c", "image": "x"}]}}
-    with pytest.raises(HTTPError) as refused:
-        cluster.request("POST", "/api/v1/namespaces/mlaas/pods", pod)
-    body = json.loads(refused.value.read())
-    assert refused.value.code == 403 and "violates PodSecurity \"restricted" in body["message"]
+@pytest.mark.parametrize("slug", ["cpu-small", "gpu-a100", "mig-3g-20gb"])
+def test_the_pods_our_spawner_makes_are_admitted_by_pod_security_restricted(cluster, slug):
+    """The real API server's Pod Security admission ("restricted", enforced on a namespace of its
+    own) judges the pod manifests KubeProfileSpawner builds for shipped CPU, GPU and MIG profiles
+    (server-side dry run: admitted, nothing created). A pod of ours it refused would fail here."""
+    from test_kube import manifest
 
-
-def test_resource_quota_admission_caps_mig_slices(cluster):
-    cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": "group-atlas"}})
-    cluster.request("POST", "/api/v1/namespaces/group-atlas/resourcequotas", {
-        "metadata": {"name": "mig"}, "spec": {"hard": {"requests.nvidia.com/mig-3g.20gb": "1"}}})
-
-    def pod(name, n):
-        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
-                "spec": {"containers": [{"name": "c", "image": "x",
-                                         "resources": {"limits": {"nvidia.com/mig-3g.20gb": str(n)}}}]}}
-
-    wait_for(lambda: cluster.request("GET", "/api/v1/namespaces/group-atlas/resourcequotas/mig").get("status", {}).get("hard"),
-             what="the quota's status")
-    with pytest.raises(HTTPError) as refused:
-        cluster.request("POST", "/api/v1/namespaces/group-atlas/pods", pod("two", 2))
-    assert refused.value.code == 403 and "exceeded quota" in json.loads(refused.value.read())["message"]
-    cluster.request("POST", "/api/v1/namespaces/group-atlas/pods", pod("one", 1))
+    ns = f"psa-{slug}"
+    try:
+        cluster.request("POST", "/api/v1/namespaces", {"metadata": {
+            "name": ns, "labels": {"pod-security.kubernetes.io/enforce": "restricted",
+                                   "pod-security.kubernetes.io/enforce-version": "v1.33"}}})
+    except HTTPError as e:
+        assert e.code == 409
+    pod = manifest(slug)
+    pod["metadata"].pop("namespace", None)
+    if pod["spec"].get("runtimeClassName"):  # what NVIDIA's GPU operator installs at a site
+        try:
+            cluster.request("POST", "/apis/node.k8s.io/v1/runtimeclasses",
+                            {"metadata": {"name": pod["spec"]["runtimeClassName"]}, "handler": "nvidia"})
+        except HTTPError as e:
+            assert e.code == 409
+    try:
+        admitted = cluster.request("POST", f"/api/v1/namespaces/{ns}/pods?dryRun=All", pod)
+    except HTTPError as e:
+        raise AssertionError(f"the API server refused our {slug} pod: {json.loads(e.read())['message']}") from None
+    assert admitted["metadata"]["namespace"] == ns and admitted["spec"]["containers"][0]["securityContext"][
+        "runAsNonRoot"] is True
+    assert cluster.request("GET", f"/api/v1/namespaces/{ns}/pods")["items"] == []  # a dry run created nothing
 
 
 def test_make_k8s_up_runs_clusters_side_by_side_and_k8s_down_stops_them(tmp_path):

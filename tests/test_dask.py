@@ -30,6 +30,10 @@ def rows_on_worker():
     from mlaas import data
     return len(pandas.read_parquet(data.open("/store/demo/events.parquet")))
 
+def executed(dask_worker):
+    return dask_worker.state.executed_count
+
+before = sum(client.run(executed).values())
 df = pandas.read_parquet(data.open("/store/demo/events.parquet"))
 X, y = df[["pt", "eta", "mass", "njets"]], df["label"]
 X_train, X_test, y_train, y_test = train_test_split(X, y, random_state=0)
@@ -39,7 +43,7 @@ workers = client.scheduler_info()["workers"]
 print(json.dumps({
     "cluster": cluster.name,
     "workers": len(workers),
-    "tasks_on_workers": sum(1 for w in workers.values() if w.get("metrics", {}).get("executing", 0) >= 0),
+    "tasks_run_on_workers": sum(client.run(executed).values()) - before,
     "accuracy": model.score(X_test, y_test),
     "rows_read_on_a_worker": client.submit(rows_on_worker, pure=False).result(),
 }))
@@ -68,6 +72,7 @@ def test_train_a_model_on_a_two_worker_cluster_from_a_users_server(hub, dask_use
     result = kernel_json(hub, "dask-ann", dask_users["dask-ann"], TRAIN)
     assert result["workers"] == 2
     assert result["accuracy"] > 0.8  # the demo data's classes are well separated
+    assert result["tasks_run_on_workers"] >= 2  # the forest was fitted by the workers, not in the kernel
     assert result["rows_read_on_a_worker"] == 20_000  # workers read through the cache too
     clusters = gateway_api(hub, dask_users["dask-ann"]).json()
     assert list(clusters) == [result["cluster"]]
