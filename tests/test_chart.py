@@ -235,3 +235,37 @@ def test_upstream_values_use_what_our_chart_and_package_provide(tmp_path):
     container = gpu_worker["worker_extra_container_config"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert container["securityContext"]["runAsNonRoot"] is True  # Pod Security "restricted" still admits it
+
+
+def test_users_servers_reach_the_internet_but_not_the_cluster_or_the_metadata_service(site):
+    """The rendered mlaas-singleuser policy, judged by tests/netpol.py (the test clusters do not
+    enforce NetworkPolicies): z2jh's default egress (DNS, the platform, the internet), never
+    cluster-internal ranges or the cloud metadata address; a site can open more, or close it."""
+    from netpol import Destination, egress_allows
+
+    def policy(values: dict) -> dict:
+        objects = render(deep_merge(site_chart_values(site), values))
+        return next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "mlaas-singleuser")
+
+    default = policy({})
+    other_server = Destination("10.42.3.7", 8888, pod_labels={"component": "singleuser-server"}, namespace="mlaas")
+    hub = Destination("10.42.1.2", 8081, pod_labels={"component": "hub", "app": "jupyterhub"}, namespace="mlaas")
+    dns = Destination("10.42.0.10", 53, "UDP", pod_labels={"k8s-app": "kube-dns"}, namespace="kube-system",
+                      namespace_labels={"kubernetes.io/metadata.name": "kube-system"})
+    cases = {
+        "PyPI/GitHub over HTTPS": (Destination("151.101.0.223", 443), True),
+        "git over ssh": (Destination("140.82.112.3", 22), True),
+        "the hub API": (hub, True),
+        "DNS": (dns, True),
+        "another user's server": (other_server, False),
+        "the cloud metadata service": (Destination("169.254.169.254", 80), False),
+        "a cluster-internal database": (Destination("10.0.5.5", 5432), False),
+        "a private network of the site": (Destination("192.168.10.20", 443), False),
+    }
+    verdicts = {name: egress_allows(default, dest) for name, (dest, _) in cases.items()}
+    assert verdicts == {name: expected for name, (_, expected) in cases.items()}
+    opened = policy({"networkPolicy": {"egress": {"allow": ["192.168.10.0/24"]}}})
+    assert egress_allows(opened, Destination("192.168.10.20", 443))  # the site's package mirror
+    assert not egress_allows(opened, other_server)
+    closed = policy({"networkPolicy": {"egress": {"internet": False}}})
+    assert not egress_allows(closed, Destination("151.101.0.223", 443)) and egress_allows(closed, hub)
