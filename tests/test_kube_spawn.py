@@ -23,7 +23,8 @@ from cluster.cluster import Cluster, binaries, free_port, in_range, pod_range
 from cluster.pod_runner import PodRunner, wait_until
 from cluster.upstream_rbac import apply_upstream_rbac
 from helpers import (
-    ARTIFACTS, FIXTURES, RunningPlatform, error_message, oidc_login, start_platform, state_root, user_token,
+    ARTIFACTS, FIXTURES, RunningPlatform, ensure_user, error_message, kernel_json, oidc_login, start_platform,
+    state_root, stop_server, user_token, wait_ready,
 )
 from test_upstream_charts import charts_dir
 from mlaas.deploy import chart_values
@@ -74,7 +75,7 @@ def install_chart(cluster: Cluster, profiles: Path) -> None:
         cluster.request("POST", "/api/v1/persistentvolumes", {
             "metadata": {"name": f"pv-{claim['name']}"},
             "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "rwx-test",
-                     "hostPath": {"path": f"/tmp/{claim['name']}"}}})
+                     "hostPath": {"path": str(cluster.state / "volumes" / claim["name"])}}})
     r = subprocess.run([str(cluster.bin / "helm"), "--kubeconfig", str(cluster.kubeconfig), "install", "mlaas-hub",
                         str(REPO / "charts" / "mlaas-hub"), "--namespace", NAMESPACE, "-f", str(values_file), "--wait"],
                        capture_output=True, text=True, timeout=300)
@@ -208,3 +209,49 @@ def test_dask_gateway_kubernetes_backend_runs_a_cluster_as_pods(site):
         assert wait_until(lambda: not cluster_pods("dask-scheduler") and not cluster_pods("dask-worker"), 60)
     finally:
         dask_api(hub, token, f"clusters/{name}", "DELETE")
+
+
+def test_project_storage_is_shared_by_members_and_the_project_server_and_absent_for_others(site):
+    """The group's project volume at run time: a file one member's server writes there is read by
+    another member's server and by the project server; an outsider's pod has no such mount.
+    (The pod runner mounts each pod's volumes as a kubelet would; see tests/cluster/pod_runner.py.)"""
+    hub = site["hub"]
+    people = {"pv-ann": ["ml-users", "atlas-ml"], "pv-ben": ["ml-users", "atlas-ml"], "pv-out": ["ml-users"]}
+    tokens = {}
+    for name, groups in people.items():
+        ensure_user(hub, name, groups)
+        tokens[name] = user_token(hub, name)
+    assert wait_until(lambda: offered(hub, tokens["pv-ann"])["small"]["available"], 30)  # the capacity watch is up
+    started = []
+    try:
+        for name in people:
+            r = hub.api(tokens[name]).post(f"{hub.url}/hub/api/users/{name}/server", json={"profile": "small"})
+            assert r.status_code in (201, 202), error_message(r)
+            started.append(name)
+            wait_ready(hub, name, timeout=90)
+        shared = "/home/jovyan/projects/atlas-ml"
+        kernel_json(hub, "pv-ann", tokens["pv-ann"], f"""
+import json
+open({shared!r} + "/results.txt", "w").write("written by pv-ann")
+print(json.dumps("ok"))
+""")
+        read = kernel_json(hub, "pv-ben", tokens["pv-ben"], f"""
+import json
+print(json.dumps(open({shared!r} + "/results.txt").read()))
+""")
+        assert read == "written by pv-ann"
+        outsider = kernel_json(hub, "pv-out", tokens["pv-out"], """
+import json, os
+print(json.dumps([os.path.exists("/home/jovyan/projects"), os.path.exists("/home/jovyan/projects/atlas-ml")]))
+""")
+        assert outsider == [False, False]
+        r = hub.api(tokens["pv-ann"]).post(f"{hub.url}/hub/api/users/project-atlas-ml/server", json={"profile": "small"})
+        assert r.status_code in (201, 202), error_message(r)
+        started.append("project-atlas-ml")
+        wait_ready(hub, "project-atlas-ml", timeout=90)
+        content = hub.api(tokens["pv-ben"]).get(f"{hub.url}/user/project-atlas-ml/api/contents/results.txt")
+        assert content.status_code == 200, content.text
+        assert content.json()["content"] == "written by pv-ann"  # the project server works in the volume
+    finally:
+        for name in started:
+            stop_server(hub, name)

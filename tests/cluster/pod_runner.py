@@ -1,7 +1,12 @@
 """Runs what KWOK only pretends to run: for each pod of a namespace that KWOK marked Running,
 start the real single-user server command with the pod's environment, listening on the pod's
 IP (loopback 127.x), so the hub reaches it exactly as it would on a node; stop it when the pod
-is deleted. Test code: the one stand-in for a kubelet and a container runtime."""
+is deleted. Test code: the one stand-in for a kubelet and a container runtime.
+
+As root, a pod's PersistentVolumeClaim volumes appear at their mount paths, as a kubelet mounts
+them: the process runs in a private mount namespace with the bound PersistentVolume's hostPath
+bind-mounted there (under a private /home, so nothing of the machine changes). Not simulated
+further: no image (the servers run from this environment) and no other isolation between pods."""
 
 from __future__ import annotations
 
@@ -99,9 +104,31 @@ class PodRunner:
         if os.geteuid() == 0:
             args.append("--ServerApp.allow_root=True")
         log = open(self.log_dir / f"{pod['metadata']['name']}.log", "ab")
+        mounts = self._volume_mounts(pod) if os.geteuid() == 0 else []
+        if mounts:
+            args = _in_mount_namespace(args, mounts)
         self.running[pod["metadata"]["uid"]] = subprocess.Popen(args, env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
         self.ips[pod["metadata"]["uid"]] = ip
         self.started[pod["metadata"]["name"]] = ip
+
+    def _volume_mounts(self, pod: dict) -> list[tuple[str, str]]:
+        """(host path, mount path) for each PVC volume of the pod's container, via the bound PV."""
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+                  for v in pod["spec"].get("volumes") or [] if "persistentVolumeClaim" in v}
+        out = []
+        for mount in pod["spec"]["containers"][0].get("volumeMounts") or []:
+            claim = claims.get(mount["name"])
+            if claim is None:
+                continue
+            pvc = self.cluster.request("GET", f"/api/v1/namespaces/{self.namespace}/persistentvolumeclaims/{claim}")
+            volume = pvc["spec"].get("volumeName")
+            if not volume:
+                continue  # not bound: a kubelet would not start the pod either
+            host = self.cluster.request("GET", f"/api/v1/persistentvolumes/{volume}")["spec"]["hostPath"]["path"]
+            Path(host).mkdir(parents=True, exist_ok=True)
+            os.chmod(host, 0o1777)  # a fresh volume, writable by the pod's account (fsGroup's job in a cluster)
+            out.append((host, mount["mountPath"]))
+        return out
 
     def _run_stub(self, pod: dict) -> None:
         import http.server
@@ -140,6 +167,18 @@ class PodRunner:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _in_mount_namespace(args: list[str], mounts: list[tuple[str, str]]) -> list[str]:
+    """The command, run in a private mount namespace with a private /home and each volume bound
+    at its mount path (pods' paths are under /home/jovyan)."""
+    import shlex
+
+    steps = ["mount -t tmpfs tmpfs /home"]
+    for host, target in mounts:
+        steps += [f"mkdir -p {shlex.quote(target)}", f"mount --bind {shlex.quote(host)} {shlex.quote(target)}"]
+    steps.append("exec " + shlex.join(args))
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", " && ".join(steps)]
 
 
 def wait_until(check, timeout: float = 60.0) -> bool:
