@@ -12,6 +12,7 @@ each hub user exactly one account and each account exactly one hub user.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pwd
@@ -115,11 +116,6 @@ class AccountRegistry:
             db.execute("ROLLBACK")
         raise RuntimeError(f"no free account name for {username!r}")
 
-    def known_account(self, username: str) -> str | None:
-        with self._connect() as db:
-            row = db.execute("SELECT account FROM accounts WHERE username = ?", (username,)).fetchone()
-        return row[0] if row else None
-
     # --- identities: which AAI account a hub user name belongs to (mlaas.auth) -----------------
     def bind_identity(self, issuer: str, subject: str, username: str) -> str:
         """The hub user name of an AAI identity: the one it was first given, or `username` if
@@ -153,6 +149,12 @@ class AccountRegistry:
 
 class NameTaken(Exception):
     """A hub user name that belongs to a different identity of the AAI."""
+
+
+@functools.cache
+def registry_at(path: str) -> AccountRegistry:
+    """The registry of a platform's state, one per process (the hub, the Dask gateway)."""
+    return AccountRegistry(Path(path).resolve())
 
 
 @dataclass(frozen=True)

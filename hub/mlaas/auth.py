@@ -23,7 +23,7 @@ from tornado import web
 from tornado.httpclient import HTTPClientError
 from traitlets import List, Unicode, default
 
-from .accounts import AccountRegistry, NameTaken
+from .accounts import NameTaken, registry_at
 from .projects.names import PROJECT_USER_PREFIX, is_project_user
 
 
@@ -163,7 +163,7 @@ class MLaaSAuthenticator(GenericOAuthenticator):
                 "ask the platform admins.",
             )
         try:
-            bound = AccountRegistry(self.accounts_db).bind_identity(self.issuer, subject, name)
+            bound = registry_at(self.accounts_db).bind_identity(self.issuer, subject, name)
         except NameTaken:
             self.log.warning("Refused %r: hub user %s belongs to another identity of %s", raw, name, self.issuer)
             raise web.HTTPError(

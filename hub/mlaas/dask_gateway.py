@@ -292,14 +292,6 @@ class MLaaSLocalBackend(_LocalActive, ProfileLimitsMixin, LocalBackend):
     max_processes = Integer(1024, config=True, help="Processes and threads one scheduler or worker may have.")
 
     @property
-    def _registry(self):
-        from .accounts import AccountRegistry
-
-        if not hasattr(self, "_registry_obj"):
-            self._registry_obj = AccountRegistry(self.accounts_db)
-        return self._registry_obj
-
-    @property
     def _limits(self):
         if not hasattr(self, "_limits_obj"):
             from .limits import detect_backend
@@ -310,22 +302,17 @@ class MLaaSLocalBackend(_LocalActive, ProfileLimitsMixin, LocalBackend):
         return self._limits_obj
 
     def account_of(self, username: str):
-        """The hub user's system account (created like a server's, if this is their first use)."""
-        from pathlib import Path
+        """The hub user's system account (created like a server's, if this is their first use),
+        looked up once per user by this gateway process."""
+        accounts = self.__dict__.setdefault("_accounts", {})
+        if username not in accounts:
+            from pathlib import Path
 
-        from .accounts import ensure_account
+            from .accounts import ensure_account, registry_at
 
-        name = self._registry.account_for(username)
-        return ensure_account(name, username, Path(self.homes_dir) / name)
-
-    def set_file_permissions(self, paths: list[str], username: str) -> None:
-        """Only files of the cluster directories change owner (never anything else, whatever a caller passes)."""
-        account = self.account_of(username)
-        root = os.path.realpath(self.clusters_directory) + os.sep
-        for p in paths:
-            if not os.path.realpath(p).startswith(root):
-                raise ValueError(f"refusing to change the owner of {p!r}: not in a cluster directory")
-            os.lchown(p, account.uid, account.gid)
+            name = registry_at(self.accounts_db).account_for(username)
+            accounts[username] = ensure_account(name, username, Path(self.homes_dir) / name)
+        return accounts[username]
 
     def setup_working_directory(self, cluster: Any) -> str:
         """The cluster's directory, its TLS files and logs, owned by the cluster's owner (0700/0600).
@@ -457,14 +444,13 @@ def configure(c: Any, settings: Any) -> None:
     if gw.backend == "kubernetes":
         configure_kube_backend(c, settings)
     else:
-        import hashlib
+        from .settings import instance_id
 
         if os.geteuid() == 0 and settings.isolation != "single-account":
             c.DaskGateway.backend_class = MLaaSLocalBackend
             c.MLaaSLocalBackend.accounts_db = str(settings.accounts_db)
             c.MLaaSLocalBackend.homes_dir = str(settings.homes_dir)
-            digest = hashlib.sha256(str(settings.homes_dir.resolve()).encode()).hexdigest()[:10]
-            c.MLaaSLocalBackend.limits_group = f"mlaas-{digest}-dask"
+            c.MLaaSLocalBackend.limits_group = f"mlaas-{instance_id(settings.homes_dir)}-dask"
             c.MLaaSLocalBackend.max_processes = settings.max_processes
         else:
             c.DaskGateway.backend_class = MLaaSUnsafeLocalBackend

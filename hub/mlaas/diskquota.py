@@ -14,8 +14,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from .accounts import ADMIN_PATH
+
 QUOTA_OPTIONS = ("usrquota", "usrjquota", "quota", "uquota")
-ADMIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin"
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Every path is resolved against the directory the platform is started from.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -233,6 +234,12 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
         where = str(path) if path else "settings"
         lines = [f"{where} {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
         raise SettingsError("\n".join(lines)) from e
+
+
+def instance_id(homes_dir: str | Path) -> str:
+    """A short, stable id of one platform on this machine (from its homes directory): names its
+    cgroup subtrees and socket directory, so platforms side by side never share them."""
+    return hashlib.sha256(str(Path(homes_dir).resolve()).encode()).hexdigest()[:10]
 
 
 def ensure_secret(path: Path, nbytes: int = 32) -> str:

@@ -41,10 +41,8 @@ class ProfileStore:
     def current(self) -> ProfileSet:
         """The profiles in force. Off an event loop, reloaded first if the files changed; on one
         (the hub's), never parsed here: `await fresh()` where a reload must be seen at once."""
-        if not _on_event_loop():
+        if not self._loaded_once or not _on_event_loop():  # the first load is at start-up, before users
             self.refresh()
-        elif not self._loaded_once:
-            self.refresh()  # the first load happens at start-up, before users arrive
         return self._good
 
     async def fresh(self) -> ProfileSet:

@@ -32,11 +32,12 @@ from jupyterhub.utils import url_path_join
 from tornado import web
 from traitlets import Float, Integer, Unicode, default
 
-from ..accounts import Account, AccountRegistry, ensure_account, own_account, untraversable_ancestor
+from ..accounts import Account, AccountRegistry, ensure_account, own_account, registry_at, untraversable_ancestor
 from ..capacity import DeviceAllocator, NoCapacity, inventory_source
 from ..diskquota import QuotaSupport, apply as apply_quota, support
 from ..limits import LimitBackend, Placement, detect_backend
 from ..profiles.quantities import format_bytes
+from ..settings import instance_id
 from ..projects.names import project_slug
 from ..projects.storage import LINKS_DIR, ensure_storage, link_projects, set_project_groups
 from .common import ProfileSpawnerMixin
@@ -52,15 +53,10 @@ def device_allocator(spec: str) -> DeviceAllocator:
     return DeviceAllocator(inventory_source(spec))
 
 
-@functools.cache
-def account_registry(path: str) -> AccountRegistry:
-    return AccountRegistry(path)
-
-
 def socket_root(instance: str) -> Path:
     """Where this platform's servers' sockets live: `/run/mlaas-<id>` (root, mode 0711), else a
     private directory under /tmp. Short and lower-case: socket paths are limited to 107 bytes."""
-    digest = hashlib.sha256(instance.encode()).hexdigest()[:10]
+    digest = instance_id(instance)
     if os.geteuid() == 0 and os.access("/run", os.W_OK):
         root, mode = Path(f"/run/mlaas-{digest}"), 0o711
     else:
@@ -80,8 +76,7 @@ def socket_url(path: Path) -> str:
 def limit_backend(instance: str, pids: int) -> LimitBackend:
     """One per platform instance (named after its homes directory)."""
     log = logging.getLogger("JupyterHub.mlaas.limits")
-    digest = hashlib.sha256(instance.encode()).hexdigest()[:10]
-    backend = detect_backend(log, group=f"mlaas-{digest}", pids=pids)
+    backend = detect_backend(log, group=f"mlaas-{instance_id(instance)}", pids=pids)
     log.info("Resource limits for local servers: %s", backend.describe())
     return backend
 
@@ -163,7 +158,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
 
     @property
     def registry(self) -> AccountRegistry:
-        return account_registry(str(Path(self.accounts_db).resolve()))
+        return registry_at(self.accounts_db)
 
     @property
     def account_name(self) -> str:
