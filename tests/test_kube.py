@@ -308,3 +308,19 @@ def test_project_storage_is_mounted_for_members_and_project_servers_only():
     assert env["JUPYTERHUB_ROOT_DIR"] == "/home/jovyan/projects/atlas-ml"
     assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "mlaas-project-atlas-ml"
                for v in project["spec"]["volumes"])
+
+
+def test_a_site_refusing_the_hub_is_named_not_taken_for_unreachable():
+    """An API server that answers 403 (RBAC; also for seconds after it restarts, until its RBAC
+    caches fill) is a site that cannot be used now, with the permission to grant, not one that
+    cannot be reached, and no spawn goes there."""
+    from mlaas.capacity.federation import Federation
+
+    up, refusing = site_cache("2"), site_cache("2")
+    refusing.refused = {"node": 403}
+    federation = Federation({"site-a": up, "site-b": refusing})
+    assert federation.unreachable() == {}
+    assert "the hub may not list nodes (RBAC, HTTP 403)" in federation.forbidden()["site-b"]
+    gpu = SHIPPED.get("gpu-a100")
+    assert federation.place(gpu) == "site-a"
+    assert federation.breakdown(gpu)[1].availability.reason.startswith("the hub may not list nodes (RBAC")

@@ -42,6 +42,11 @@ class Federation:
         """Sites whose API server cannot be reached now, with the error."""
         return {name: cache.unreachable for name, cache in self.sites.items() if cache.unreachable}
 
+    def forbidden(self) -> dict[str, str]:
+        """Sites whose API server answers but refuses the hub (RBAC), with the refusal. Also seen for
+        a few seconds after an API server restarts, until its RBAC caches are filled."""
+        return {name: cache.forbidden for name, cache in self.sites.items() if cache.forbidden}
+
     def breakdown(self, profile: Profile) -> list[SiteAvailability]:
         return [SiteAvailability(name, self.sites[name].availability(profile), self.sites[name].unreachable)
                 for name in self.allowed(profile)]

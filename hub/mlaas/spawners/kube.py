@@ -178,10 +178,14 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
         return await super()._start_reflector(kind, reflector_class, replace=replace, **kwargs)
 
     def form_notices(self) -> list[str]:
-        """Sites that cannot be reached; the error (addresses of API servers) only for admins."""
-        down = self.federation.unreachable()
-        return [f"Site {name} cannot be reached{f' ({why})' if self.user.admin else ''}; servers start at the other sites."
-                for name, why in down.items()]
+        """Sites that cannot be reached or that refuse the hub (RBAC); the error (addresses of API
+        servers, the permission to grant) only for admins."""
+        admin = self.user.admin
+        down = [f"Site {name} cannot be reached{f' ({why})' if admin else ''}; servers start at the other sites."
+                for name, why in self.federation.unreachable().items()]
+        refused = [f"Site {name} cannot be used now{f' ({why})' if admin else ''}; servers start at the other sites."
+                   for name, why in self.federation.forbidden().items()]
+        return down + refused
 
     async def load_user_options(self) -> None:
         """The profile was applied by `apply_profile` (server-side checks included); KubeSpawner's
