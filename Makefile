@@ -45,7 +45,7 @@ bench: install
 # --- Kubernetes deployment (docs/deploy.md) ----------------------------------------------------
 IMAGE_PREFIX ?= ghcr.io/mlaas-hub
 IMAGE_TAG    ?= 0.1.0
-IMAGES       := user-cpu user-cuda hub xcache
+IMAGES       := user-cpu user-cuda hub gateway xcache
 SITE         ?= site-a
 
 images:

@@ -220,7 +220,12 @@ def test_upstream_values_use_what_our_chart_and_package_provide(tmp_path):
     assert any(r["name"] == "mlaas-project-atlas-ml" for r in roles)
     gw_values = yaml.safe_load((REPO / "charts/values/dask-gateway.yaml").read_text())
     g = Config()
-    exec(gw_values["gateway"]["extraConfig"]["mlaas"].replace("/etc/mlaas/profiles", str(REPO / "spawner_profiles")), {"c": g})
+    exec(gw_values["gateway"]["extraConfig"]["mlaas"], {"c": g})
+    assert g.MLaaSKubeBackend.profiles_configmap == chart_defaults["profiles"]["configMapName"]  # read through the API
+    assert g.KubeClusterConfig.scheduler_cmd == ["dask", "scheduler"]  # distributed 2026 has no dask-scheduler
+    # the files the ConfigMap mirror writes (tests/test_deployment.py reads them through a real API server)
+    g.MLaaSKubeBackend.profiles_configmap = ""
+    g.MLaaSKubeBackend.profiles_dir = str(REPO / "spawner_profiles")
 
     class User:
         name, groups = "alice", {"atlas-ml", "ml-users"}

@@ -129,7 +129,7 @@ def test_z2jh_hub_config_runs_with_mlaas_and_keeps_its_roles_and_services(tmp_pa
     assert "jupyterhub-idle-culler" in services
     env = built["kubespawner_environment"]
     assert env["DASK_GATEWAY__ADDRESS"] == "http://proxy-public/services/dask-gateway"
-    cache_map = json.loads(env["MLAAS_XCACHE"])
+    cache_map = json.loads(env["MLAAS_XCACHE"].format())  # as KubeSpawner expands it into the pod
     assert cache_map["origins"]["root://eos-atlas.site-a.example.org:1094"] == "root://xcache-atlas:1094"
     assert cache_map["namespaces"]["/store/demo"] == "root://data.site-a.example.org:1094"
     assert "access:services!service=dask-gateway" in built["server_token_scopes"]

@@ -7,16 +7,18 @@ members together (clusters, worker cores, memory, GPUs). They are checked when a
 created, when it is scaled (a clear error naming the limit and the current use), and on every
 scheduler heartbeat (adaptive scaling is capped, never refused).
 
-One machine, hub as root: `MLaaSLocalBackend` (dask-gateway's `LocalBackend`) runs every
+One machine, hub as root: `MLaaSLocalBackend` (mlaas.dask_gateway_local) runs every
 scheduler and worker under the cluster owner's own system account (the same one as their
 server, from the account registry), in its own cgroup with the worker's cores and memory, with
 umask 077; the gateway itself runs as root, so no user's task can read its environment, its
 memory or another user's cluster files. Without root (development), `MLaaSUnsafeLocalBackend`
-runs everything as the hub's account. The Kubernetes backend runs each cluster in its own pods.
+runs everything as the hub's account. The Kubernetes backend runs each cluster in its own pods;
+its module needs no more than the gateway's own image has (the local backends need SQLAlchemy).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import sys
@@ -26,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from dask_gateway_server.backends.kubernetes.backend import KubeBackend
-from dask_gateway_server.backends.local import LocalBackend, UnsafeLocalBackend
 from dask_gateway_server.models import ClusterStatus
 from dask_gateway_server.options import Options, Select
 from dask_gateway_server.auth import JupyterHubAuthenticator, unauthorized
 from dask_gateway_server.backends.base import PublicException
-from traitlets import Integer, Unicode
+from traitlets import Unicode
 from traitlets.config import LoggingConfigurable
 
 from .profiles import ProfileSet, ProfileStore, allowed_profiles
@@ -278,118 +279,6 @@ class MLaaSHubAuthenticator(JupyterHubAuthenticator):
             raise web.HTTPBadGateway(reason="The hub could not verify the token; try again") from None
 
 
-class _LocalActive:
-    def _active(self) -> list[_Active]:
-        return [_Active(c.name, c.username, c.options, c.config, c.count) for c in self.db.active_clusters()]  # type: ignore[attr-defined]
-
-
-class MLaaSLocalBackend(_LocalActive, ProfileLimitsMixin, LocalBackend):
-    """One machine, as root: each cluster's processes under its owner's account (see module doc)."""
-
-    accounts_db = Unicode("", config=True, help="The platform's account registry (mlaas.accounts).")
-    homes_dir = Unicode("", config=True, help="Where the accounts' homes are (as for servers).")
-    limits_group = Unicode("mlaas-dask", config=True, help="The cgroup subtree of Dask processes.")
-    max_processes = Integer(1024, config=True, help="Processes and threads one scheduler or worker may have.")
-
-    @property
-    def _limits(self):
-        if not hasattr(self, "_limits_obj"):
-            from .limits import detect_backend
-
-            self._limits_obj = detect_backend(self.log, group=self.limits_group, pids=self.max_processes)
-            self._pid_keys: dict[int, str] = {}
-            self.log.info("Dask processes run as their owners' accounts; limits: %s", self._limits_obj.describe())
-        return self._limits_obj
-
-    def account_of(self, username: str):
-        """The hub user's system account (created like a server's, if this is their first use),
-        looked up once per user by this gateway process."""
-        accounts = self.__dict__.setdefault("_accounts", {})
-        if username not in accounts:
-            from pathlib import Path
-
-            from .accounts import ensure_account, registry_at
-
-            name = registry_at(self.accounts_db).account_for(username)
-            accounts[username] = ensure_account(name, username, Path(self.homes_dir) / name)
-        return accounts[username]
-
-    def setup_working_directory(self, cluster: Any) -> str:
-        """The cluster's directory, its TLS files and logs, owned by the cluster's owner (0700/0600).
-
-        Written here rather than by LocalBackend, whose version (dask-gateway-server 2026.3.0)
-        adds the TLS paths to its list character by character (`paths.extend(path)`) and so
-        changes the owner of "/" to the cluster's user before failing."""
-        if not self.clusters_directory:
-            raise ValueError("MLaaSLocalBackend needs clusters_directory")
-        account = self.account_of(cluster.username)
-        workdir = os.path.join(self.clusters_directory, cluster.name)
-        certs, logs = self.get_certs_directory(workdir), self.get_logs_directory(workdir)
-        for path in (workdir, certs, logs):
-            os.mkdir(path, 0o700)  # fresh: a cluster name is new, and nothing may be there already
-            os.lchown(path, account.uid, account.gid)
-        cert_path, key_path = self._get_tls_paths(workdir)
-        for path, data in ((cert_path, cluster.tls_cert), (key_path, cluster.tls_key)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                os.fchown(f.fileno(), account.uid, account.gid)
-                f.write(data)
-        return workdir
-
-    def get_env(self, cluster: Any) -> dict[str, str]:
-        env = super().get_env(cluster)
-        account = self.account_of(cluster.username)
-        env.update(USER=account.name, HOME=str(account.home))
-        return env
-
-    def make_preexec_fn(self, cluster: Any):  # pragma: no cover - runs in the child
-        raise NotImplementedError("start_process builds the child's set-up itself")
-
-    async def start_process(self, cluster: Any, cmd: list[str], env: dict[str, str], name: str) -> int:
-        import asyncio
-
-        account = self.account_of(cluster.username)
-        workdir = cluster.state["workdir"]
-        cores = cluster.config.worker_cores if name != "scheduler" else cluster.config.scheduler_cores
-        memory = cluster.config.worker_memory if name != "scheduler" else cluster.config.scheduler_memory
-        key = f"{account.name}.dask-{cluster.name[:12]}-{name[:24]}"
-        placement = self._limits.place(key, float(cores), int(memory))
-        groups = os.getgrouplist(account.name, account.gid)
-
-        def preexec() -> None:
-            placement.preexec()
-            os.setgid(account.gid)
-            os.setgroups(groups)
-            os.setuid(account.uid)
-            os.umask(0o077)
-            os.chdir(workdir)
-
-        log_path = os.path.join(self.get_logs_directory(workdir), name + ".log")
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.fchown(fd, account.uid, account.gid)
-            proc = await asyncio.create_subprocess_exec(
-                *cmd, preexec_fn=preexec, start_new_session=True, env=env, stdout=fd, stderr=asyncio.subprocess.STDOUT,
-            )
-        except BaseException:
-            self._limits.release(key)
-            raise
-        finally:
-            os.close(fd)
-        self._pid_keys[proc.pid] = key
-        return proc.pid
-
-    async def stop_process(self, pid: int) -> None:
-        await super().stop_process(pid)
-        key = self._pid_keys.pop(pid, None)
-        if key:
-            self._limits.release(key)
-
-
-class MLaaSUnsafeLocalBackend(_LocalActive, ProfileLimitsMixin, UnsafeLocalBackend):
-    """One machine without root (development): every cluster runs as the hub's own account."""
-
-
 class MLaaSKubeBackend(ProfileLimitsMixin, KubeBackend):
     """Kubernetes: each cluster's scheduler and workers as pods (dask-gateway's KubeBackend and its
     controller); GPU workers ask for `nvidia.com/gpu`."""
@@ -401,6 +290,12 @@ class MLaaSKubeBackend(ProfileLimitsMixin, KubeBackend):
         "JupyterHub's proxy forwards /services/dask-gateway/api/... unchanged.",
     )
 
+    profiles_configmap = Unicode(
+        "", config=True,
+        help="Read the profile files from this ConfigMap of the gateway's namespace through the API (the chart "
+        "cannot mount it into the gateway's pod); empty: from profiles_dir.",
+    )
+
     async def setup(self, app: Any) -> None:
         if self.api_prefix:
             from dask_gateway_server.routes import default_routes
@@ -408,6 +303,13 @@ class MLaaSKubeBackend(ProfileLimitsMixin, KubeBackend):
             for route in default_routes:
                 app.router.add_route(route.method, self.api_prefix.rstrip("/") + route.path, route.handler)
         await super().setup(app)
+        if self.profiles_configmap:
+            from .profiles.configmap import ConfigMapMirror, own_namespace
+
+            mirror = ConfigMapMirror(self.core_client, own_namespace(), self.profiles_configmap, log=self.log)
+            self.profiles_dir = str(mirror.directory)
+            await mirror.sync()
+            self._mirror_task = asyncio.ensure_future(mirror.run())
 
     def _active(self) -> list[_Active]:
         active = []
@@ -419,12 +321,24 @@ class MLaaSKubeBackend(ProfileLimitsMixin, KubeBackend):
         return active
 
 
-def configure_gateway_options(c: Any, profiles_dir: str) -> None:
+def configure_gateway_options(c: Any, profiles_configmap: str = "mlaas-profiles", profiles_dir: str = "") -> None:
     """Dask Gateway on Kubernetes (its Helm chart's extraConfig): worker choices and per-cluster
-    limits from the same profile files as the hub, mounted from the profiles ConfigMap."""
+    limits from the same profile files as the hub: read from the profiles ConfigMap through the
+    API (charts/mlaas-hub lets the gateway's ServiceAccount read it), or from `profiles_dir`."""
     c.DaskGateway.backend_class = MLaaSKubeBackend  # the chart's KubeBackend settings apply to it
     c.DaskGateway.authenticator_class = MLaaSHubAuthenticator  # the chart's JupyterHub auth settings apply too
-    c.MLaaSKubeBackend.profiles_dir = profiles_dir
+    if profiles_dir:
+        c.MLaaSKubeBackend.profiles_dir = profiles_dir
+    else:
+        c.MLaaSKubeBackend.profiles_configmap = profiles_configmap
+    kube_cluster_commands(c)
+
+
+def kube_cluster_commands(c: Any) -> None:
+    """Scheduler and worker commands of clusters in pods: distributed 2026 has no `dask-scheduler`
+    or `dask-worker` (dask-gateway's defaults), only `dask scheduler` and `dask worker`."""
+    c.KubeClusterConfig.scheduler_cmd = ["dask", "scheduler"]
+    c.KubeClusterConfig.worker_cmd = ["dask", "worker"]
 
 
 def configure(c: Any, settings: Any) -> None:
@@ -444,6 +358,7 @@ def configure(c: Any, settings: Any) -> None:
     if gw.backend == "kubernetes":
         configure_kube_backend(c, settings)
     else:
+        from .dask_gateway_local import MLaaSLocalBackend, MLaaSUnsafeLocalBackend
         from .settings import instance_id
 
         if os.geteuid() == 0 and settings.isolation != "single-account":
@@ -489,8 +404,7 @@ def configure_kube_backend(c: Any, settings: Any) -> None:
     c.KubeController.proxy_prefix = PREFIX
     c.KubeClusterConfig.namespace = k.namespace
     c.KubeClusterConfig.image = k.image
-    c.KubeClusterConfig.scheduler_cmd = ["dask", "scheduler"]
-    c.KubeClusterConfig.worker_cmd = ["dask", "worker"]
+    kube_cluster_commands(c)
     container = {"securityContext": {**RESTRICTED_CONTAINER, "runAsUser": 1000}}
     pod = {"securityContext": RESTRICTED_POD}
     c.KubeClusterConfig.scheduler_extra_container_config = c.KubeClusterConfig.worker_extra_container_config = container

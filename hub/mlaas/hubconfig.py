@@ -17,7 +17,7 @@ from . import logscrub
 from .accounts import ensure_system_account
 from .api import CapacityAPIHandler, ProfilesAPIHandler, QuotasAPIHandler, UsageAPIHandler
 from .auth import MLaaSAuthenticator
-from .settings import REPO_ROOT, Settings, ensure_secret, prepare_state
+from .settings import REPO_ROOT, OidcSettings, Settings, ensure_secret, prepare_state
 from .profiles import ProfileStore
 from .profiles.quantities import parse_bytes
 from .projects import project_role_specs
@@ -96,7 +96,12 @@ def add_template_vars(c, variables: dict) -> None:
 
 def add_server_environment(c, environment: dict[str, str], spawner_section: str = "Spawner") -> None:
     """What every user's server gets: on both the generic Spawner and the concrete spawner's section,
-    so a dict set there (z2jh's singleuser.extraEnv) keeps its entries and gains ours."""
+    so a dict set there (z2jh's singleuser.extraEnv) keeps its entries and gains ours.
+
+    KubeSpawner expands `{username}`-style templates in every environment value, so braces of
+    ours (the cache map is JSON) are escaped for it: the pod gets the value unchanged."""
+    if "Kube" in spawner_section:
+        environment = {k: v.replace("{", "{{").replace("}", "}}") for k, v in environment.items()}
     c.Spawner.environment.update(environment)
     if spawner_section != "Spawner":
         c[spawner_section].environment.update(environment)
@@ -203,7 +208,7 @@ def gateway_service(s: Settings, kubeconfig: Path | None = None, credentials_cop
         os.chown(state / "clusters", account.uid, account.gid)
         service["user"] = account.name
     elif os.geteuid() == 0:
-        # users' clusters run under their own accounts (mlaas.dask_gateway.MLaaSLocalBackend), which
+        # users' clusters run under their own accounts (mlaas.dask_gateway_local.MLaaSLocalBackend), which
         # only root can start: the gateway stays root, out of reach of every user's tasks; each
         # cluster's directory belongs to its owner (0700) under a directory others cannot list
         os.chmod(state, 0o711)
@@ -237,6 +242,19 @@ def gateway_controller_service(s: Settings) -> dict:
     return service
 
 
+def claim_settings(oidc: OidcSettings) -> dict:
+    """How the AAI's answer is read (scopes asked for, which claims name the user, their groups and
+    identity), the same on both hubs: the one-machine hub takes them from its settings file; the
+    Kubernetes hub from the site's `hub.config.MLaaSAuthenticator`, with these defaults for what
+    the site leaves out."""
+    return {
+        "scope": list(oidc.scopes), "username_claim": oidc.username_claim, "groups_claim": oidc.groups_claim,
+        "entitlements_claim": oidc.entitlements_claim, "entitlement_prefixes": list(oidc.entitlement_prefixes),
+        "entitlement_roles": list(oidc.entitlement_roles), "identity_claim": oidc.identity_claim,
+        "basic_auth": True, "manage_groups": True, "login_service": "institute account (OpenID Connect)",
+    }
+
+
 def configure(c, settings: Settings) -> None:
     logscrub.install()  # OAuth codes, states and tokens never reach a log line
     prepare_state(settings)
@@ -262,24 +280,15 @@ def configure(c, settings: Settings) -> None:
     # --- login through the AAI ----------------------------------------------------------------
     c.JupyterHub.authenticator_class = MLaaSAuthenticator
     a = c.MLaaSAuthenticator
+    a.update(claim_settings(oidc))
     a.client_id = oidc.client_id
     a.client_secret = ensure_secret(s.client_secret_file)
     a.oauth_callback_url = s.callback_url
     a.authorize_url = oidc.endpoint("authorize")
     a.token_url = oidc.endpoint("token")
     a.userdata_url = oidc.endpoint("userdata")
-    a.scope = oidc.scopes
-    a.username_claim = oidc.username_claim
-    a.groups_claim = oidc.groups_claim
-    a.entitlements_claim = oidc.entitlements_claim
-    a.entitlement_prefixes = oidc.entitlement_prefixes
-    a.entitlement_roles = oidc.entitlement_roles
-    a.basic_auth = True
-    a.manage_groups = True
     a.allowed_groups = set(oidc.allowed_groups)
     a.admin_groups = set(oidc.admin_groups)
-    a.login_service = "institute account (OpenID Connect)"
-    a.identity_claim = oidc.identity_claim
     a.identity_issuer = oidc.issuer
     a.accounts_db = str(s.accounts_db)
 
@@ -424,8 +433,10 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
     c.ProfileSpawnerMixin.profiles_dir = profiles_dir
     c.ProfileSpawnerMixin.profiles_snapshot = snapshot
     c.JupyterHub.authenticator_class = MLaaSAuthenticator
-    c.MLaaSAuthenticator.manage_groups = True
-    c.MLaaSAuthenticator.basic_auth = True
+    for key, value in claim_settings(OidcSettings()).items():
+        if key not in c.MLaaSAuthenticator:  # the site's hub.config comes first
+            c.MLaaSAuthenticator[key] = value
+    c.MLaaSAuthenticator.manage_groups = True  # groups come from the AAI on both hubs
     c.MLaaSAuthenticator.accounts_db = str(Path(state_dir) / "accounts.sqlite")  # identities bound to names
     c.JupyterHub.extra_handlers.extend(profile_api_handlers(profiles_dir, snapshot))
     roles = configure_projects(c, store)

@@ -51,8 +51,17 @@ def pod_range(index: int) -> str:
     endpoints (the API refuses loopback addresses in Endpoints). Without root: 127.<index+1>.0.0/16
     on loopback; everything works except Services' endpoints."""
     if os.geteuid() == 0:
-        return str(ipaddress.ip_network("198.18.0.0/20").network_address + (index % 32) * 4096) + "/20"
+        return str(ipaddress.ip_network("198.18.0.0/20").network_address + (index % 16) * 4096) + "/20"
     return f"127.{index % 200 + 1}.0.0/16"
+
+
+def service_range(pod_cidr: str) -> str:
+    """The Service (ClusterIP) range that goes with a pod range: the same /20 of 198.19.0.0/16, so
+    every address a test cluster uses stays inside 198.18.0.0/15 (never a private range)."""
+    net = ipaddress.ip_network(pod_cidr)
+    offset = int(net.network_address) - int(ipaddress.ip_address("198.18.0.0")) if not net.is_loopback else \
+        (int(net.network_address) >> 16 & 0xFF) * 4096
+    return f"{ipaddress.ip_address('198.19.0.0') + offset % 65536}/20"
 
 
 def in_range(ip: str, cidr: str) -> bool:
@@ -82,6 +91,7 @@ class Cluster:
     bin: Path
     port: int = 0
     pod_cidr: str = ""  # default: pod_range(0)
+    service_cidr: str = ""  # default: service_range(pod_cidr)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     apiserver_args: list[str] = field(default_factory=list)
 
@@ -100,7 +110,9 @@ class Cluster:
         shutil.rmtree(self.state / "etcd", ignore_errors=True)  # every start is a fresh cluster
         self.port = self.port or free_port()
         self.pod_cidr = self.pod_cidr or pod_range(0)
+        self.service_cidr = self.service_cidr or service_range(self.pod_cidr)
         local_route(self.pod_cidr, add=True)
+        local_route(self.service_cidr, add=True)  # Service IPs land here; the kube-proxy stand-in forwards them
         token = secrets.token_hex(16)
         (self.state / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
         key = self.state / "sa.key"
@@ -109,6 +121,7 @@ class Cluster:
             subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-out", str(self.state / "sa.pub")],
                            check=True, capture_output=True)
         self._write_kubeconfig(token)
+        self._serving_certificate()
         etcd_port, peer_port = free_port(), free_port()
         self._run("etcd", [
             "--name", self.name, "--data-dir", str(self.state / "etcd"),
@@ -122,7 +135,8 @@ class Cluster:
         self.apiserver_args = [
             "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
             "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1", "--secure-port", str(self.port),
-            "--cert-dir", str(self.state / "certs"),
+            "--tls-cert-file", str(self.state / "pki" / "apiserver.crt"),
+            "--tls-private-key-file", str(self.state / "pki" / "apiserver.key"),
             "--token-auth-file", str(self.state / "tokens.csv"),
             "--authorization-mode", "Node,RBAC",
             "--enable-admission-plugins", "NamespaceLifecycle,LimitRanger,ServiceAccount,PodSecurity,ResourceQuota,"
@@ -130,7 +144,7 @@ class Cluster:
             "--service-account-key-file", str(self.state / "sa.pub"),
             "--service-account-signing-key-file", str(key),
             "--service-account-issuer", "https://kubernetes.default.svc",
-            "--service-cluster-ip-range", "10.96.0.0/16",
+            "--service-cluster-ip-range", self.service_cidr,
             "--allow-privileged=false",
             "--storage-backend", "etcd3",
             "-v", "1",
@@ -140,6 +154,7 @@ class Cluster:
         common = ["--kubeconfig", str(self.kubeconfig), "--leader-elect=false"]
         self._run("kube-controller-manager", [
             *common, "--service-account-private-key-file", str(key), "--use-service-account-credentials=false",
+            "--root-ca-file", str(self.ca_file),  # published to every namespace as kube-root-ca.crt
             "--controllers", "*,-nodeipam,-ttl,-cloud-node-lifecycle",
             # KWOK renews nodes' leases from one process; on 2 busy cores a renewal can come late
             "--node-monitor-grace-period", "3m",
@@ -156,7 +171,7 @@ class Cluster:
         if nodes_file is not None:
             self.add_nodes(yaml.safe_load(Path(nodes_file).read_text()))
         (self.state / "pids.json").write_text(json.dumps({**{n: p.pid for n, p in self.procs.items()},
-                                                          "pod_cidr": self.pod_cidr}))
+                                                          "pod_cidr": self.pod_cidr, "service_cidr": self.service_cidr}))
 
     def stop(self) -> None:
         for name in ["kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]:
@@ -169,6 +184,8 @@ class Cluster:
                     proc.kill()
         if self.pod_cidr:
             local_route(self.pod_cidr, add=False)
+        if self.service_cidr:
+            local_route(self.service_cidr, add=False)
 
     def apply_crds(self, path: Path, timeout: float = 30) -> None:
         """Create the CustomResourceDefinitions of a YAML file and wait until they are served."""
@@ -197,6 +214,33 @@ class Cluster:
         self.wait_ready(timeout)
 
     # --- helpers ----------------------------------------------------------------------------------
+    @property
+    def ca_file(self) -> Path:
+        return self.state / "pki" / "ca.crt"
+
+    @property
+    def kubernetes_service_ip(self) -> str:
+        """The `kubernetes` Service's ClusterIP: the first address of the Service range."""
+        return str(ipaddress.ip_network(self.service_cidr).network_address + 1)
+
+    def _serving_certificate(self) -> None:
+        """A cluster CA and the API server's certificate for every name a client uses: 127.0.0.1
+        (the harness) and the `kubernetes` Service's IP and names (pods, through their mounted CA)."""
+        pki = self.state / "pki"
+        pki.mkdir(exist_ok=True)
+        names = ["kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local",
+                 "localhost"]
+        san = ",".join(["IP:127.0.0.1", f"IP:{self.kubernetes_service_ip}", *(f"DNS:{n}" for n in names)])
+        run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)  # noqa: E731
+        if not (pki / "ca.key").exists():
+            run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(pki / "ca.key"), "-out", str(self.ca_file),
+                "-days", "30", "-subj", f"/CN={self.name}-ca")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(pki / "apiserver.key"), "-out", str(pki / "apiserver.csr"),
+            "-subj", "/CN=kube-apiserver")
+        (pki / "san.ext").write_text(f"subjectAltName={san}\nextendedKeyUsage=serverAuth\n")
+        run("x509", "-req", "-in", str(pki / "apiserver.csr"), "-CA", str(self.ca_file), "-CAkey", str(pki / "ca.key"),
+            "-CAcreateserial", "-out", str(pki / "apiserver.crt"), "-days", "30", "-extfile", str(pki / "san.ext"))
+
     def _run(self, name: str, args: list[str]) -> None:
         log = open(self.state / "logs" / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen([str(self.bin / name), *args], stdout=log, stderr=subprocess.STDOUT,
@@ -332,8 +376,9 @@ def main() -> int:
         for name in ["kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]:
             if name in pids:
                 stop_group(pids[name])
-        if pids.get("pod_cidr"):
-            local_route(pids["pod_cidr"], add=False)
+        for cidr in (pids.get("pod_cidr"), pids.get("service_cidr")):
+            if cidr:
+                local_route(cidr, add=False)
         (state / "pids.json").unlink(missing_ok=True)
         print(f"stopped {args.name}")
         return 0

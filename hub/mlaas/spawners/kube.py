@@ -87,6 +87,12 @@ def project_storage(groups: list[str], mount_root: str) -> tuple[list[dict], lis
     return volumes, mounts
 
 
+def _as_list(items: list | dict) -> list:
+    """KubeSpawner takes volumes and mounts as a list or as a dict whose values it sorts by key
+    (Zero to JupyterHub's config uses dicts): the same entries as a list, in KubeSpawner's order."""
+    return [items[k] for k in sorted(items)] if isinstance(items, dict) else list(items)
+
+
 @functools.cache
 def kube_capacity(mig_strategy: str, site: str = "") -> KubeCapacity:
     return KubeCapacity(mig_strategy)  # type: ignore[arg-type]
@@ -193,6 +199,18 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
 
     _configured: dict[str, Any] | None = None
 
+    async def _capacity_known(self, timeout: float = 10.0) -> None:
+        """The first spawns after the hub starts wait for the capacity watch's first list (a moment)
+        instead of being refused as "not known yet"; an unreachable or refusing site does not wait."""
+        if not self.watch_capacity:
+            return
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline and any(
+            not {"node", "pod"} <= cache.synced and not cache.unreachable and not cache.refused
+            for cache in self.federation.sites.values()
+        ):
+            await asyncio.sleep(0.1)
+
     def _from_config(self) -> dict[str, Any]:
         """The pod settings as configured, before any profile: each spawn starts from these
         (the spawner object lives on between a user's spawns)."""
@@ -203,6 +221,7 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
         return copy.deepcopy(self._configured)
 
     async def apply_profile(self, options: dict[str, Any]) -> None:
+        await self._capacity_known()
         await super().apply_profile(options)
         profile = self.profile
         assert profile is not None
@@ -221,8 +240,8 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
         self.container_security_context = {**RESTRICTED_CONTAINER, "runAsUser": self.uid or 1000}
         self.pod_security_context = {**RESTRICTED_POD, **({"fsGroup": self.fs_gid} if self.fs_gid else {})}
         volumes, mounts = project_storage(self.project_groups(), self.projects_mount_root)
-        self.volumes = [*self.volumes, *volumes]
-        self.volume_mounts = [*self.volume_mounts, *mounts]
+        self.volumes = [*_as_list(self.volumes), *volumes]
+        self.volume_mounts = [*_as_list(self.volume_mounts), *mounts]
         if self.project is not None:  # a project server works in its project's volume
             self.notebook_dir = f"{self.projects_mount_root.rstrip('/')}/{project_slug(self.project.group)}"
         federation = self.federation

@@ -1,0 +1,191 @@
+"""The Kubernetes deployment for real: `mlaas deploy` of a site (our chart, Zero to JupyterHub 4.4.0
+and Dask Gateway 2026.3.0 from the chart mirror) into a test cluster, and a researcher's day on it.
+
+Every pod of the three releases runs its real program (tests/cluster/kubelet.py): the hub from
+z2jh's own jupyterhub_config.py with our extraConfig, configurable-http-proxy, the idle culler (a
+hub service in the hub's pod), the user scheduler (kube-scheduler at the image's version), the
+gateway's API and controller, Traefik, Dask schedulers and workers, XCache (xrootd), and users'
+JupyterLabs. They talk to the API server with their own ServiceAccount tokens, to each other by
+Service name, and see their ConfigMaps, Secrets and volumes at their mount paths. Only the test
+harness holds admin credentials (to install the charts, as a site admin does, and to look).
+
+Simulated, and why: the nodes (KWOK; no kubelet or container runtime can run here), so pods share
+this machine's kernel and network namespace (each program listens on its pod's IP); images are
+environments built from their requirement files (no registry can be reached); no GPU (MIG slices
+are the nodes' advertised resources). The site's AAI is the development OIDC provider."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from cluster.pod_runner import wait_until
+from conftest import browser_login, needs_root
+from deployment import CULL_TIMEOUT, NAMESPACE, TEST_CONTENT, TEST_FILE, Deployment
+from helpers import ARTIFACTS, error_message, run_in_kernel, state_root, user_token
+from test_upstream_charts import charts_dir
+
+pytestmark = [pytest.mark.platform, needs_root]
+
+MIG_PROFILE = "mig-3g-20gb"
+
+
+@pytest.fixture(scope="module")
+def site():
+    deployment = Deployment(state_root() / "deployment", charts_dir())
+    try:
+        deployment.start()
+        yield deployment
+    finally:
+        deployment.stop()
+        logs = ARTIFACTS / "deployment-logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for log in (deployment.state / "kubelet" / "logs").glob("*.log"):
+            (logs / log.name).write_bytes(log.read_bytes())
+
+
+def pods(site: Deployment, selector: str = "") -> list[dict]:
+    query = f"?labelSelector={selector}" if selector else ""
+    return site.cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods{query}")["items"]
+
+
+def process_uid(pid: int) -> int:
+    status = open(f"/proc/{pid}/status").read()
+    return int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))
+
+
+def capacity(site: Deployment, token: str, slug: str) -> tuple[int, int]:
+    r = site.api(token).get(f"{site.url}/hub/api/mlaas/profiles")
+    r.raise_for_status()
+    text = next(p for p in r.json()["profiles"] if p["slug"] == slug)["capacity"]
+    free, total = re.search(r"(\d+) of (\d+) free", text).groups()
+    return int(free), int(total)
+
+
+def test_every_pod_of_the_three_releases_runs_its_program_as_the_charts_account(site):
+    """Each pod's containers are live processes of the pod's account (securityContext), and the
+    deployment's components are all there."""
+    expected_uid = {"hub": 1000, "proxy": 65534, "xcache": 10001}
+    components = set()
+    for pod in pods(site):
+        labels = pod["metadata"]["labels"]
+        component = labels.get("component") or labels.get("app.kubernetes.io/component")
+        components.add(component)
+        running = site.kubelet.pods.get(pod["metadata"]["uid"])
+        assert running is not None, f"{pod['metadata']['name']} is not run: {site.kubelet.failures}"
+        for container in running.containers:
+            assert wait_until(lambda: container.proc is not None and container.proc.poll() is None, 30), \
+                f"{container.name} is not running:\n{container.log_path.read_text()[-2000:]}"
+            if component in expected_uid:
+                assert process_uid(container.proc.pid) == expected_uid[component], container.name
+    assert {"hub", "proxy", "user-scheduler", "gateway", "controller", "traefik", "xcache"} <= components, components
+
+
+def test_a_researcher_logs_in_sees_the_clusters_mig_slices_and_gets_jupyterlab_on_a_mig_node(site, browser):
+    """Chromium: the site's public address (the proxy's load-balancer IP) → the AAI's login →
+    the spawn form with the MIG capacity the cluster's nodes advertise → JupyterLab. The pod is
+    placed by z2jh's user scheduler on the node with the slices."""
+    page = browser.new_page()
+    try:
+        browser_login(page, site.url, "alice", site.password("alice"))
+        page.goto(f"{site.url}/hub/spawn")
+        mig = page.locator(f'[data-profile="{MIG_PROFILE}"]')
+        assert "4 of 4 free" in mig.inner_text()  # tests/cluster/nodes.yaml: one node with 4 × 3g.20gb
+        mig.locator("input").check()
+        page.click("form#spawn_form input[type=submit], form#spawn_form button[type=submit]")
+        page.wait_for_selector(".jp-Launcher", timeout=180_000)
+    finally:
+        page.close()
+    pod = site.cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods/jupyter-alice")
+    assert pod["spec"]["schedulerName"] == "jupyterhub-user-scheduler"
+    assert pod["spec"]["nodeName"] == "deploy-a100-mig-0"
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/mig-3g.20gb"] == "1"
+    events = site.cluster.request(
+        "GET", f"/api/v1/namespaces/{NAMESPACE}/events?fieldSelector=involvedObject.name%3Djupyter-alice")["items"]
+    scheduled = [e for e in events if e["reason"] == "Scheduled"]
+    assert scheduled and scheduled[0]["source"].get("component", scheduled[0].get("reportingComponent")) \
+        in ("jupyterhub-user-scheduler", ""), scheduled
+    assert capacity(site, user_token(site, "alice"), MIG_PROFILE) == (3, 4)
+
+
+@pytest.fixture(scope="module")
+def alice(site):
+    """alice's running server (started by the browser test, or here when run alone) and her token."""
+    token = user_token(site, "alice") if site.api().get(f"{site.url}/hub/api/users/alice").ok else None
+    if token is None:
+        site.api().post(f"{site.url}/hub/api/users/alice").raise_for_status()
+        site.api().post(f"{site.url}/hub/api/groups/atlas-ml/users", json={"users": ["alice"]})
+        token = user_token(site, "alice")
+    if not site.api().get(f"{site.url}/hub/api/users/alice").json().get("servers", {}).get("", {}).get("ready"):
+        r = site.api(token).post(f"{site.url}/hub/api/users/alice/server", json={"profile": MIG_PROFILE})
+        assert r.status_code in (201, 202), error_message(r)
+        assert wait_until(lambda: site.api().get(f"{site.url}/hub/api/users/alice").json()["servers"].get("", {})
+                          .get("ready"), 180)
+    return token
+
+
+def test_in_a_notebook_dask_gateway_scales_to_two_workers_and_data_comes_through_the_xcache_service(site, alice):
+    """Code in alice's kernel, with nothing configured by her: `Gateway()` finds the gateway
+    (through the proxy) and its schedulers (through Traefik); `mlaas.data` reads the origin's file
+    through the site's XCache Service."""
+    code = f"""
+import json
+from dask_gateway import Gateway
+from mlaas import data
+g = Gateway()
+options = sorted(g.cluster_options())  # from the profile files, which the gateway reads from their ConfigMap
+cluster = g.new_cluster(shutdown_on_close=False)  # stays after this kernel, for the next tests
+cluster.scale(2)
+client = cluster.get_client()
+client.wait_for_workers(2, timeout=180)
+total = client.submit(lambda n: sum(range(n)), 1000).result()
+hosts = sorted({{w["host"] for w in client.scheduler_info()["workers"].values()}})
+print(json.dumps({{"total": total, "workers": len(client.scheduler_info()["workers"]), "hosts": hosts,
+                  "cluster": cluster.name, "options": options, "bytes": data.read_bytes({TEST_FILE!r}).decode(),
+                  "url": data.url({TEST_FILE!r})}}))
+"""
+    out = run_in_kernel(site, "alice", alice, code, timeout=300)
+    assert out["error"] is None, out
+    result = json.loads(out["stdout"].strip().splitlines()[-1])
+    assert result["total"] == sum(range(1000)) and result["workers"] == 2
+    assert {"worker_cores", "worker_memory"} <= set(result["options"]), result["options"]
+    workers = pods(site, "app.kubernetes.io%2Fcomponent%3Ddask-worker")
+    assert {p["status"]["podIP"] for p in workers} == set(result["hosts"])  # the work ran in the worker pods
+    assert result["bytes"].encode() == TEST_CONTENT
+    assert result["url"].startswith("root://xcache-demo:1094//")  # the cache Service, not the origin
+    site.alice_cluster = result["cluster"]
+
+
+def test_another_group_can_reach_neither_alices_server_nor_her_dask_cluster(site, alice):
+    """bob (ml-users only) with his own token: her server answers 403/redirects him away, and the
+    gateway neither lists her cluster nor lets him connect to it."""
+    site.api().post(f"{site.url}/hub/api/users/bob")
+    bob = user_token(site, "bob")
+    r = site.api(bob).get(f"{site.url}/user/alice/api/status", allow_redirects=False)
+    assert r.status_code in (302, 403) and "/user/alice" not in r.headers.get("location", "/hub/"), r.status_code
+    cluster = getattr(site, "alice_cluster", None)
+    assert cluster, "the Dask test did not leave a cluster"
+    gw = site.api(bob)
+    gw.headers["Authorization"] = f"jupyterhub {bob}"
+    listed = gw.get(f"{site.url}/services/dask-gateway/api/v1/clusters/")
+    assert listed.status_code == 200 and cluster not in listed.json(), listed.text
+    assert gw.get(f"{site.url}/services/dask-gateway/api/v1/clusters/{cluster}").status_code in (403, 404)  # no credentials
+
+
+def test_the_idle_culler_stops_an_idle_server_and_its_slice_is_free_again(site, alice):
+    """z2jh's jupyterhub-idle-culler (cull.timeout 120 s in the test site) stops alice's server once
+    she is idle; the pod goes and the form counts the MIG slice as free again."""
+    g = site.api(alice)
+    for name in g.get(f"{site.url}/services/dask-gateway/api/v1/clusters/",
+                      headers={"Authorization": f"jupyterhub {alice}"}).json():
+        g.delete(f"{site.url}/services/dask-gateway/api/v1/clusters/{name}", headers={"Authorization": f"jupyterhub {alice}"})
+    started = time.monotonic()
+    assert wait_until(lambda: not site.api().get(f"{site.url}/hub/api/users/alice").json()["servers"], CULL_TIMEOUT + 120), \
+        site.kubelet_log("hub")[-3000:]
+    assert time.monotonic() - started > 20  # culled for being idle, not at once
+    assert wait_until(lambda: not pods(site, "component%3Dsingleuser-server"), 60)
+    assert "Culling server alice" in site.kubelet_log("hub")
+    assert wait_until(lambda: capacity(site, alice, MIG_PROFILE) == (4, 4), 30)
