@@ -1,15 +1,19 @@
-"""Scale benchmark on a real control plane (numbers, not pass/fail): `make bench-k8s`.
+"""Scale benchmark of the chart-deployed hub on real control planes (numbers, not pass/fail):
+`make bench-k8s`.
 
-S clusters (tests/cluster), one per site, with N simulated GPU/MIG/CPU nodes split between
-them; one hub with `spawner: kubernetes` and the sites as a federation; U users spawn through
-the hub's REST API at a controlled rate and land where there is room. Reported: node creation
-time, spawns per second, p50/p95 spawn time (request to ready), hub CPU and memory, the spawn
-form's render time with the sites' capacity (the profiles API, the form's code path), servers
-per site, and quota violations counted from the pods in all clusters (must be 0).
+S clusters (tests/cluster), one per site, with N simulated GPU/MIG/CPU nodes split between them.
+Site 0 is a deployed site (tests/deployment.py: `mlaas deploy` of our chart, Zero to JupyterHub and
+Dask Gateway, every pod a real process: the hub, its proxy, the user scheduler, ...); its hub is a
+federation of all S sites (`custom.mlaas.sites`, the other sites' kubeconfigs with their own
+ServiceAccount tokens in `hub.extraFiles`). U users spawn through the hub's REST API at a
+controlled rate and land where there is room. Reported: node creation time, spawns per second,
+p50/p95 spawn time (request to ready), hub CPU and memory, the spawn form's render time with the
+sites' capacity (the profiles API, the form's code path), servers per site, and quota violations
+counted from the pods in all clusters (must be 0).
 
-Simulated: nodes (KWOK) and the servers: each pod gets a stub listener on its IP that answers
-the hub's readiness check (2 cores cannot run hundreds of JupyterLabs). All the control planes
-and the hub share the machine's cores.
+Simulated: nodes (KWOK) and users' servers: each user pod gets a stub listener on its IP that
+answers the hub's readiness check (2 cores cannot run hundreds of JupyterLabs). All the control
+planes and the hub share the machine's cores.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import threading
@@ -28,7 +33,11 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from cluster.cluster import Cluster, binaries, pod_range  # noqa: E402
 from cluster.pod_runner import PodRunner  # noqa: E402
-from helpers import start_platform, state_root  # noqa: E402
+from cluster.provisioner import Provisioner  # noqa: E402
+from cluster.upstream_rbac import apply_upstream_rbac  # noqa: E402
+from deployment import NAMESPACE, Deployment  # noqa: E402
+from helpers import state_root  # noqa: E402
+from test_upstream_charts import charts_dir  # noqa: E402
 
 GROUPS = [f"lab-{i}" for i in range(10)]
 PROFILES = f"""
@@ -91,27 +100,46 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=3, help="clusters, one per site")
     args = parser.parse_args()
     root = state_root() / "bench-k8s"
+    shutil.rmtree(root, ignore_errors=True)
     profiles = root / "profiles"
     profiles.mkdir(parents=True, exist_ok=True)
     (profiles / "bench.yaml").write_text(PROFILES)
+    shares = [args.nodes // args.sites + (1 if i < args.nodes % args.sites else 0) for i in range(args.sites)]
 
-    clusters = {f"bench-{i}": Cluster(f"bench-{i}", root / f"cluster-{i}", binaries(), pod_cidr=pod_range(6 + i))
-                for i in range(args.sites)}
-    runners = []
+    clusters: dict[str, Cluster] = {}
+    runners, provisioners, kubeconfigs = [], [], {}
     node_seconds = 0.0
-    for i, cluster in enumerate(clusters.values()):
+    for i in range(1, args.sites):  # the other sites: a cluster each, the hub's account there
+        name = f"bench-{i}"
+        cluster = clusters[name] = Cluster(name, root / f"cluster-{i}", binaries(), pod_cidr=pod_range(6 + i))
         cluster.start()
         started = time.perf_counter()
-        share = args.nodes // args.sites + (1 if i < args.nodes % args.sites else 0)
-        cluster.add_nodes(nodes_spec(share))
+        cluster.add_nodes(nodes_spec(shares[i]))
         node_seconds += time.perf_counter() - started
-        cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": "mlaas-users"}})
-        runners.append(PodRunner(cluster, "mlaas-users", cluster.state / "pods", stub=True).start())
-    hub = start_platform("bench-k8s", profiles=profiles, spawner="kubernetes",
-                         kubernetes={"namespace": "mlaas-users",
-                                     "sites": [{"name": n, "kubeconfig": str(c.kubeconfig)} for n, c in clusters.items()]},
-                         dask_gateway={"enabled": False}, data={"enabled": False}, spawn_timeout=600)
-    hub_pid = int((hub.state_dir / "hub" / "jupyterhub.pid").read_text())
+        cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": NAMESPACE}})
+        provisioner = Provisioner(cluster, cluster.state / "volumes")
+        provisioner.storage_class("standard", default=True)  # users' home claims, as at every site
+        provisioners.append(provisioner.start())
+        apply_upstream_rbac(cluster, NAMESPACE, charts_dir(), releases=("jupyterhub",), ours=True)
+        kubeconfigs[name] = cluster.service_account_kubeconfig(NAMESPACE, "hub", cluster.state / "hub.kubeconfig").read_text()
+        runners.append(PodRunner(cluster, NAMESPACE, cluster.state / "pods", stub=True).start())
+    sites = {"site-a": "in-cluster", **{n: f"/etc/mlaas/sites/{n}.yaml" for n in kubeconfigs}}
+    hub_values = {
+        "custom": {"mlaas": {"sites": sites}},
+        "hub": {"extraFiles": {f"site-{n}": {"mountPath": f"/etc/mlaas/sites/{n}.yaml", "stringData": text}
+                               for n, text in kubeconfigs.items()}},
+    }
+    started = time.perf_counter()
+    hub = Deployment(root / "site-a", charts_dir(), nodes=nodes_spec(shares[0]), profiles=profiles,
+                     hub_values=hub_values, stub_servers=True)
+    try:
+        hub.start()
+    except Exception:
+        hub.stop()
+        raise
+    clusters = {"site-a": hub.cluster, **clusters}
+    deploy_seconds = time.perf_counter() - started  # its nodes, the three releases, the hub ready
+    hub_pid = hub.pid("hub")
     api = hub.api()
     try:
         users = [f"u{i:04d}" for i in range(args.users)]
@@ -209,7 +237,8 @@ def main() -> None:
         times = sorted(ready_at[n] - requested[n] for n in ready_at)
 
         # quota check against what the cluster actually holds
-        per_site = {n: c.request("GET", "/api/v1/namespaces/mlaas-users/pods")["items"] for n, c in clusters.items()}
+        per_site = {n: c.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods?labelSelector=component%3Dsingleuser-server")
+                    ["items"] for n, c in clusters.items()}
         pods = [p for items in per_site.values() for p in items]
         use: dict[tuple[str, str], int] = {}
         for pod in pods:
@@ -221,7 +250,7 @@ def main() -> None:
         limits = {"nvidia.com/gpu": 8, "nvidia.com/mig-3g.20gb": 10, "nvidia.com/mig-1g.10gb": 40}
         violations = sum(1 for (g, k), n in use.items() if n > limits.get(k, 10**9))
         result = {
-            "nodes": args.nodes, "node_creation_s": round(node_seconds, 1), "users": args.users, "rate_per_s": args.rate,
+            "nodes": args.nodes, "node_creation_s": round(node_seconds, 1), "site_a_deploy_s": round(deploy_seconds, 1), "users": args.users, "rate_per_s": args.rate,
             "accepted": len(requested), "refused": refused, "ready": len(ready_at), "failed_after_accept": len(failed),
             "still_starting_at_end": len(set(requested) - set(ready_at) - failed),
             "spawns_per_s": round(len(ready_at) / elapsed, 2) if elapsed else None,
@@ -236,11 +265,12 @@ def main() -> None:
         }
         print(json.dumps(result, indent=1))
     finally:
-        hub.platform.stop()
-        for runner in runners:
+        hub.stop()
+        for runner in [*runners, *provisioners]:
             runner.stop()
-        for cluster in clusters.values():
-            cluster.stop()
+        for name, cluster in clusters.items():
+            if name != "site-a":
+                cluster.stop()
 
 
 if __name__ == "__main__":

@@ -42,8 +42,14 @@ CULL_TIMEOUT = 120  # seconds
 class Deployment:
     """Duck-types the parts of helpers.RunningPlatform the shared helpers use (url, api, password)."""
 
-    def __init__(self, state: Path, charts_dir: Path):
+    def __init__(self, state: Path, charts_dir: Path, nodes: dict | None = None, profiles: Path | None = None,
+                 hub_values: dict | None = None, stub_servers: bool = False):
+        """`nodes` (default tests/cluster/nodes.yaml), `profiles` (a directory instead of the
+        site's profile files), `hub_values` (merged into the site's jupyterhub.yaml) and
+        `stub_servers` (users' servers answer readiness only: benchmarks) adapt the site."""
         self.state, self.charts_dir = state, charts_dir
+        self.nodes, self.profiles, self.hub_values = nodes, profiles, hub_values or {}
+        self.stub_servers = stub_servers
         self.cluster = Cluster("deploy", state / "cluster", binaries(), pod_cidr=pod_range(10))
         self.ops_token = secrets.token_hex(24)
         self.procs: list[subprocess.Popen] = []
@@ -65,7 +71,9 @@ class Deployment:
     # --- bring-up -------------------------------------------------------------------------------
     def start(self) -> Deployment:
         c = self.cluster
-        c.start(REPO / "tests" / "cluster" / "nodes.yaml")
+        c.start(REPO / "tests" / "cluster" / "nodes.yaml" if self.nodes is None else None)
+        if self.nodes is not None:
+            c.add_nodes(self.nodes)
         self.stoppers.append(c.stop)
         self.public_ip = str(__import__("ipaddress").ip_network(c.pod_cidr).broadcast_address - 1)
         provisioner = Provisioner(c, self.state / "volumes")
@@ -78,7 +86,8 @@ class Deployment:
         for image in ("ghcr.io/mlaas-hub/hub", "ghcr.io/mlaas-hub/user-cpu", "ghcr.io/mlaas-hub/gateway",
                       "ghcr.io/dask/dask-gateway-server"):
             images.get(image)  # built before the pods need them (a node pulls images before a pod runs)
-        self.kubelet = Kubelet(c, images, self.state / "kubelet", self.network).start()
+        stub = {"component": "singleuser-server"} if self.stub_servers else False
+        self.kubelet = Kubelet(c, images, self.state / "kubelet", self.network, stub=stub).start()
         self.stoppers.append(self.kubelet.stop)
         c.request("POST", "/api/v1/namespaces", {"metadata": {"name": "gpu-operator"}})  # the site's GPU operator
         self._origin()
@@ -109,6 +118,14 @@ class Deployment:
             time.sleep(1)
         raise TimeoutError(f"the hub did not answer through proxy-public ({self.url}) in {timeout}s: {last}\n"
                            f"{self.kubelet_log('hub')[-3000:]}")
+
+    def pid(self, component: str) -> int:
+        """The process of the first container of the pod labelled `component` (e.g. hub)."""
+        for uid, running in self.kubelet.pods.items():
+            labels = getattr(running, "meta", {}).get("labels") or {}
+            if labels.get("component") == component and running.containers and running.containers[0].proc:
+                return running.containers[0].proc.pid
+        raise LookupError(f"no running {component} pod")
 
     def kubelet_log(self, component: str) -> str:
         """The logs of the pods whose names start with `component`."""
@@ -171,6 +188,8 @@ class Deployment:
         idp = f"http://127.0.0.1:{self.idp_port}"
         spec = yaml.safe_load((site / "site.yaml").read_text())
         spec["namespace"] = NAMESPACE
+        if self.profiles is not None:
+            spec["profiles"] = [str(self.profiles)]
         (site / "site.yaml").write_text(yaml.safe_dump(spec))
         values = yaml.safe_load((site / "values.yaml").read_text())
         values["site"] = "deploy-test"
@@ -198,5 +217,12 @@ class Deployment:
             "singleuser": {"extraEnv": {"JUPYTERHUB_ACTIVITY_INTERVAL": "10"}},
             "cull": {"enabled": True, "timeout": CULL_TIMEOUT, "every": 10},
         }
-        (site / "jupyterhub.yaml").write_text(yaml.safe_dump(hub))
+        (site / "jupyterhub.yaml").write_text(yaml.safe_dump(_merge(hub, self.hub_values)))
         return site
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

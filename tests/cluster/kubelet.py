@@ -61,10 +61,11 @@ class PodError(Exception):
 
 class Kubelet:
     def __init__(self, cluster: Cluster, images: Images, state: Path, network: ServiceNetwork,
-                 namespace: str | None = None, selector: str = "", stub: bool = False):
+                 namespace: str | None = None, selector: str = "", stub: bool | dict[str, str] = False):
         """`namespace`/`selector`: only those pods. `stub` (benchmarks with hundreds of pods, which
-        2 cores cannot run as JupyterLabs): each pod gets a listener on its IP and first port that
-        answers HTTP 200, which is all a hub's readiness check asks."""
+        2 cores cannot run as JupyterLabs): every pod (True) or those with these labels gets a
+        listener on its IP and first port that answers HTTP 200, which is all a hub's readiness
+        check asks."""
         self.cluster, self.images, self.state, self.network, self.stub = cluster, images, state, network, stub
         path = f"/api/v1/namespaces/{namespace}/pods" if namespace else "/api/v1/pods"
         self.path = path + (f"?labelSelector={urllib.parse.quote(selector)}" if selector else "")
@@ -91,6 +92,12 @@ class Kubelet:
         path = self.state / "logs" / f"{namespace}_{pod}_{container}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def _stubbed(self, pod: dict) -> bool:
+        if isinstance(self.stub, dict):
+            labels = pod["metadata"].get("labels") or {}
+            return all(labels.get(k) == v for k, v in self.stub.items())
+        return bool(self.stub)
+
     def _reconcile(self, pods: dict[str, dict]) -> None:
         with self._lock:
             alive = {uid for uid, p in pods.items() if not p["metadata"].get("deletionTimestamp")}
@@ -103,7 +110,7 @@ class Kubelet:
                     continue
                 key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
                 try:
-                    self.pods[uid] = StubPod(pod) if self.stub else PodProcesses(self, pod).start()
+                    self.pods[uid] = StubPod(pod) if self._stubbed(pod) else PodProcesses(self, pod).start()
                     self.started[key] = pod["status"]["podIP"]
                     self.failures.pop(key, None)
                 except (PodError, OSError, LookupError, urllib.error.HTTPError) as e:

@@ -24,7 +24,7 @@ from ..capacity.kube import GPU, POOL_KEY, PRODUCT_LABEL, KubeCapacity, MigStrat
 from ..profiles import Profile
 from ..projects.names import project_claim, project_slug
 from .common import ProfileSpawnerMixin, usage_ledger
-from .kube_sites import bound_reflector, site_api_client, site_core_api
+from .kube_sites import IN_CLUSTER, bound_reflector, site_api_client, site_core_api
 
 RESTRICTED_CONTAINER = {
     "runAsNonRoot": True,
@@ -163,13 +163,18 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
         return default
 
     def _use_site(self, site: str) -> None:
-        """Talk to `site`'s API server from now on (pods, events, claims of this server)."""
+        """Talk to `site`'s API server from now on (pods, events, claims of this server). Another
+        cluster than the hub's own has neither Zero to JupyterHub's user scheduler nor its priority
+        classes: pods there go to that cluster's default scheduler, at default priority."""
         self._default_api  # noqa: B018  (remember KubeSpawner's own client first)
         if site and site not in self.sites:
             self.log.error("%s runs at site %s, which is no longer in the hub's sites; it cannot be reached",
                            self.owner_key, site)
         self.site = site
+        remote = bool(site) and site in self.sites and self.sites[site] != IN_CLUSTER
         self.api = site_core_api(self.sites[site]) if site and site in self.sites else self._default_api
+        own = self.__dict__.setdefault("_mlaas_own_cluster", (self.scheduler_name, self.priority_class_name))
+        self.scheduler_name, self.priority_class_name = (None, "") if remote else own
 
     def _get_reflector_key(self, kind: str):
         return (*super()._get_reflector_key(kind), self.site)
