@@ -84,6 +84,24 @@ def nodes_spec(total: int) -> dict:
     ]}
 
 
+def node_pod_reads(cluster: Cluster) -> int:
+    """GET and LIST requests for Nodes and Pods the API server has answered so far (its own
+    counter, apiserver_request_total): what a form view would cost if it asked the cluster."""
+    import re
+    import ssl
+    import urllib.request
+
+    req = urllib.request.Request(f"{cluster.server}/metrics", headers={"Authorization": f"Bearer {cluster._token}"})
+    with urllib.request.urlopen(req, context=ssl._create_unverified_context(), timeout=30) as r:
+        text = r.read().decode()
+    total = 0
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{") and re.search(r'resource="(nodes|pods)"', line) \
+                and re.search(r'verb="(GET|LIST)"', line) and 'subresource=""' in line:
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
 def proc_usage(pid: int) -> tuple[float, int]:
     """(CPU seconds, RSS bytes) of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -236,6 +254,13 @@ def main() -> None:
         stop_sampling.set()
         times = sorted(ready_at[n] - requested[n] for n in ready_at)
 
+        # what a form view costs the API servers: their own request counters around 100 views at rest
+        before = {n: node_pod_reads(c) for n, c in clusters.items()}
+        viewer = hub.api(token)
+        for _ in range(100):
+            viewer.get(f"{hub.url}/hub/api/mlaas/profiles").raise_for_status()
+        form_reads = sum(node_pod_reads(c) - before[n] for n, c in clusters.items())
+
         # quota check against what the cluster actually holds
         per_site = {n: c.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods?labelSelector=component%3Dsingleuser-server")
                     ["items"] for n, c in clusters.items()}
@@ -260,6 +285,7 @@ def main() -> None:
             "hub_rss_mib": round(rss / 2**20), "hub_peak_rss_mib": round(peak_rss / 2**20),
             "form_p50_ms": round(statistics.median(form_times) * 1000, 1) if form_times else None,
             "form_p95_ms": round(sorted(form_times)[int(len(form_times) * 0.95) - 1] * 1000, 1) if form_times else None,
+            "form_node_pod_reads_per_view": form_reads / 100,  # at the API servers (other clients' reads included)
             "sites": args.sites, "pods": len(pods), "pods_per_site": {n: len(items) for n, items in per_site.items()},
             "quota_violations": violations,
         }

@@ -99,34 +99,6 @@ def test_helm_installs_our_chart_into_a_restricted_namespace_and_its_pods_run(cl
     assert all(p["status"]["phase"] == "Bound" for p in pvcs) and len(pvcs) == len(claims)
 
 
-def test_the_upstream_charts_install_from_local_archives(cluster, tmp_path):
-    """The pinned Zero to JupyterHub and Dask Gateway charts, installed as `mlaas deploy` does, from
-    the site's chart mirror ($MLAAS_CHARTS_DIR, default ../shared/charts; the way an air-gapped
-    site installs them), and every pod of both releases scheduled and started (KWOK). A static
-    volume stands in for the storage class that would provision the hub's database claim."""
-    from mlaas.deploy import helm_commands
-    from test_upstream_charts import charts_dir
-
-    commands = helm_commands(SITE, tmp_path / "generated.yaml", charts_dir())
-    upstream = [c for c in commands if c[3] != "mlaas-hub"]
-    assert len(upstream) == 2 and all(c[4].endswith(".tgz") for c in upstream), upstream  # from the mirror
-    cluster.request("POST", "/api/v1/persistentvolumes", {
-        "metadata": {"name": "pv-hub-db"},
-        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
-                 "hostPath": {"path": "/tmp/pv-hub-db"}, "persistentVolumeReclaimPolicy": "Delete"},
-    })
-    for command in upstream:
-        # the test cluster has no load-balancer controller: the site's public Service as a NodePort
-        site_only = ["--set", "proxy.service.type=NodePort"] if command[3] == "jupyterhub" else []
-        r = helm(cluster, *command[1:], *site_only, "--namespace", "upstream", "--wait", "--timeout", "240s")
-        assert r.returncode == 0, r.stdout + r.stderr
-    pods = cluster.request("GET", "/api/v1/namespaces/upstream/pods")["items"]
-    components = {p["metadata"]["labels"].get("component") or p["metadata"]["labels"].get("app.kubernetes.io/component")
-                  for p in pods}
-    assert {"hub", "proxy", "gateway", "controller", "traefik"} <= components, components
-    assert all(p["status"]["phase"] == "Running" for p in pods), [(p["metadata"]["name"], p["status"]["phase"]) for p in pods]
-
-
 @pytest.mark.parametrize("slug", ["cpu-small", "gpu-a100", "mig-3g-20gb"])
 def test_the_pods_our_spawner_makes_are_admitted_by_pod_security_restricted(cluster, slug):
     """The real API server's Pod Security admission ("restricted", enforced on a namespace of its

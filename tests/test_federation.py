@@ -6,8 +6,9 @@ reached; when it is back, it is used again.
 The hub uses, at each site, its own ServiceAccount's token with the roles the charts ship
 (z2jh's namespaced Role, our read-only ClusterRole), never admin credentials.
 
-Simulated: the nodes (KWOK) and the kubelet's work; tests/cluster/pod_runner.py runs the real
-single-user server of each Running pod on the pod's loopback IP (each site its own 127.x range)."""
+Simulated: the nodes (KWOK); the test kubelet (tests/cluster/pod_runner.py) runs each user's real
+single-user server from the user image's environment, as the pod's account, on the pod's IP (each
+site its own range)."""
 
 from __future__ import annotations
 

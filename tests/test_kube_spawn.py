@@ -7,8 +7,8 @@ Least privilege: the hub, the Dask Gateway and its controller talk to the API se
 own ServiceAccounts' tokens, with the roles the upstream charts and ours ship (applied from the
 chart mirror, tests/cluster/upstream_rbac.py); only the test harness holds admin credentials.
 
-Simulated: the nodes (KWOK) and the kubelet's work; tests/cluster/pod_runner.py runs the real
-single-user server with the pod's environment on the pod's (loopback) IP."""
+Simulated: the nodes (KWOK); the test kubelet (tests/cluster/pod_runner.py) runs each user's real
+single-user server from the user image's environment, as the pod's account, on the pod's IP."""
 
 from __future__ import annotations
 

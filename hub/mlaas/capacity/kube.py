@@ -109,7 +109,6 @@ class KubeCapacity:
         self.synced: set[str] = set()  # kinds listed at least once
         self.unreachable: str | None = None
         self.refused: dict[str, int] = {}  # kind -> HTTP status: the API server answered, RBAC refused the hub
-        self.api_calls = 0
         self._on_gone: dict[str, list[Callable[[], None]]] = {}  # pod key -> what to do once it is gone
 
     # --- feeding the cache ----------------------------------------------------------------------
@@ -287,14 +286,12 @@ class KubeCapacity:
 
         while True:
             try:
-                self.api_calls += 1
                 listed = await list_fn()
                 self.replace(kind, [api_client.sanitize_for_serialization(i) for i in listed.items])
                 self.unreachable = None
                 self.refused.pop(kind, None)
                 version = listed.metadata.resource_version
                 stream = watch.Watch().stream(list_fn, resource_version=version, timeout_seconds=300)
-                self.api_calls += 1
                 async for event in stream:
                     self.apply(kind, event["type"], api_client.sanitize_for_serialization(event["object"]))
             except asyncio.CancelledError:
