@@ -143,6 +143,7 @@ def main() -> None:
         runners.append(PodRunner(cluster, NAMESPACE, cluster.state / "pods", stub=True).start())
     sites = {"site-a": "in-cluster", **{n: f"/etc/mlaas/sites/{n}.yaml" for n in kubeconfigs}}
     hub_values = {
+        "cull": {"enabled": False},  # stub servers report no activity; the benchmark counts what stays
         "custom": {"mlaas": {"sites": sites}},
         "hub": {"extraFiles": {f"site-{n}": {"mountPath": f"/etc/mlaas/sites/{n}.yaml", "stringData": text}
                                for n, text in kubeconfigs.items()}},

@@ -93,6 +93,17 @@ class Deployment:
         self._origin()
         self._idp()
         self.site = self._site()
+        self.deploy()
+        self.wait_hub()
+        return self
+
+    def deploy(self, profiles: Path | None = None) -> str:
+        """`mlaas deploy` of the site (again), as its admin runs it; `profiles`: new profile files."""
+        if profiles is not None:
+            spec = yaml.safe_load((self.site / "site.yaml").read_text())
+            spec["profiles"] = [str(profiles)]
+            (self.site / "site.yaml").write_text(yaml.safe_dump(spec))
+        c = self.cluster
         env = {**os.environ, "KUBECONFIG": str(c.kubeconfig), "PATH": f"{c.bin}:{os.environ['PATH']}",
                "MLAAS_STATE_DIR": str(self.state / "mlaas")}
         mlaas = Path(sys.executable).parent / "mlaas"
@@ -101,8 +112,28 @@ class Deployment:
         self.deploy_output = r.stdout + r.stderr
         if r.returncode != 0:
             raise RuntimeError(f"mlaas deploy failed:\n{self.deploy_output[-4000:]}")
-        self.wait_hub()
-        return self
+        if profiles is not None:  # an upgrade: wait, as an admin does, until its rollouts are done
+            self.wait_rollouts()
+            self.wait_hub()
+        return self.deploy_output
+
+    def wait_rollouts(self, timeout: float = 180) -> None:
+        """Every Deployment of the namespace rolled out: new pods ready, old ones gone
+        (`kubectl rollout status`)."""
+        def done() -> bool:
+            for d in self.cluster.request("GET", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments")["items"]:
+                st, want = d.get("status") or {}, d["spec"].get("replicas", 1)
+                if st.get("observedGeneration", 0) < d["metadata"]["generation"] or \
+                        st.get("updatedReplicas", 0) != want or st.get("replicas", 0) != want or \
+                        st.get("availableReplicas", 0) != want:
+                    return False
+            return True
+
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the upgrade's rollouts did not finish")
+            time.sleep(1)
 
     def wait_hub(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,7 @@ from test_upstream_charts import charts_dir
 pytestmark = [pytest.mark.platform, needs_root]
 
 MIG_PROFILE = "mig-3g-20gb"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +191,76 @@ def test_the_idle_culler_stops_an_idle_server_and_its_slice_is_free_again(site, 
     assert wait_until(lambda: not pods(site, "component%3Dsingleuser-server"), 60)
     assert "Culling server alice" in site.kubelet_log("hub")
     assert wait_until(lambda: capacity(site, alice, MIG_PROFILE) == (4, 4), 30)
+
+
+def test_an_admin_edits_a_profile_live_and_a_later_deploy_never_overwrites_the_edit(site, browser, tmp_path):
+    """Live administration on Kubernetes. Chromium: the admin page of the chart-deployed hub (a
+    service in the hub's pod) changes cpu-small's memory limit; the edit lands in the live
+    ConfigMap, which no Helm release owns, and bob's next server has the new limit without a
+    restart. Then `mlaas deploy` again with a changed cpu.yaml: the edit stays in force, and the
+    history shows both the edit and the deploy that it shadows."""
+    import shutil
+
+    page = browser.new_page()
+    try:
+        browser_login(page, site.url, "admin", site.password("admin"))
+        page.goto(f"{site.url}/services/mlaas-admin/")
+        page.wait_for_selector("#profiles-table tr[data-slug=cpu-small]")
+        page.click("#profiles-table tr[data-slug=cpu-small] button.edit")
+        page.fill("#profile-form [name='memory.limit']", "3Gi")
+        page.click("#profile-save")
+        page.wait_for_selector("#message.ok")
+    finally:
+        page.close()
+    live = site.cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/configmaps/mlaas-profiles-live")
+    assert "limit: 3Gi" in live["data"]["cpu.yaml"] and "managed-by" in json.dumps(live["metadata"]["labels"])
+    deployed = site.cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/configmaps/mlaas-profiles")
+    assert "limit: 3Gi" not in deployed["data"]["cpu.yaml"]  # the chart's ConfigMap is the site's files
+
+    site.api().post(f"{site.url}/hub/api/users/bob")
+    bob = user_token(site, "bob")
+
+    def memory_limit_of_a_new_server() -> str:
+        r = site.api(bob).post(f"{site.url}/hub/api/users/bob/server", json={"profile": "cpu-small"})
+        assert r.status_code in (201, 202), error_message(r)
+        assert wait_until(lambda: site.api().get(f"{site.url}/hub/api/users/bob").json()["servers"].get("", {})
+                          .get("ready"), 120)
+        pod = site.cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods/jupyter-bob")
+        site.api(bob).delete(f"{site.url}/hub/api/users/bob/server")
+        assert wait_until(lambda: not site.api().get(f"{site.url}/hub/api/users/bob").json()["servers"], 60)
+        assert wait_until(lambda: not pods(site, "hub.jupyter.org%2Fusername%3Dbob"), 60)
+        return pod["spec"]["containers"][0]["resources"]["limits"]["memory"]
+
+    def in_force() -> bool:  # the hub follows the ConfigMaps every few seconds
+        summary = next(p for p in site.api(bob).get(f"{site.url}/hub/api/mlaas/profiles").json()["profiles"]
+                       if p["slug"] == "cpu-small")["summary"]
+        return "3 GiB" in summary
+
+    assert wait_until(in_force, 30)
+    assert memory_limit_of_a_new_server() in ("3Gi", str(3 * 2**30))
+
+    profiles = tmp_path / "profiles"
+    shutil.copytree(REPO / "spawner_profiles", profiles)
+    cpu = profiles / "cpu.yaml"
+    cpu.write_text(cpu.read_text().replace("display_name: Small CPU", "display_name: Small CPU (release 2)"))
+    site.deploy(profiles)
+    assert memory_limit_of_a_new_server() in ("3Gi", str(3 * 2**30))  # the live edit is still in force
+
+    page = browser.new_page()
+    try:
+        browser_login(page, site.url, "admin", site.password("admin"))
+        page.goto(f"{site.url}/services/mlaas-admin/")
+        page.wait_for_selector("#profiles-table tr[data-slug=cpu-small]")
+        assert "3Gi" in page.inner_text("#profiles-table tr[data-slug=cpu-small]")
+
+        def history() -> str:
+            page.click("nav button[data-panel=history]")
+            page.wait_for_selector("#history-table tbody tr")
+            return page.inner_text("#history-table tbody")
+
+        assert wait_until(lambda: "deployed file cpu.yaml" in history(), 30), history()
+        text = history()
+        assert "a live edit of this file stays in force over it" in text
+        assert "update profile cpu-small" in text and "admin" in text and "3Gi" in text
+    finally:
+        page.close()

@@ -304,9 +304,10 @@ class MLaaSKubeBackend(ProfileLimitsMixin, KubeBackend):
                 app.router.add_route(route.method, self.api_prefix.rstrip("/") + route.path, route.handler)
         await super().setup(app)
         if self.profiles_configmap:
-            from .profiles.configmap import ConfigMapMirror, own_namespace
+            from .profiles.configmap import ConfigMapMirror, live_configmap, own_namespace
 
-            mirror = ConfigMapMirror(self.core_client, own_namespace(), self.profiles_configmap, log=self.log)
+            names = [self.profiles_configmap, live_configmap(self.profiles_configmap)]  # deployed, then live edits
+            mirror = ConfigMapMirror(self.core_client, own_namespace(), names, log=self.log)
             self.profiles_dir = str(mirror.directory)
             await mirror.sync()
             self._mirror_task = asyncio.ensure_future(mirror.run())

@@ -19,6 +19,7 @@ from .api import CapacityAPIHandler, ProfilesAPIHandler, QuotasAPIHandler, Usage
 from .auth import MLaaSAuthenticator
 from .settings import REPO_ROOT, OidcSettings, Settings, ensure_secret, prepare_state
 from .profiles import ProfileStore
+from .profiles.configmap import live_configmap
 from .profiles.quantities import parse_bytes
 from .projects import project_role_specs
 from .projects.home import template_var as project_servers_var
@@ -129,6 +130,45 @@ def gateway_roles_and_scopes(c) -> list[dict]:
     return [{"name": "user", "scopes": ["self", f"access:services!service={gateway.SERVICE_NAME}"]}]
 
 
+def in_cluster() -> bool:
+    from .profiles.configmap import SA_NAMESPACE
+
+    return "KUBERNETES_SERVICE_HOST" in os.environ and SA_NAMESPACE.exists()
+
+
+def follow_profile_configmaps(seed: str, directory: Path, configmap: str) -> str:
+    """Mirror the deployed and live profile ConfigMaps into `directory` while the hub runs
+    (every 5 s); seeded from the mounted deployed files so the hub starts with profiles."""
+    from .profiles.configmap import ConfigMapMirror, own_namespace
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.iterdir()):
+        for f in Path(seed).iterdir():
+            if f.is_file() and not f.name.startswith("."):
+                (directory / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+    try:
+        loop = asyncio.get_running_loop()  # the hub loads its config inside its event loop
+    except RuntimeError:
+        return str(directory)
+
+    async def follow() -> None:
+        from kubernetes_asyncio import client, config
+
+        try:
+            config.load_incluster_config()
+            mirror = ConfigMapMirror(client.CoreV1Api(client.ApiClient()), own_namespace(),
+                                     [configmap, live_configmap(configmap)], directory, log)
+            await mirror.sync()
+            await mirror.run(interval=5.0)
+        except Exception:
+            log.exception("Following the profile ConfigMaps failed; the profiles stay as they are")
+
+    task = loop.create_task(follow())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return str(directory)
+
+
 def follow_profile_files(store: ProfileStore) -> None:
     """Reload profiles in the background, and keep the project roles in step with them."""
     start_profile_watcher(store)
@@ -157,16 +197,20 @@ def start_project_sync(store: ProfileStore) -> None:
 ADMIN_SERVICE = "mlaas-admin"
 
 
-def admin_service(s: Settings) -> dict:
+def admin_service(url: str, environment: dict[str, str]) -> dict:
     """The admin page and API (mlaas.admin), as a hub-managed service only hub admins may open."""
     return {
         "name": ADMIN_SERVICE,
-        "url": f"http://127.0.0.1:{s.admin_service_port}",
+        "url": url,
         "command": [sys.executable, "-m", "mlaas.admin"],
-        "environment": {k: v for k, v in os.environ.items() if k.startswith("MLAAS_")},  # the same settings
+        "environment": environment,
         "oauth_no_confirm": True,
         "display": True,
     }
+
+
+ADMIN_SERVICE_ROLE = {"name": "mlaas-admin-service", "scopes": ["read:servers", "list:users"], "services": [ADMIN_SERVICE]}
+K8S_ADMIN_PORT = 8090  # on the hub's pod; charts/values/jupyterhub.yaml exposes it on the hub Service
 
 
 def gateway_client_env(s: Settings) -> dict[str, str]:
@@ -316,9 +360,10 @@ def configure(c, settings: Settings) -> None:
     if s.data.enabled:
         environment.update(client_env(s.data))  # where the site's caches are, for mlaas.data
     # the admin service: admins reach it (their role has access:services); it reads usage
-    services: list[dict] = [admin_service(s)]
+    settings_env = {k: v for k, v in os.environ.items() if k.startswith("MLAAS_")}  # the same settings
+    services: list[dict] = [admin_service(f"http://127.0.0.1:{s.admin_service_port}", settings_env)]
     roles: list[dict] = configure_projects(c, store)  # a role per project, granted to its group
-    roles.append({"name": "mlaas-admin-service", "scopes": ["read:servers", "list:users"], "services": [ADMIN_SERVICE]})
+    roles.append(ADMIN_SERVICE_ROLE)
     if s.dask_gateway.enabled:
         environment.update(gateway_client_env(s))
         services.append(gateway_service(s))
@@ -411,7 +456,7 @@ def k8s_data_env(data_config: str | Path) -> dict[str, str]:
 def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir: str = "/srv/jupyterhub",
                          sites: dict[str, str] | None = None, dask_gateway: bool = True,
                          gateway_address: str = K8S_GATEWAY_ADDRESS, gateway_proxy: str = K8S_GATEWAY_PROXY,
-                         data_config: str | Path = K8S_DATA_CONFIG) -> None:
+                         data_config: str | Path = K8S_DATA_CONFIG, profiles_configmap: str = "mlaas-profiles") -> None:
     """The mlaas parts of a hub deployed with Zero to JupyterHub (charts/values/jupyterhub.yaml).
 
     The chart configures the hub, proxy and database; this adds the profile spawner, the AAI
@@ -420,7 +465,10 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
     scope for users (the service itself is `hub.services.dask-gateway` in the values), and the
     site's cache map for users' pods. Everything is *added* to what z2jh and the site's values set
     (roles such as the idle culler's, services, template variables, singleuser.extraEnv).
-    The profile files come from the mlaas-profiles ConfigMap, mounted at `profiles_dir`. `sites`
+    The profile files in force are those `mlaas deploy` put in the `profiles_configmap`
+    ConfigMap (mounted at `profiles_dir`, which seeds them at the first start) overlaid by the
+    admins' live edits (its `-live` ConfigMap, written by the admin service, which runs in the
+    hub's pod): both are followed through the API. `sites`
     (name -> kubeconfig path, or "in-cluster" for the hub's own cluster) makes it a federation of
     several clusters (docs/deploy.md §8).
     """
@@ -428,6 +476,9 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
 
     logscrub.install()
     snapshot = str(Path(state_dir) / "profiles.last-good.json")
+    live = in_cluster() and profiles_configmap
+    if live:  # the deployed files and the admins' live edits, through the API (mlaas.profiles.configmap)
+        profiles_dir = follow_profile_configmaps(profiles_dir, Path(state_dir) / "profiles", profiles_configmap)
     store = profile_store(profiles_dir, snapshot)
     c.JupyterHub.spawner_class = KubeProfileSpawner
     c.ProfileSpawnerMixin.profiles_dir = profiles_dir
@@ -444,6 +495,12 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
     if dask_gateway:
         roles.extend(gateway_roles_and_scopes(c))
         environment.update(k8s_gateway_client_env(gateway_address, gateway_proxy))
+    if live:  # admins edit the profiles live (the live ConfigMap); it runs in the hub's pod
+        env = {k: os.environ[k] for k in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT") if k in os.environ}
+        env.update(MLAAS_STATE_DIR=state_dir, MLAAS_ADMIN_BIND=f"http://0.0.0.0:{K8S_ADMIN_PORT}",
+                   MLAAS_ADMIN_CONFIGMAPS=f"{profiles_configmap},{live_configmap(profiles_configmap)}")
+        add_services(c, [admin_service(f"http://hub:{K8S_ADMIN_PORT}", env)])
+        roles.append(ADMIN_SERVICE_ROLE)
     add_roles(c, roles)
     add_server_environment(c, environment, "KubeSpawner")
     if sites:

@@ -166,6 +166,9 @@ class Cluster:
             "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             "--cidr", self.pod_cidr, "--node-ip", "127.0.0.1",
+            # renew each node's Lease, as a kubelet does: without it the node controller takes the
+            # nodes for gone after the grace period and marks every pod on them not ready
+            "--node-lease-duration-seconds", "40",
             "--server-address", "127.0.0.1:0",
         ])
         if nodes_file is not None:

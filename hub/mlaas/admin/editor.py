@@ -148,6 +148,8 @@ class ProfileEditor:
         old = self.history.get(change_id)
         if old is None:
             raise NotFound(f"There is no change #{change_id}.")
+        if old.kind not in ("profiles", "quotas"):  # e.g. a deploy of the site's files
+            raise EditError(f"Change #{change_id} ({old.action} of {old.key}) is not an edit of a profile or quota.")
         with self.source.lock():
             located = self._locate(old.kind, old.key)
             current_version = version_of(plain(located.node)) if located else None

@@ -35,7 +35,8 @@ from tornado import httpclient, ioloop, web
 from ..settings import load_settings
 from .editor import EditError, Invalid, ProfileEditor
 from .history import ChangeLog
-from .source import FILE_NAME_RE, FileSource
+from ..kube_api import InClusterAPI, KubeAPIError
+from .source import FILE_NAME_RE, ConfigMapSource, FileSource
 
 log = logging.getLogger("mlaas.admin")
 MAX_BODY = 1024 * 1024
@@ -139,6 +140,13 @@ class APIHandler(AdminHandler):
         except ValueError as e:  # a name the source refuses (FileSource._checked)
             self.send({"message": str(e)}, 400)
             return
+        except KubeAPIError as e:  # the live ConfigMap (Kubernetes sites)
+            if e.status == 409:
+                self.send({"message": "The live profiles changed meanwhile (outside this page); reload and make "
+                           "the change again."}, 409)
+            else:
+                self.send({"message": f"The cluster refused the change: {e}"}, 502)
+            return
         log.info("%s: change #%d %s %s %s", self.who, change.id, change.action, change.kind, change.key)
         current = None
         if change.after is not None:
@@ -228,6 +236,36 @@ def make_app(editor: ProfileEditor, prefix: str) -> web.Application:
     )
 
 
+class DeployWatch:
+    """On a Kubernetes site: a change of the deployed profile files (`mlaas deploy` updating the
+    chart's ConfigMap) goes into the history next to the admins' edits, saying when a live edit
+    stays in force over the newly deployed file."""
+
+    def __init__(self, source: ConfigMapSource, history: ChangeLog, state: Path):
+        self.source, self.history, self.seen_file = source, history, state / "deployed.json"
+
+    def check(self) -> None:
+        import hashlib
+
+        try:
+            base = self.source._data(self.source.base)[0]
+            overridden = set(self.source.overridden())
+        except (KubeAPIError, OSError) as e:
+            log.warning("Cannot read the deployed profiles: %s", e)
+            return
+        now = {name: hashlib.sha256(text.encode()).hexdigest()[:16] for name, text in base.items()}
+        seen = json.loads(self.seen_file.read_text()) if self.seen_file.exists() else None
+        if seen is not None:
+            for name in sorted(set(now) | set(seen)):
+                if now.get(name) != seen.get(name):
+                    self.history.record(
+                        who="mlaas deploy", action="deploy", kind="files", key=name, file=name,
+                        before={"deployed": seen.get(name)}, after={"deployed": now.get(name),
+                                                                    "live_edit_in_force": name in overridden},
+                    )
+        self.seen_file.write_text(json.dumps(now))
+
+
 def main() -> None:
     from ..logscrub import install
 
@@ -237,13 +275,25 @@ def main() -> None:
     state = settings.state_dir / "admin"
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
-    editor = ProfileEditor(FileSource(settings.profiles_dir, state / "profiles.lock"), ChangeLog(state / "history"))
+    history = ChangeLog(state / "history")
+    configmaps = os.environ.get("MLAAS_ADMIN_CONFIGMAPS", "")  # Kubernetes: "<deployed>,<live>"
+    if configmaps:
+        base, live = configmaps.split(",")
+        source: Any = ConfigMapSource(InClusterAPI(), base, live)
+        watch = DeployWatch(source, history, state)
+        ioloop.PeriodicCallback(lambda: asyncio.ensure_future(asyncio.to_thread(watch.check)), 10_000).start()
+        where = f"ConfigMaps {base} (deployed) and {live} (live edits)"
+    else:
+        source, where = FileSource(settings.profiles_dir, state / "profiles.lock"), str(settings.profiles_dir)
+    editor = ProfileEditor(source, history)
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/mlaas-admin/")
     url = os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8004")
     from urllib.parse import urlparse
 
-    parsed = urlparse(url)
+    parsed = urlparse(os.environ.get("MLAAS_ADMIN_BIND") or url)  # in a pod: every address of the pod
     # an item is a few KiB: bodies over MAX_BODY get a 413 (prepare); far larger ones are not even read
     make_app(editor, prefix).listen(parsed.port or 80, parsed.hostname or "127.0.0.1", max_body_size=16 * MAX_BODY)
-    log.info("Admin service for %s at %s", settings.profiles_dir, url)
+    log.info("Admin service for %s at %s", where, url)
+    if configmaps:
+        ioloop.IOLoop.current().add_callback(lambda: asyncio.ensure_future(asyncio.to_thread(watch.check)))
     ioloop.IOLoop.current().start()

@@ -1,7 +1,9 @@
-"""The profile files of a Kubernetes site, read from its profiles ConfigMap through the API, for a
-component whose chart cannot mount the ConfigMap (Dask Gateway's API pod): the files are mirrored
-into a private directory that a ProfileStore reads, so they get the same validation, the same
-last-good behaviour and the same change detection as mounted or local files.
+"""The profile files of a Kubernetes site, read from its ConfigMaps through the API: the deployed
+files (`mlaas deploy`, the chart's ConfigMap) overlaid by the admins' live edits (a ConfigMap no
+Helm release owns; mlaas.admin.source.ConfigMapSource writes it). The hub and the Dask Gateway
+(whose chart cannot mount a ConfigMap) mirror them into a directory that a ProfileStore reads,
+so they get the same validation, the same last-good behaviour and the same change detection as
+local files.
 
 The mirror is refreshed every `interval` seconds (a kubelet refreshes a mounted ConfigMap about
 once a minute; this is quicker). A ConfigMap that cannot be read (missing, RBAC, API down) leaves
@@ -19,6 +21,11 @@ from typing import Any
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
+def live_configmap(configmap: str) -> str:
+    """The ConfigMap of the admins' live edits that goes with a deployed profiles ConfigMap."""
+    return f"{configmap}-live"
+
+
 def own_namespace(default: str = "default") -> str:
     """The namespace of the pod this runs in (its ServiceAccount's mounted namespace file)."""
     try:
@@ -28,32 +35,44 @@ def own_namespace(default: str = "default") -> str:
 
 
 class ConfigMapMirror:
-    def __init__(self, core_api: Any, namespace: str, name: str, directory: str | Path | None = None,
+    """`names`: the deployed ConfigMap first, then the live one (optional: it exists after the
+    first edit); a later one's file replaces an earlier one's of the same name."""
+
+    def __init__(self, core_api: Any, namespace: str, names: str | list[str], directory: str | Path | None = None,
                  log: logging.Logger | None = None):
-        self.core_api, self.namespace, self.name = core_api, namespace, name
+        self.core_api, self.namespace = core_api, namespace
+        self.names = [names] if isinstance(names, str) else list(names)
         self.directory = Path(directory or tempfile.mkdtemp(prefix="mlaas-profiles-"))
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.log = log or logging.getLogger("mlaas.profiles")
         self._last_error = ""
-        self._version = ""
+        self._version: tuple[str, ...] = ()
 
     async def sync(self) -> bool:
-        """Mirror the ConfigMap now; True when its files were read (changed or not)."""
-        try:
-            cm = await self.core_api.read_namespaced_config_map(self.name, self.namespace)
-        except Exception as e:  # kubernetes_asyncio's ApiException, connection errors
-            error = f"{type(e).__name__}: {getattr(e, 'status', '')} {getattr(e, 'reason', '') or e}".strip()
-            if error != self._last_error:
-                self.log.error("Cannot read the profiles ConfigMap %s/%s (%s); keeping the profiles mirrored last",
-                               self.namespace, self.name, error)
-                self._last_error = error
-            return False
+        """Mirror the ConfigMaps now; True when they were read (changed or not)."""
+        files: dict[str, str] = {}
+        versions = []
+        for i, name in enumerate(self.names):
+            try:
+                cm = await self.core_api.read_namespaced_config_map(name, self.namespace)
+            except Exception as e:  # kubernetes_asyncio's ApiException, connection errors
+                if i > 0 and getattr(e, "status", None) == 404:
+                    versions.append("")  # no live edit yet
+                    continue
+                error = f"{type(e).__name__}: {getattr(e, 'status', '')} {getattr(e, 'reason', '') or e}".strip()
+                if error != self._last_error:
+                    self.log.error("Cannot read the profiles ConfigMap %s/%s (%s); keeping the profiles mirrored last",
+                                   self.namespace, name, error)
+                    self._last_error = error
+                return False
+            files.update(dict(cm.data or {}))
+            versions.append(cm.metadata.resource_version or "")
         if self._last_error:
-            self.log.info("The profiles ConfigMap %s/%s can be read again", self.namespace, self.name)
+            self.log.info("The profiles ConfigMaps %s can be read again", ", ".join(self.names))
             self._last_error = ""
-        version = cm.metadata.resource_version or ""
-        if version != self._version:
-            self._write(dict(cm.data or {}))
-            self._version = version
+        if tuple(versions) != self._version:
+            self._write(files)
+            self._version = tuple(versions)
         return True
 
     def _write(self, files: dict[str, str]) -> None:

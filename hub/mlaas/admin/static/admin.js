@@ -258,9 +258,15 @@ async function loadHistory() {
   const body = document.querySelector("#history-table tbody");
   body.innerHTML = "";
   for (const c of r.data.changes) {
+    const when = [el("td", {}, c.id), el("td", {}, new Date(c.time * 1000).toLocaleString()), el("td", {}, c.who)];
+    if (c.action === "deploy") {  // the site's files changed by `mlaas deploy` (Kubernetes): nothing to restore here
+      const note = c.after && c.after.live_edit_in_force ? "a live edit of this file stays in force over it" : "in force";
+      body.append(el("tr", { "data-change": c.id, class: "deploy" }, ...when,
+        el("td", {}, `deployed file ${c.key}`), el("td", {}, note), el("td", {})));
+      continue;
+    }
     const what = `${c.action} ${c.kind === "profiles" ? "profile" : "quota"} ${c.key}` + (c.restored_from ? ` (from before #${c.restored_from})` : "");
-    body.append(el("tr", { "data-change": c.id },
-      el("td", {}, c.id), el("td", {}, new Date(c.time * 1000).toLocaleString()), el("td", {}, c.who),
+    body.append(el("tr", { "data-change": c.id }, ...when,
       el("td", {}, what), el("td", {}, diff(c.before, c.after)),
       el("td", {}, el("button", { type: "button", class: "restore", onclick: () => restore(c) }, "Restore version before this change"))));
   }
