@@ -154,8 +154,8 @@ class Deployment:
         """The process of the first container of the pod labelled `component` (e.g. hub)."""
         for uid, running in self.kubelet.pods.items():
             labels = getattr(running, "meta", {}).get("labels") or {}
-            if labels.get("component") == component and running.containers and running.containers[0].proc:
-                return running.containers[0].proc.pid
+            if labels.get("component") == component and running.containers and running.containers[0].pid:
+                return running.containers[0].pid
         raise LookupError(f"no running {component} pod")
 
     def kubelet_log(self, component: str) -> str:

@@ -79,10 +79,10 @@ def test_every_pod_of_the_three_releases_runs_its_program_as_the_charts_account(
         running = site.kubelet.pods.get(pod["metadata"]["uid"])
         assert running is not None, f"{pod['metadata']['name']} is not run: {site.kubelet.failures}"
         for container in running.containers:
-            assert wait_until(lambda: container.proc is not None and container.proc.poll() is None, 30), \
+            assert wait_until(lambda: container.pid is not None, 30), \
                 f"{container.name} is not running:\n{container.log_path.read_text()[-2000:]}"
             if component in expected_uid:
-                assert process_uid(container.proc.pid) == expected_uid[component], container.name
+                assert process_uid(container.pid) == expected_uid[component], container.name
     assert {"hub", "proxy", "user-scheduler", "gateway", "controller", "traefik", "xcache"} <= components, components
 
 

@@ -78,7 +78,8 @@ def _requirements(path: Path, drop: tuple[str, ...] = ()) -> list[str]:
 def _venv(name: str, steps: list[list[str]], inputs: list[Path]) -> Path:
     """A virtual environment from pip install steps (each a list of pip arguments), cached by the
     hash of the steps and input files; built under a lock so parallel users wait for one build."""
-    digest = hashlib.sha256(repr(steps).encode())
+    # by content: the same files in another checkout (another path) give the same environment
+    digest = hashlib.sha256(repr([[os.path.basename(a) if a.startswith("/") else a for a in step] for step in steps]).encode())
     for f in inputs:
         digest.update(f.read_bytes())
     root = cache_root() / f"{name}-{digest.hexdigest()[:12]}"

@@ -14,14 +14,15 @@ What a container gets, as on a node:
   `envFrom` and `env` with `valueFrom` (Secret and ConfigMap keys, field and resource references)
   and `$(VAR)` expansion, also in its command and arguments;
 - its Services by name (/etc/hosts of its namespace) and by ClusterIP (tests/cluster/services.py);
-- its user: `runAsUser`/`runAsGroup`, `fsGroup` and `supplementalGroups` (setpriv), its hostname;
+- its user: `runAsUser`/`runAsGroup`, `fsGroup` and `supplementalGroups` (setpriv), its hostname,
+  its own PID namespace (stopping a container stops every process it started);
 - init containers run first, in order; containers are restarted with a back-off like
   `restartPolicy: Always`.
 
 Simulated: KWOK, not this code, reports the pods' status (Running and Ready as soon as they are
 scheduled; no probes). Pods share this machine's network namespace, so each program is told to
 listen on its pod's IP (see `listen_on`), and there is no kernel isolation between pods beyond
-the mount namespace and the account (no cgroup limits, no seccomp). Images are environments built
+the mount and PID namespaces and the account (no cgroup limits, no seccomp). Images are environments built
 from their requirement files, not pulled (none can be pulled here)."""
 
 from __future__ import annotations
@@ -403,13 +404,29 @@ class ContainerProcess:
             delay = 1.0 if time.monotonic() - started > 30 else min(delay * 2, 10.0)
             self._stop.wait(delay)
 
+    @property
+    def pid(self) -> int | None:
+        """The container's own first process (inside its PID namespace, under `unshare`)."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return None
+        if os.geteuid() != 0:
+            return proc.pid
+        try:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
+
     def stop(self) -> None:
+        """SIGTERM to the container's first process (a grace of 10 s), then SIGKILL to what is left;
+        its PID namespace ends with it."""
         self._stop.set()
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
         try:
-            os.killpg(proc.pid, 15)
+            os.kill(self.pid or proc.pid, 15)
             proc.wait(10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
@@ -499,7 +516,10 @@ def namespace_script(mounts: list[Mount], overlays: Path, hostname: str, workdir
     if os.geteuid() != 0:  # development without root: no namespace, no account change, no volumes
         return argv
     script = [f"hostname {q(hostname[:63])}", *overlay_steps, *steps]
-    return ["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-ec", "\n".join(script)]
+    # a PID namespace too: when the container's first process ends, everything it started ends with
+    # it (JupyterHub starts its services in sessions of their own), as in a container
+    return ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--uts", "--propagation", "private",
+            "sh", "-ec", "\n".join(script)]
 
 
 def _expand(value: str, env: dict[str, str]) -> str:
