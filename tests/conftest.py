@@ -69,6 +69,21 @@ def browser_login(page, hub_url: str, username: str, password: str) -> None:
     page.wait_for_url(f"{hub_url}/**")
 
 
+def open_profile_editor(page, hub_url: str, password: str, slug: str) -> None:
+    """Sign in as the demo admin, open the admin page and the editor of one profile."""
+    browser_login(page, hub_url, "admin", password)
+    for attempt in range(3):  # right after a hub (re)start its services may still be starting: reload, as a person would
+        page.goto(f"{hub_url}/services/mlaas-admin/")
+        try:
+            page.wait_for_selector(f"#profiles-table tr[data-slug={slug}]", timeout=15_000)
+            break
+        except Exception:
+            if attempt == 2:
+                raise AssertionError(f"no profile {slug} on the admin page {page.url}:\n"
+                                     f"{page.inner_text('body')[:2000]}") from None
+    page.click(f"#profiles-table tr[data-slug={slug}] button.edit")
+
+
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="per-user accounts and cgroups need the hub to run as root (CI runs as root)"
 )

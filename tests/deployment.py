@@ -141,9 +141,11 @@ class Deployment:
         while time.monotonic() < deadline:
             try:
                 r = requests.get(f"{self.url}/hub/health", timeout=5)
-                if r.status_code == 200:
+                # and its services: the admin page (a hub service in the hub's pod) answers, by a redirect to sign in
+                admin = requests.get(f"{self.url}/services/mlaas-admin/", timeout=5, allow_redirects=False)
+                if r.status_code == 200 and admin.status_code < 500:
                     return
-                last = f"HTTP {r.status_code}"
+                last = f"HTTP {r.status_code}, admin page HTTP {admin.status_code}"
             except requests.RequestException as e:
                 last = type(e).__name__
             time.sleep(1)

@@ -161,17 +161,14 @@ def test_usage_view_lists_servers_by_user_group_and_profile(admin_hub, admin_tok
 
 @pytest.mark.browser
 def test_browser_admin_edits_a_profile_and_a_user_sees_it_in_the_spawn_form(admin_hub, browser):
-    from conftest import browser_login
+    from conftest import browser_login, open_profile_editor
     from helpers import ARTIFACTS
 
     admin = browser.new_context(viewport={"width": 1280, "height": 1000})
     user = browser.new_context(viewport={"width": 1280, "height": 900})
     try:
         page = admin.new_page()
-        browser_login(page, admin_hub.url, "admin", admin_hub.password("admin"))
-        page.goto(f"{admin_hub.url}/services/mlaas-admin/")
-        page.wait_for_selector("#profiles-table tr[data-slug=small]")
-        page.click("#profiles-table tr[data-slug=small] button.edit")
+        open_profile_editor(page, admin_hub.url, admin_hub.password("admin"), "small")
         # an invalid value: the error appears next to the memory field and nothing is saved
         page.fill("#profile-form [name='memory.limit']", "lots")
         page.click("#profile-save")
