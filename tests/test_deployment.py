@@ -76,8 +76,9 @@ def test_every_pod_of_the_three_releases_runs_its_program_as_the_charts_account(
         labels = pod["metadata"]["labels"]
         component = labels.get("component") or labels.get("app.kubernetes.io/component")
         components.add(component)
-        running = site.kubelet.pods.get(pod["metadata"]["uid"])
-        assert running is not None, f"{pod['metadata']['name']} is not run: {site.kubelet.failures}"
+        uid = pod["metadata"]["uid"]  # a pod waits for its volume's claim to be bound, as on a node
+        assert wait_until(lambda: uid in site.kubelet.pods, 60), f"{pod['metadata']['name']} is not run: {site.kubelet.failures}"
+        running = site.kubelet.pods[uid]
         for container in running.containers:
             assert wait_until(lambda: container.pid is not None, 30), \
                 f"{container.name} is not running:\n{container.log_path.read_text()[-2000:]}"
