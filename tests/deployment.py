@@ -26,7 +26,7 @@ from cluster.images import Images, image_programs
 from cluster.kubelet import Kubelet
 from cluster.provisioner import Provisioner
 from cluster.services import ServiceNetwork
-from helpers import FIXTURES, free_port
+from helpers import FIXTURES, deep_merge, free_port
 from mlaas.dev_idp import ensure_passwords
 from mlaas.hubconfig import OPS_SCOPES
 from mlaas.xcache import origin_process
@@ -250,12 +250,5 @@ class Deployment:
             "singleuser": {"extraEnv": {"JUPYTERHUB_ACTIVITY_INTERVAL": "10"}},
             "cull": {"enabled": True, "timeout": CULL_TIMEOUT, "every": 10},
         }
-        (site / "jupyterhub.yaml").write_text(yaml.safe_dump(_merge(hub, self.hub_values)))
+        (site / "jupyterhub.yaml").write_text(yaml.safe_dump(deep_merge(hub, self.hub_values)))
         return site
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out

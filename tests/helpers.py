@@ -30,6 +30,14 @@ FIXTURES = Path(__file__).parent / "fixtures"
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 
 
+def deep_merge(a: dict, b: dict) -> dict:
+    """`b` over `a`, mappings merged key by key (as Helm merges values files)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from conftest import needs_root
+from helpers import deep_merge
 from kube_objects import validated
 from mlaas.deploy import UPSTREAM
 
@@ -45,18 +46,11 @@ def render_release(release: str, namespace: str = "mlaas") -> list[dict]:
     values: dict = {}
     for f in [REPO / pin["values"], SITE / f"{release}.yaml"]:
         if f.exists():
-            values = _merge(values, yaml.safe_load(f.read_text()) or {})
+            values = deep_merge(values, yaml.safe_load(f.read_text()) or {})
     chart = helm.Chart.load(charts_dir() / f"{pin['chart']}-{pin['version']}.tgz")
     out = chart.render(values, name=release, namespace=namespace, is_install=True)
     return [doc for name, text in out.items() if name.endswith((".yaml", ".yml"))
             for doc in yaml.safe_load_all(text) if doc]
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def find(objects: list[dict], kind: str, name: str) -> dict:
@@ -143,6 +137,6 @@ def _our_chart_objects() -> list[dict]:
     from mlaas.deploy import CHART, site_values
 
     generated, _ = site_values(SITE)
-    values = _merge(yaml.safe_load((SITE / "values.yaml").read_text()), generated)
+    values = deep_merge(yaml.safe_load((SITE / "values.yaml").read_text()), generated)
     out = helm.Chart.load(CHART).render(values, name="mlaas-hub", namespace="mlaas", is_install=True)
     return [doc for text in out.values() for doc in yaml.safe_load_all(text) if doc]

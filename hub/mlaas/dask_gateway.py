@@ -304,7 +304,8 @@ class MLaaSKubeBackend(ProfileLimitsMixin, KubeBackend):
                 app.router.add_route(route.method, self.api_prefix.rstrip("/") + route.path, route.handler)
         await super().setup(app)
         if self.profiles_configmap:
-            from .profiles.configmap import ConfigMapMirror, live_configmap, own_namespace
+            from .kube_api import own_namespace
+            from .profiles.configmap import ConfigMapMirror, live_configmap
 
             names = [self.profiles_configmap, live_configmap(self.profiles_configmap)]  # deployed, then live edits
             mirror = ConfigMapMirror(self.core_client, own_namespace(), names, log=self.log)

@@ -17,6 +17,7 @@ from . import logscrub
 from .accounts import ensure_system_account
 from .api import CapacityAPIHandler, ProfilesAPIHandler, QuotasAPIHandler, UsageAPIHandler
 from .auth import MLaaSAuthenticator
+from .kube_api import in_cluster
 from .settings import REPO_ROOT, OidcSettings, Settings, ensure_secret, prepare_state
 from .profiles import ProfileStore
 from .profiles.configmap import live_configmap
@@ -130,16 +131,11 @@ def gateway_roles_and_scopes(c) -> list[dict]:
     return [{"name": "user", "scopes": ["self", f"access:services!service={gateway.SERVICE_NAME}"]}]
 
 
-def in_cluster() -> bool:
-    from .profiles.configmap import SA_NAMESPACE
-
-    return "KUBERNETES_SERVICE_HOST" in os.environ and SA_NAMESPACE.exists()
-
-
 def follow_profile_configmaps(seed: str, directory: Path, configmap: str) -> str:
     """Mirror the deployed and live profile ConfigMaps into `directory` while the hub runs
     (every 5 s); seeded from the mounted deployed files so the hub starts with profiles."""
-    from .profiles.configmap import ConfigMapMirror, own_namespace
+    from .kube_api import own_namespace
+    from .profiles.configmap import ConfigMapMirror
 
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.iterdir()):

@@ -15,6 +15,19 @@ from typing import Any
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
+def in_cluster() -> bool:
+    """Running in a pod with its ServiceAccount mounted and the API server announced."""
+    return "KUBERNETES_SERVICE_HOST" in os.environ and (SA_DIR / "namespace").exists()
+
+
+def own_namespace(default: str = "default") -> str:
+    """The namespace of the pod this runs in (its ServiceAccount's mounted namespace file)."""
+    try:
+        return (SA_DIR / "namespace").read_text().strip() or default
+    except OSError:
+        return default
+
+
 class KubeAPIError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(f"HTTP {status}: {message}")

@@ -134,21 +134,25 @@ def user_image() -> ImageEnv:
                     files={"/etc/jupyter": str(REPO / "hub" / "user_env" / "jupyter")})
 
 
-def gateway_image() -> ImageEnv:
+def _gateway_server_step() -> tuple[list[str], Path]:
+    """Dask Gateway's server image, as pip arguments (its frozen list and the server itself)."""
     base = charts_mirror() / "dask-gateway-server-2026.3.0-image-requirements.txt"
+    return ["--no-deps", *_requirements(base), "dask-gateway-server==2026.3.0"], base
+
+
+def gateway_image() -> ImageEnv:
+    server, base = _gateway_server_step()
     ours = REPO / "images" / "gateway" / "requirements.txt"
-    venv = _venv("gateway", [["--no-deps", *_requirements(base), "dask-gateway-server==2026.3.0"], ["-r", str(ours)]],
-                 [base, ours])
+    venv = _venv("gateway", [server, ["-r", str(ours)]], [base, ours])
     _install_mlaas(venv)
     return ImageEnv(path=[str(venv / "bin"), "/usr/bin", "/bin"], user=1000, group=1000, cmd=["dask-gateway-server"])
 
 
 def upstream_gateway_image() -> ImageEnv:
     """Dask Gateway's own server image (its controller runs it)."""
-    base = charts_mirror() / "dask-gateway-server-2026.3.0-image-requirements.txt"
+    server, base = _gateway_server_step()
     # the image's Python is 3.13; on 3.11, aiosignal also needs typing-extensions
-    venv = _venv("gateway-server", [["--no-deps", *_requirements(base), "dask-gateway-server==2026.3.0",
-                                     "typing-extensions==4.15.0"]], [base])
+    venv = _venv("gateway-server", [[*server, "typing-extensions==4.15.0"]], [base])
     return ImageEnv(path=[str(venv / "bin"), "/usr/bin", "/bin"], user=1000, group=1000, cmd=["dask-gateway-server"])
 
 

@@ -46,7 +46,6 @@ from .follow import follow, thread
 from .images import ImageEnv, Images
 from .services import ServiceNetwork, service_env
 
-SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 @dataclass
@@ -88,10 +87,6 @@ class Kubelet:
             for pod in self.pods.values():
                 pod.stop()
             self.pods.clear()
-
-    def log(self, namespace: str, pod: str, container: str) -> str:
-        path = self.state / "logs" / f"{namespace}_{pod}_{container}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
 
     def _stubbed(self, pod: dict) -> bool:
         if isinstance(self.stub, dict):
@@ -371,7 +366,6 @@ class ContainerProcess:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path, restart: str):
         self.name, self.argv, self.env, self.log_path, self.restart = name, argv, env, log, restart
         self.proc: subprocess.Popen | None = None
-        self.restarts = 0
         self._stop = threading.Event()
 
     def _spawn(self) -> subprocess.Popen:
@@ -400,7 +394,6 @@ class ContainerProcess:
             code = self.proc.wait()
             if self._stop.is_set() or self.restart == "Never" or (self.restart == "OnFailure" and code == 0):
                 return
-            self.restarts += 1
             delay = 1.0 if time.monotonic() - started > 30 else min(delay * 2, 10.0)
             self._stop.wait(delay)
 

@@ -248,7 +248,7 @@ class DeployWatch:
         import hashlib
 
         try:
-            base = self.source._data(self.source.base)[0]
+            base = self.source.deployed()
             overridden = set(self.source.overridden())
         except (KubeAPIError, OSError) as e:
             log.warning("Cannot read the deployed profiles: %s", e)
@@ -281,7 +281,12 @@ def main() -> None:
         base, live = configmaps.split(",")
         source: Any = ConfigMapSource(InClusterAPI(), base, live)
         watch = DeployWatch(source, history, state)
-        ioloop.PeriodicCallback(lambda: asyncio.ensure_future(asyncio.to_thread(watch.check)), 10_000).start()
+
+        def check_deploys() -> None:  # reads the cluster: in a thread, off this service's loop
+            asyncio.ensure_future(asyncio.to_thread(watch.check))
+
+        ioloop.PeriodicCallback(check_deploys, 10_000).start()
+        ioloop.IOLoop.current().add_callback(check_deploys)  # and once at start
         where = f"ConfigMaps {base} (deployed) and {live} (live edits)"
     else:
         source, where = FileSource(settings.profiles_dir, state / "profiles.lock"), str(settings.profiles_dir)
@@ -294,6 +299,4 @@ def main() -> None:
     # an item is a few KiB: bodies over MAX_BODY get a 413 (prepare); far larger ones are not even read
     make_app(editor, prefix).listen(parsed.port or 80, parsed.hostname or "127.0.0.1", max_body_size=16 * MAX_BODY)
     log.info("Admin service for %s at %s", where, url)
-    if configmaps:
-        ioloop.IOLoop.current().add_callback(lambda: asyncio.ensure_future(asyncio.to_thread(watch.check)))
     ioloop.IOLoop.current().start()

@@ -99,6 +99,10 @@ class ConfigMapSource:
         cm = self.api.configmap(name)
         return dict((cm or {}).get("data") or {}), cm
 
+    def deployed(self) -> dict[str, str]:
+        """The files as `mlaas deploy` put them, whatever the live edits."""
+        return self._data(self.base)[0]
+
     def overridden(self) -> list[str]:
         """The files whose live edit is in force over the deployed one."""
         return sorted(n for n in self._data(self.live)[0] if FILE_NAME_RE.match(n))

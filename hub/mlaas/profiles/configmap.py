@@ -18,20 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-
-
 def live_configmap(configmap: str) -> str:
     """The ConfigMap of the admins' live edits that goes with a deployed profiles ConfigMap."""
     return f"{configmap}-live"
-
-
-def own_namespace(default: str = "default") -> str:
-    """The namespace of the pod this runs in (its ServiceAccount's mounted namespace file)."""
-    try:
-        return SA_NAMESPACE.read_text().strip() or default
-    except OSError:
-        return default
 
 
 class ConfigMapMirror:
