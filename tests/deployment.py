@@ -235,7 +235,8 @@ class Deployment:
         hub = {
             "proxy": {"https": {"enabled": False}, "service": {"loadBalancerIP": self.public_ip}},
             "hub": {
-                "config": {"JupyterHub": {"last_activity_interval": 10}, "MLaaSAuthenticator": {
+                "config": {"JupyterHub": {"last_activity_interval": 10, "public_url": f"{self.url}/"},
+                           "MLaaSAuthenticator": {
                     "client_id": "mlaas-deploy-test", "client_secret": self.client_secret,
                     "oauth_callback_url": f"{self.url}/hub/oauth_callback",
                     "authorize_url": f"{idp}/auth", "token_url": f"{idp}/token", "userdata_url": f"{idp}/me",

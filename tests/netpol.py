@@ -51,3 +51,52 @@ def egress_allows(policy: dict, dest: Destination, policy_namespace: str = "mlaa
         if not peers or any(_peer_allows(peer, dest, policy_namespace) for peer in peers):
             return True
     return False
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A pod (labels, namespace) or, with empty labels, an address outside the cluster."""
+
+    ip: str
+    pod_labels: dict = field(default_factory=dict)
+    namespace: str = ""
+    namespace_labels: dict = field(default_factory=dict)
+
+
+def _selects(policy: dict, pod: Endpoint) -> bool:
+    """The policy is about this pod: same namespace, its podSelector (matchLabels and In
+    expressions) matches."""
+    if not pod.pod_labels or policy["metadata"].get("namespace", pod.namespace) != pod.namespace:
+        return False
+    selector = policy["spec"].get("podSelector") or {}
+    if not _labels_match(selector, pod.pod_labels):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        if e["operator"] != "In" or pod.pod_labels.get(e["key"]) not in e["values"]:
+            return False
+    return True
+
+
+def _ports_match(rule: dict, port: int, protocol: str) -> bool:
+    ports = rule.get("ports")
+    return not ports or any(p.get("port") == port and p.get("protocol", "TCP") == protocol for p in ports)
+
+
+def connection_allowed(policies: list[dict], source: Endpoint, dest: Endpoint, port: int, protocol: str = "TCP") -> bool:
+    """Does a connection from `source` to `dest`:`port` pass every NetworkPolicy that applies, as
+    an enforcing CNI decides it: the source's egress (if a policy with Egress selects it) and the
+    destination's ingress (if a policy with Ingress selects it) must each allow it."""
+    def isolated(pod: Endpoint, kind: str) -> list[dict]:
+        return [p for p in policies if kind in p["spec"].get("policyTypes", ["Ingress"]) and _selects(p, pod)]
+
+    egress = isolated(source, "Egress")
+    if egress and not any(egress_allows(p, Destination(dest.ip, port, protocol, dest.pod_labels, dest.namespace,
+                                                       dest.namespace_labels), p["metadata"]["namespace"])
+                          for p in egress):
+        return False
+    ingress = isolated(dest, "Ingress")
+    peer = Destination(source.ip, port, protocol, source.pod_labels, source.namespace, source.namespace_labels)
+    return not ingress or any(
+        _ports_match(rule, port, protocol) and (not rule.get("from") or any(
+            _peer_allows(f, peer, p["metadata"]["namespace"]) for f in rule["from"]))
+        for p in ingress for rule in p["spec"].get("ingress", []))

@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from . import dask_gateway as gateway
 from . import logscrub
@@ -414,7 +415,7 @@ def configure_kube_spawner(c, s: Settings) -> None:
     kp.k8s_api_request_timeout = 10
     kp.k8s_api_request_retry_timeout = 60
     if k.sites:
-        kp.sites = {site.name: str(site.kubeconfig) for site in k.sites}
+        kp.sites = {site.name: site.connection() for site in k.sites}
         log.info("Users' servers run as pods in namespace %s at %d sites: %s", k.namespace, len(k.sites),
                  ", ".join(site.name for site in k.sites))
     else:
@@ -450,7 +451,7 @@ def k8s_data_env(data_config: str | Path) -> dict[str, str]:
 
 
 def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir: str = "/srv/jupyterhub",
-                         sites: dict[str, str] | None = None, dask_gateway: bool = True,
+                         sites: dict[str, Any] | None = None, dask_gateway: bool = True,
                          gateway_address: str = K8S_GATEWAY_ADDRESS, gateway_proxy: str = K8S_GATEWAY_PROXY,
                          data_config: str | Path = K8S_DATA_CONFIG, profiles_configmap: str = "mlaas-profiles") -> None:
     """The mlaas parts of a hub deployed with Zero to JupyterHub (charts/values/jupyterhub.yaml).
@@ -465,8 +466,9 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
     ConfigMap (mounted at `profiles_dir`, which seeds them at the first start) overlaid by the
     admins' live edits (its `-live` ConfigMap, written by the admin service, which runs in the
     hub's pod): both are followed through the API. `sites`
-    (name -> kubeconfig path, or "in-cluster" for the hub's own cluster) makes it a federation of
-    several clusters (docs/deploy.md §8).
+    (name -> kubeconfig path, or "in-cluster" for the hub's own cluster, or a dict of
+    `SiteConnection`'s fields: kubeconfig, serversUrl, ingressClassName, hubUrl) makes it a
+    federation of several clusters (docs/deploy.md §8).
     """
     from .spawners.kube import KubeProfileSpawner
 

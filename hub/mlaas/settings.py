@@ -15,6 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .spawners.kube_sites import SiteConnection
 from .xcache import DataSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -86,13 +87,14 @@ class DaskGatewaySettings(BaseModel):
     )
 
 
-class ClusterSite(BaseModel):
-    """One cluster of a federation: the hub starts servers there through its API server."""
-
-    model_config = ConfigDict(extra="forbid")
+class ClusterSite(SiteConnection):
+    """One cluster of a federation: the hub starts servers there through its API server, and
+    reaches them as the site exposes them (docs/deploy.md §8)."""
 
     name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", description="What profiles' `sites:` name.")
-    kubeconfig: Path = Field(description="Credentials for the site's API server (a namespace-scoped account is enough).")
+
+    def connection(self) -> SiteConnection:
+        return SiteConnection.model_validate(self.model_dump(exclude={"name"}))
 
 
 class KubernetesSettings(BaseModel):
@@ -122,7 +124,7 @@ class KubernetesSettings(BaseModel):
     @property
     def default_kubeconfig(self) -> Path | None:
         """The kubeconfig KubeSpawner's own client reads: the first site's with a federation."""
-        return self.sites[0].kubeconfig if self.sites else self.kubeconfig
+        return Path(self.sites[0].kubeconfig) if self.sites else self.kubeconfig
 
 
 class Settings(BaseModel):

@@ -68,12 +68,14 @@ def in_range(ip: str, cidr: str) -> bool:
     return ipaddress.ip_address(ip) in ipaddress.ip_network(cidr)
 
 
-def local_route(cidr: str, add: bool) -> None:
-    """Make a non-loopback pod range local to this machine (root only), or undo it."""
+def local_route(cidr: str, add: bool, netns: str = "") -> None:
+    """Make a non-loopback pod range local to this machine (root only), or to the network
+    namespace `netns` (another machine, tests/cluster/netns.py), or undo it."""
     if ipaddress.ip_network(cidr).is_loopback:
         return
     action = ["replace"] if add else ["del"]
-    r = subprocess.run(["ip", "route", *action, "local", cidr, "dev", "lo"], capture_output=True, text=True)
+    where = ["-n", netns] if netns else []
+    r = subprocess.run(["ip", *where, "route", *action, "local", cidr, "dev", "lo"], capture_output=True, text=True)
     if add and r.returncode != 0:
         raise RuntimeError(f"cannot make the pod range {cidr} local (ip route: {r.stderr.strip()})")
 
@@ -94,6 +96,10 @@ class Cluster:
     service_cidr: str = ""  # default: service_range(pod_cidr)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     apiserver_args: list[str] = field(default_factory=list)
+    # Another machine's cluster (tests/cluster/netns.py): its pods' network namespace, and the
+    # address of its API server that both the hub's machine and its pods reach.
+    netns: str = ""
+    address: str = "127.0.0.1"
 
     @property
     def kubeconfig(self) -> Path:
@@ -101,7 +107,7 @@ class Cluster:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"https://{self.address}:{self.port}"
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self, nodes_file: Path | None = None, timeout: float = 120) -> None:
@@ -111,8 +117,8 @@ class Cluster:
         self.port = self.port or free_port()
         self.pod_cidr = self.pod_cidr or pod_range(0)
         self.service_cidr = self.service_cidr or service_range(self.pod_cidr)
-        local_route(self.pod_cidr, add=True)
-        local_route(self.service_cidr, add=True)  # Service IPs land here; the kube-proxy stand-in forwards them
+        local_route(self.pod_cidr, add=True, netns=self.netns)
+        local_route(self.service_cidr, add=True, netns=self.netns)  # Service IPs land here; the kube-proxy stand-in forwards them
         token = secrets.token_hex(16)
         (self.state / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
         key = self.state / "sa.key"
@@ -134,7 +140,7 @@ class Cluster:
         ])
         self.apiserver_args = [
             "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1", "--secure-port", str(self.port),
+            "--bind-address", self.address, "--advertise-address", self.address, "--secure-port", str(self.port),
             "--tls-cert-file", str(self.state / "pki" / "apiserver.crt"),
             "--tls-private-key-file", str(self.state / "pki" / "apiserver.key"),
             "--token-auth-file", str(self.state / "tokens.csv"),
@@ -186,9 +192,9 @@ class Cluster:
                 except subprocess.TimeoutExpired:
                     proc.kill()
         if self.pod_cidr:
-            local_route(self.pod_cidr, add=False)
+            local_route(self.pod_cidr, add=False, netns=self.netns)
         if self.service_cidr:
-            local_route(self.service_cidr, add=False)
+            local_route(self.service_cidr, add=False, netns=self.netns)
 
     def apply_crds(self, path: Path, timeout: float = 30) -> None:
         """Create the CustomResourceDefinitions of a YAML file and wait until they are served."""
@@ -227,13 +233,14 @@ class Cluster:
         return str(ipaddress.ip_network(self.service_cidr).network_address + 1)
 
     def _serving_certificate(self) -> None:
-        """A cluster CA and the API server's certificate for every name a client uses: 127.0.0.1
+        """A cluster CA and the API server's certificate for every name a client uses: its address
         (the harness) and the `kubernetes` Service's IP and names (pods, through their mounted CA)."""
         pki = self.state / "pki"
         pki.mkdir(exist_ok=True)
         names = ["kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local",
                  "localhost"]
-        san = ",".join(["IP:127.0.0.1", f"IP:{self.kubernetes_service_ip}", *(f"DNS:{n}" for n in names)])
+        ips = dict.fromkeys(["127.0.0.1", self.address, self.kubernetes_service_ip])
+        san = ",".join([*(f"IP:{ip}" for ip in ips), *(f"DNS:{n}" for n in names)])
         run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)  # noqa: E731
         if not (pki / "ca.key").exists():
             run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(pki / "ca.key"), "-out", str(self.ca_file),

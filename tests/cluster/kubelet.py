@@ -20,8 +20,8 @@ What a container gets, as on a node:
   `restartPolicy: Always`.
 
 Simulated: KWOK, not this code, reports the pods' status (Running and Ready as soon as they are
-scheduled; no probes). Pods share this machine's network namespace, so each program is told to
-listen on its pod's IP (see `listen_on`), and there is no kernel isolation between pods beyond
+scheduled; no probes). Pods share their cluster's network namespace (this machine's, or another
+machine's: tests/cluster/netns.py), so each program is told to listen on its pod's IP (see `listen_on`), and there is no kernel isolation between pods beyond
 the mount and PID namespaces and the account (no cgroup limits, no seccomp). Images are environments built
 from their requirement files, not pulled (none can be pulled here)."""
 
@@ -44,7 +44,7 @@ from pathlib import Path
 from .cluster import Cluster
 from .follow import follow, thread
 from .images import ImageEnv, Images
-from .services import ServiceNetwork, service_env
+from .services import ServiceNetwork, in_network, service_env
 
 
 
@@ -290,6 +290,7 @@ class PodProcesses:
         workdir = c.get("workingDir") or image.workdir
         name = f"{ns}_{self.meta['name']}_{c['name']}"
         script = namespace_script(mounts, self.dir / "overlays" / c["name"], self.meta["name"], workdir, uid, gid, groups, argv)
+        script = [*in_network(self.kubelet.cluster.netns), *script]
         policy = "Never" if init else self.spec.get("restartPolicy", "Always")
         return ContainerProcess(name, script, env, self.kubelet.state / "logs" / f"{name}.log", policy)
 

@@ -6,13 +6,16 @@
   endpoints). Rewritten in place on change, so running pods see new Services as through DNS.
 - Traffic: iptables NAT rules in the OUTPUT chain (kube-proxy's iptables mode, for a node whose
   pods share its network) turn ClusterIP:port into a ready endpoint's IP and target port, one
-  endpoint chosen at random per connection. The `kubernetes` Service leads to the API server.
+  endpoint chosen at random per connection; the same rules in PREROUTING serve connections that
+  arrive from another machine (tests/cluster/netns.py) at a load balancer's address. The
+  `kubernetes` Service leads to the API server.
 
 - Load balancers: a Service of type LoadBalancer gets its `spec.loadBalancerIP` (or the next
   free address at the top of the pod range) as its external IP in its status, as a site's load
   balancer (e.g. MetalLB) reports it, and the same NAT rules for that address.
 
-The Service and pod ranges have local routes (tests/cluster/cluster.py): nothing leaves the machine."""
+The Service and pod ranges have local routes (tests/cluster/cluster.py) in the cluster's network
+namespace (this machine's, or the one of a remote site: `Cluster.netns`)."""
 
 from __future__ import annotations
 
@@ -42,10 +45,12 @@ class ServiceNetwork:
     def start(self) -> ServiceNetwork:
         self.hosts_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.hosts_dir, 0o755)
-        _iptables("-t", "nat", "-N", self.chain, check=False)
-        _iptables("-t", "nat", "-F", self.chain)
-        if _iptables("-t", "nat", "-C", "OUTPUT", "-j", self.chain, check=False).returncode != 0:
-            _iptables("-t", "nat", "-A", "OUTPUT", "-j", self.chain)
+        ipt = self._iptables
+        ipt("-t", "nat", "-N", self.chain, check=False)
+        ipt("-t", "nat", "-F", self.chain)
+        for hook in HOOKS:
+            if ipt("-t", "nat", "-C", hook, "-j", self.chain, check=False).returncode != 0:
+                ipt("-t", "nat", "-A", hook, "-j", self.chain)
         self._threads = [
             thread("services", lambda: follow(self.cluster, "/api/v1/services", self._on_services, self._stop)),
             thread("endpoints", lambda: follow(self.cluster, "/api/v1/endpoints", self._on_endpoints, self._stop)),
@@ -54,9 +59,13 @@ class ServiceNetwork:
 
     def stop(self) -> None:
         self._stop.set()
-        _iptables("-t", "nat", "-D", "OUTPUT", "-j", self.chain, check=False)
-        _iptables("-t", "nat", "-F", self.chain, check=False)
-        _iptables("-t", "nat", "-X", self.chain, check=False)
+        for hook in HOOKS:
+            self._iptables("-t", "nat", "-D", hook, "-j", self.chain, check=False)
+        self._iptables("-t", "nat", "-F", self.chain, check=False)
+        self._iptables("-t", "nat", "-X", self.chain, check=False)
+
+    def _iptables(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return _iptables(*args, check=check, netns=self.cluster.netns)
 
     def hosts_file(self, pod: dict) -> Path:
         """The pod's /etc/hosts, kept current until `forget` is called for it."""
@@ -143,13 +152,14 @@ class ServiceNetwork:
                         chance = f" -m statistic --mode random --probability {1 / left:.5f}" if left > 1 else ""
                         rules.append(f"{match}{chance} -j DNAT --to-destination {ep}:{target}")
         text = "*nat\n" + "\n".join(rules) + "\nCOMMIT\n"
-        r = subprocess.run(["iptables-restore", "--noflush"], input=text, capture_output=True, text=True)
+        r = subprocess.run([*in_network(self.cluster.netns), "iptables-restore", "--noflush"], input=text,
+                           capture_output=True, text=True)
         if r.returncode != 0:
             print(f"services: iptables-restore: {r.stderr.strip()}", flush=True)
 
     def _targets(self, key: str, svc: dict, port: dict) -> list[tuple[str, int]]:
-        if key == "default/kubernetes":  # the API server listens on loopback only
-            return [("127.0.0.1", self.cluster.port)]
+        if key == "default/kubernetes":  # the API server, outside the pod network
+            return [(self.cluster.address, self.cluster.port)]
         eps = self._endpoints.get(key) or {}
         out = []
         for subset in eps.get("subsets") or []:
@@ -169,8 +179,16 @@ def _key(obj: dict) -> str:
     return f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
 
 
-def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(["iptables", "-w", *args], capture_output=True, text=True)
+HOOKS = ("OUTPUT", "PREROUTING")
+
+
+def in_network(netns: str) -> list[str]:
+    """The command prefix that runs a program in a named network namespace ("": this one)."""
+    return ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+
+
+def _iptables(*args: str, check: bool = True, netns: str = "") -> subprocess.CompletedProcess:
+    r = subprocess.run([*in_network(netns), "iptables", "-w", *args], capture_output=True, text=True)
     if check and r.returncode != 0:
         raise RuntimeError(f"iptables {' '.join(args)}: {r.stderr.strip()}")
     return r

@@ -33,23 +33,26 @@ def rbac_objects(release: str, namespace: str, charts_dir: Path) -> list[dict]:
     return [d for d in docs if d["kind"] in PATHS]
 
 
-def our_rbac_objects(namespace: str) -> list[dict]:
-    """charts/mlaas-hub's RBAC (the hub's read-only ClusterRole and its binding), as rendered."""
+def our_chart_objects(namespace: str, values: dict | None = None, kinds=tuple(PATHS)) -> list[dict]:
+    """charts/mlaas-hub's objects of these kinds (default: its RBAC, e.g. the hub's read-only
+    ClusterRole and its binding), rendered with `values` over a site without cache or MIG manager."""
     import helm_python as helm
 
-    values = {"site": "test", "xcache": {"enabled": False}, "migManager": {"enabled": False}}
+    from helpers import deep_merge
+
+    values = deep_merge({"site": "test", "xcache": {"enabled": False}, "migManager": {"enabled": False}}, values or {})
     out = helm.Chart.load(REPO / "charts" / "mlaas-hub").render(values, name="mlaas-hub", namespace=namespace,
                                                                   is_install=True)
-    return [d for text in out.values() for d in yaml.safe_load_all(text) if d and d["kind"] in PATHS]
+    return [d for text in out.values() for d in yaml.safe_load_all(text) if d and d["kind"] in kinds]
 
 
 def apply_upstream_rbac(cluster, namespace: str, charts_dir: Path, releases=("jupyterhub", "dask-gateway"),
-                        ours: bool = False) -> None:
+                        ours: bool = False, our_values: dict | None = None) -> None:
     """Create the releases' ServiceAccounts and (Cluster)Roles and bindings for `namespace` (and,
-    with `ours`, our chart's, where the test does not install the chart itself)."""
+    with `ours`, our chart's with `our_values`, where the test does not install the chart itself)."""
     objects = [obj for release in releases for obj in rbac_objects(release, namespace, charts_dir)]
     if ours:
-        objects += our_rbac_objects(namespace)
+        objects += our_chart_objects(namespace, our_values)
     for obj in objects:
         if obj["kind"] in ("ClusterRole", "ClusterRoleBinding"):  # one cluster, several test namespaces
             obj["metadata"]["name"] = f"{obj['metadata']['name']}-{namespace}"

@@ -14,17 +14,19 @@ import copy
 import functools
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 from kubespawner import KubeSpawner
 from tornado import web
-from traitlets import Bool, Dict, Enum, Unicode
+from traitlets import Bool, Dict, Enum, TraitError, Unicode, validate
 
 from ..capacity.federation import Federation
 from ..capacity.kube import GPU, POOL_KEY, PRODUCT_LABEL, KubeCapacity, MigStrategy, gpu_products, mig_single_products
 from ..profiles import Profile
 from ..projects.names import project_claim, project_slug
 from .common import ProfileSpawnerMixin, usage_ledger
-from .kube_sites import IN_CLUSTER, bound_reflector, site_api_client, site_core_api
+from .kube_sites import SiteConnection, bound_reflector, site_api_client, site_connections, site_core_api
+from .site_ingress import create_ingress, server_ingress
 
 RESTRICTED_CONTAINER = {
     "runAsNonRoot": True,
@@ -131,9 +133,18 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
     )
     sites = Dict(
         {}, config=True,
-        help="Federation: site name -> kubeconfig path of each cluster servers may run on (in order of preference "
-        "when they have equal room). Empty: the one cluster of KubeSpawner's own configuration.",
+        help="Federation: site name -> each cluster servers may run on (in order of preference when they have "
+        "equal room): its kubeconfig path (`in-cluster`: the hub's own cluster), or a dict with `kubeconfig` and "
+        "how the site is reached (`serversUrl`, `ingressClassName`, `hubUrl`; see mlaas.spawners.kube_sites). "
+        "Empty: the one cluster of KubeSpawner's own configuration.",
     )
+
+    @validate("sites")
+    def _valid_sites(self, proposal: Any) -> dict[str, SiteConnection]:
+        try:
+            return site_connections(proposal["value"])
+        except ValueError as e:
+            raise TraitError(f"KubeProfileSpawner.sites: {e}") from None
 
     site: str = ""  # where this server runs ("" without a federation); kept in the server's state
 
@@ -145,10 +156,10 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
                 _ensure_watch(cache, self._default_api.api_client)
             return Federation({"": cache})
         caches = {}
-        for name, kubeconfig in self.sites.items():
+        for name, connection in self.sites.items():
             caches[name] = cache = kube_capacity(self.mig_strategy, name)
             if self.watch_capacity:
-                _ensure_site_watch(cache, kubeconfig)
+                _ensure_site_watch(cache, connection.kubeconfig)
         return Federation(caches)
 
     @property
@@ -165,16 +176,51 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
     def _use_site(self, site: str) -> None:
         """Talk to `site`'s API server from now on (pods, events, claims of this server). Another
         cluster than the hub's own has neither Zero to JupyterHub's user scheduler nor its priority
-        classes: pods there go to that cluster's default scheduler, at default priority."""
+        classes: pods there go to that cluster's default scheduler, at default priority. Its pods
+        reach the hub at the site's `hub_url` (default: the hub's public URL, else the hub's own
+        connect URL, as on one machine), and, where the site has an ingress (`servers_url`), the
+        hub reaches the server through it (site_ingress)."""
         self._default_api  # noqa: B018  (remember KubeSpawner's own client first)
         if site and site not in self.sites:
             self.log.error("%s runs at site %s, which is no longer in the hub's sites; it cannot be reached",
                            self.owner_key, site)
         self.site = site
-        remote = bool(site) and site in self.sites and self.sites[site] != IN_CLUSTER
-        self.api = site_core_api(self.sites[site]) if site and site in self.sites else self._default_api
-        own = self.__dict__.setdefault("_mlaas_own_cluster", (self.scheduler_name, self.priority_class_name))
-        self.scheduler_name, self.priority_class_name = (None, "") if remote else own
+        connection = self.sites.get(site) if site else None
+        remote = connection is not None and connection.remote
+        self.api = site_core_api(connection.kubeconfig) if connection else self._default_api
+        own = self.__dict__.setdefault("_mlaas_own_cluster", {
+            name: getattr(self, name) for name in ("scheduler_name", "priority_class_name", "hub_connect_url",
+                                                   "services_enabled", "get_pod_url", "after_pod_created_hook")})
+        for name, value in own.items():
+            setattr(self, name, value)
+        if not remote:
+            return
+        self.scheduler_name, self.priority_class_name = None, ""
+        self.hub_connect_url = self._remote_hub_url(connection) or own["hub_connect_url"]
+        if connection.servers_url:
+            self.services_enabled = True
+            self.get_pod_url = lambda spawner, pod: connection.servers_origin
+            self.after_pod_created_hook = functools.partial(self._expose_at_site, connection, own["after_pod_created_hook"])
+
+    def _remote_hub_url(self, connection: SiteConnection) -> str | None:
+        if connection.hub_url:
+            return str(connection.hub_url).rstrip("/")
+        public = urlparse(self.public_hub_url or "")
+        return f"{public.scheme}://{public.netloc}" if public.scheme and public.netloc else None
+
+    async def _expose_at_site(self, connection: SiteConnection, then: Any, spawner: Any, pod: dict) -> None:
+        """After KubeSpawner made the pod and its Service: the Ingress that leads the site's ingress
+        controller to it."""
+        manifest = server_ingress(
+            self.pod_name, self.namespace, self.server.base_url, self.port, pod["metadata"]["uid"],
+            self._build_common_labels(self._expand_all(self.extra_labels)),
+            connection.servers_origin or "", connection.ingress_class_name)
+        await create_ingress(site_api_client(connection.kubeconfig), manifest)
+        self.emit(40, f"Reached through site {self.site}'s ingress at {connection.servers_origin}")
+        if then is not None:
+            result = then(spawner, pod)
+            if asyncio.iscoroutine(result):
+                await result
 
     def _get_reflector_key(self, kind: str):
         return (*super()._get_reflector_key(kind), self.site)
@@ -185,7 +231,7 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
         if task is not None and task.done():  # it gave up while the API server was away: a fresh one
             replace = True
         if self.site and self.site in self.sites:
-            reflector_class = bound_reflector(reflector_class, self.sites[self.site])
+            reflector_class = bound_reflector(reflector_class, self.sites[self.site].kubeconfig)
         return await super()._start_reflector(kind, reflector_class, replace=replace, **kwargs)
 
     def form_notices(self) -> list[str]:
