@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
-import socket
+import subprocess
 import sys
 
 import pytest
@@ -170,17 +170,22 @@ def site(remote):
             (logs / f"site-a-{log.name}").write_bytes(log.read_bytes())
 
 
-def reachable_from_b(machine: RemoteMachine, ip: str, port: int) -> bool:
-    probe = f"import socket; socket.create_connection(({ip!r}, {port}), timeout=3).close()"
-    return machine.run("/usr/bin/python3", "-c", probe).returncode == 0
+PROBE = """
+import json, sys, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=3) as r:
+        sys.exit(0 if "version" in json.loads(r.read()) else 1)
+except Exception:
+    sys.exit(1)
+"""
 
 
-def reachable_here(ip: str, port: int) -> bool:
-    try:
-        socket.create_connection((ip, port), timeout=3).close()
-        return True
-    except OSError:
-        return False
+def answers(url: str, machine: RemoteMachine | None = None) -> bool:
+    """A JupyterHub or Jupyter server answers its API at `url`, from this machine or from the remote
+    one. (The machine's own network accepts any TCP connection to an address it does not know and
+    answers it itself, so a connection alone proves nothing.)"""
+    argv = ["/usr/bin/python3", "-c", PROBE, url]
+    return (machine.run(*argv) if machine else subprocess.run(argv, capture_output=True, timeout=30)).returncode == 0
 
 
 def remote_objects(cluster: Cluster, kind: str) -> dict[str, dict]:
@@ -196,8 +201,8 @@ def test_a_researcher_gets_jupyterlab_at_the_other_site_through_its_ingress(site
     cluster, machine = remote["cluster"], remote["machine"]
     hub_pod = site.cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods?labelSelector=component%3Dhub")["items"][0]
     # the two machines are as separate as the test says: site B reaches site A's public address only
-    assert reachable_from_b(machine, PUBLIC_A, 80)
-    assert not reachable_from_b(machine, hub_pod["status"]["podIP"], 8081)
+    assert answers(f"{site.url}/hub/api", machine)
+    assert not answers(f"http://{hub_pod['status']['podIP']}:8081/hub/api", machine)
 
     page = browser.new_page()
     try:
@@ -220,7 +225,8 @@ def test_a_researcher_gets_jupyterlab_at_the_other_site_through_its_ingress(site
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert env["JUPYTERHUB_API_URL"] == f"{site.url}/hub/api"
     assert env["JUPYTERHUB_ACTIVITY_URL"] == f"{site.url}/hub/api/users/alice/activity"
-    assert not reachable_here(pod["status"]["podIP"], 8888)  # site A has no route to site B's pods
+    assert not answers(f"http://{pod['status']['podIP']}:8888/user/alice/api")  # site A has no route to site B's pods
+    assert answers(f"http://{INGRESS_B}/user/alice/api")  # but to site B's ingress
 
     token = user_token(site, "alice")
     out = run_in_kernel(site, "alice", token, "import os, socket\nprint(socket.gethostname(), os.environ['JUPYTERHUB_API_URL'])")

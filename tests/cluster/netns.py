@@ -30,14 +30,34 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return r
 
 
+LINK_CANDIDATES = ("198.51.100.0/30", "203.0.113.0/30", "192.0.2.252/30")  # RFC 5737 documentation ranges
+
+
+def free_link() -> str:
+    """A link range that overlaps nothing this machine has: its own network may well be one of the
+    documentation ranges (a test machine's was 192.0.2.0/24)."""
+    used = []
+    for table in ("main", "local"):
+        for line in _run("ip", "-4", "route", "show", "table", table).stdout.splitlines():
+            word = line.split()[1] if line.split()[0] in ("local", "broadcast", "unicast") else line.split()[0]
+            if word != "default":
+                used.append(ipaddress.ip_network(word, strict=False))
+    for candidate in LINK_CANDIDATES:
+        net = ipaddress.ip_network(candidate)
+        if not any(net.overlaps(u) for u in used):
+            return candidate
+    raise RuntimeError(f"no free link range among {', '.join(LINK_CANDIDATES)}")
+
+
 @dataclass
 class RemoteMachine:
     name: str  # the namespace's name (a site's)
-    link: str = "192.0.2.0/30"  # TEST-NET-1 (RFC 5737): this machine's end .1, the remote end .2
+    link: str = ""  # default: a /30 of the documentation ranges no address or route here uses
     exposed: list[str] = field(default_factory=list)
     allowed: list[tuple[str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.link = self.link or free_link()
         tag = f"{zlib.crc32(self.name.encode()):08x}"[:6]
         self.here_if, self.there_if = f"mlaas-{tag}a", f"mlaas-{tag}b"
         self.chain = f"MLAAS-EDGE-{tag.upper()}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import json
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -311,7 +312,35 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
         if self.site:
             self.emit(12, f"Starting at site {self.site}")
         await self._drop_missing_project_volumes()
-        return await super().start()
+        url = await super().start()
+        connection = self.sites.get(self.site) if self.site else None
+        if connection is not None and connection.remote and connection.servers_url:
+            await self._routed_at_site(url)
+        return url
+
+    async def _routed_at_site(self, url: str) -> None:
+        """The server answers through the site's ingress. JupyterHub takes any HTTP answer for a
+        server that is up, and the ingress controller answers 404 until it has seen the Ingress and
+        the Service's endpoints: wait for the server's own answer (its API's version) instead."""
+        from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+        probe = f"{url.rstrip('/')}{self.server.base_url}api"
+        self.emit(45, f"Waiting for site {self.site}'s ingress to route to the server")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.start_timeout
+        last = ""
+        while loop.time() < deadline:
+            try:
+                r = await AsyncHTTPClient().fetch(probe, request_timeout=5, follow_redirects=False)
+                if "version" in json.loads(r.body or b"{}"):
+                    return
+                last = "an answer that is not the server's"
+            except HTTPClientError as e:
+                last = f"HTTP {e.code}"
+            except (OSError, ValueError) as e:
+                last = type(e).__name__
+            await asyncio.sleep(0.5)
+        raise TimeoutError(f"site {self.site}'s ingress at {url} did not route to the server ({last})")
 
     async def _drop_missing_project_volumes(self) -> None:
         """A project volume whose claim does not exist would keep the pod unschedulable for ever.
