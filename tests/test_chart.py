@@ -126,6 +126,9 @@ def test_network_policies_never_let_one_users_server_reach_another(site):
         ({"xcache": {"image": {"repository": "r", "tag": "latest"}}}, "/xcache/image/tag"),
         ({"projects": {"size": "lots"}}, "/projects/size"),
         ({"sitename": "a"}, "sitename"),
+        ({"networkPolicy": {"serversReachableFrom": [{"podSelctor": {"matchLabels": {"a": "b"}}}]}},
+         "/networkPolicy/serversReachableFrom/0"),
+        ({"rbac": {"serverIngresses": "yes"}}, "/rbac/serverIngresses"),
     ],
 )
 def test_bad_values_are_refused_by_the_schema_naming_the_field(bad, message):

@@ -324,3 +324,42 @@ def test_a_site_refusing_the_hub_is_named_not_taken_for_unreachable():
     gpu = SHIPPED.get("gpu-a100")
     assert federation.place(gpu) == "site-a"
     assert federation.breakdown(gpu)[1].availability.reason.startswith("the hub may not list nodes (RBAC")
+
+
+# --- a remote site reached through its ingress (tests/test_remote_site.py runs it for real) ---------
+
+@pytest.mark.parametrize("servers_url, host", [("https://jupyter.site-b.example.org", "jupyter.site-b.example.org"),
+                                               ("http://198.51.100.7:8080", None)])
+def test_a_servers_ingress_is_valid_kubernetes_at_its_own_path_and_owned_by_its_pod(servers_url, host):
+    from mlaas.spawners.site_ingress import server_ingress
+
+    ingress = validated(server_ingress("jupyter-alice--gpu", "mlaas", "/user/alice/gpu/", 8888, "4f0c-uid",
+                                       {"app": "jupyterhub"}, servers_url, "site-b-nginx"))
+    rule = ingress["spec"]["rules"][0]
+    assert rule.get("host") == host  # an Ingress host cannot be an IP address
+    assert rule["http"]["paths"] == [{"path": "/user/alice/gpu/", "pathType": "Prefix",
+                                      "backend": {"service": {"name": "jupyter-alice--gpu", "port": {"number": 8888}}}}]
+    assert ingress["metadata"]["ownerReferences"][0]["uid"] == "4f0c-uid"
+    assert ingress["spec"]["ingressClassName"] == "site-b-nginx"
+
+
+def test_site_settings_name_the_site_and_field_of_a_mistake():
+    from traitlets import TraitError
+
+    from mlaas.settings import Settings
+
+    async def check() -> None:
+        spawner = spawner_for("alice", ["ml-users"])
+        with pytest.raises(TraitError, match=r"site site-b: serversURL: Extra inputs are not permitted"):
+            spawner.sites = {"site-b": {"kubeconfig": "/k", "serversURL": "https://x.example.org"}}
+        with pytest.raises(TraitError, match=r"site site-b: hubUrl: Input should be a valid URL"):
+            spawner.sites = {"site-b": {"kubeconfig": "/k", "hubUrl": "hub.example.org"}}
+        spawner.sites = {"site-a": "in-cluster", "site-b": {
+            "kubeconfig": "/k", "serversUrl": "https://jupyter.site-b.example.org/", "ingressClassName": "nginx"}}
+        assert not spawner.sites["site-a"].remote and spawner.sites["site-b"].remote
+        assert spawner.sites["site-b"].servers_origin == "https://jupyter.site-b.example.org"
+
+    asyncio.run(check())
+    settings = Settings.model_validate({"spawner": "kubernetes", "kubernetes": {"sites": [
+        {"name": "site-b", "kubeconfig": "/k", "servers_url": "https://jupyter.site-b.example.org"}]}})
+    assert settings.kubernetes.sites[0].connection().servers_origin == "https://jupyter.site-b.example.org"
