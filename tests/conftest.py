@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 # KubeSpawner's mock mode still loads a kubeconfig when it is built: give it one that points
@@ -12,6 +13,7 @@ _KUBECONFIG = Path(__file__).parent / "fixtures" / "kubeconfig-nowhere.yaml"
 os.environ["KUBECONFIG"] = str(_KUBECONFIG)
 
 import pytest
+import yaml
 
 from helpers import ARTIFACTS, FIXTURES, RunningPlatform, start_platform, state_root
 
@@ -35,11 +37,41 @@ def hub() -> RunningPlatform:
 @pytest.fixture(scope="session")
 def gpu_hub() -> RunningPlatform:
     """A platform whose GPU inventory is simulated (tests/fixtures/inventory-a100-mig.yaml):
-    this machine has no NVIDIA GPU, so NVML is the one part replaced."""
-    running = start_platform("gpu", gpu_inventory=str(FIXTURES / "inventory-a100-mig.yaml"))
+    this machine has no NVIDIA GPU, so NVML is the one part replaced, and its device nodes are
+    stand-ins (`gpu_device_nodes`)."""
+    nodes = gpu_device_nodes()
+    inventory = yaml.safe_load((FIXTURES / "inventory-a100-mig.yaml").read_text())
+    inventory["device_nodes"] = str(nodes)
+    path = nodes.parent / "inventory.yaml"
+    path.write_text(yaml.safe_dump(inventory))
+    running = start_platform("gpu", gpu_inventory=str(path))
     yield running
     running.platform.stop()
     shutil.copytree(running.log_dir, ARTIFACTS / "gpu-logs", dirs_exist_ok=True)
+    shutil.rmtree(nodes.parent, ignore_errors=True)
+
+
+GPU_NODES = ["nvidia0", "nvidia1", "nvidiactl", "nvidia-caps/nvidia-cap1", "nvidia-caps/nvidia-cap2",
+             "nvidia-caps/nvidia-cap21", "nvidia-caps/nvidia-cap22", "nvidia-caps/nvidia-cap30",
+             "nvidia-caps/nvidia-cap31"]
+
+
+def gpu_device_nodes() -> Path:
+    """Stand-ins for the NVIDIA device nodes of tests/fixtures/inventory-a100-mig.yaml (no driver
+    here): readable files, each holding its own name, where /dev/nvidia* would be. The GPU fence
+    hides a node the same way for a file as for a device (a bind mount of /dev/null over it), so a
+    server reading a name sees the node, and reading nothing means it is fenced off. nvidia-cap1
+    and 2 stand for the MIG config and monitor capabilities."""
+    root = Path(tempfile.mkdtemp(prefix="mlaas-gpu-nodes-"))
+    root.chmod(0o755)
+    dev = root / "dev"
+    for name in GPU_NODES:
+        node = dev / name
+        node.parent.mkdir(parents=True, exist_ok=True)
+        node.parent.chmod(0o755)
+        node.write_text(name.rsplit("/", 1)[-1])
+        node.chmod(0o666)
+    return dev
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

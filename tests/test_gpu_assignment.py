@@ -1,11 +1,17 @@
-"""GPU and MIG assignment through the real hub and spawner.
+"""GPU and MIG assignment through the real hub and spawner, and the GPU fence.
 
 This machine has no NVIDIA GPU, so this platform reads a simulated inventory file in place of
-NVML (the only part not real: tests/fixtures/inventory-a100-mig.yaml, two 3g.20gb MIG instances
-and one whole A100). The NVML path itself is exercised by `mlaas gpus` on a GPU machine.
+NVML (tests/fixtures/inventory-a100-mig.yaml, two 3g.20gb MIG instances and one whole A100), and
+its device nodes are stand-in files (conftest.gpu_device_nodes): the fence (hub/mlaas/gpu_fence.py)
+hides them exactly as it hides /dev/nvidia*, in each server's own mount namespace. The NVML path
+and the fence on real device nodes are checked by tests/gpu/check.py on a GPU machine.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
 
 from helpers import (
     ensure_user,
@@ -22,6 +28,27 @@ def visible_devices(hub, name, token) -> str:
     return kernel_json(hub, name, token, "import os, json; print(json.dumps(os.environ['CUDA_VISIBLE_DEVICES']))")
 
 
+def openable_nodes(hub, name, token) -> list[str]:
+    """The device nodes the server's kernel can read something from, whatever its environment
+    says (CUDA_VISIBLE_DEVICES is removed first), and whether it could lift the fence itself."""
+    dev = yaml.safe_load(Path(hub.platform.settings.gpu_inventory).read_text())["device_nodes"]
+    code = f"""
+import json, os, subprocess
+os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+dev = {dev!r}
+seen = []
+for d, _, files in os.walk(dev):
+    for f in files:
+        if open(os.path.join(d, f)).read():
+            seen.append(os.path.relpath(os.path.join(d, f), dev))
+lifted = subprocess.run(["umount", os.path.join(dev, "nvidia0")], capture_output=True).returncode == 0
+print(json.dumps([sorted(seen), lifted]))
+"""
+    seen, lifted = kernel_json(hub, name, token, code)
+    assert not lifted, "the server's account could undo its fence"
+    return seen
+
+
 def test_mig_instances_go_to_one_server_each_and_come_back_on_stop(gpu_hub):
     names = ["mig-a", "mig-b", "mig-c"]
     tokens = {}
@@ -34,6 +61,12 @@ def test_mig_instances_go_to_one_server_each_and_come_back_on_stop(gpu_hub):
         a = visible_devices(gpu_hub, "mig-a", tokens["mig-a"])
         b = visible_devices(gpu_hub, "mig-b", tokens["mig-b"])
         assert a.startswith("MIG-") and b.startswith("MIG-") and a != b
+        # the fence: its GPU and its own instance's capabilities; not the other instance, not the
+        # whole GPU, not the MIG config and monitor capabilities
+        caps = {"MIG-22222222-aaaa-bbbb-cccc-000000000001": ["nvidia-caps/nvidia-cap21", "nvidia-caps/nvidia-cap22"],
+                "MIG-22222222-aaaa-bbbb-cccc-000000000002": ["nvidia-caps/nvidia-cap30", "nvidia-caps/nvidia-cap31"]}
+        assert openable_nodes(gpu_hub, "mig-a", tokens["mig-a"]) == sorted(["nvidia1", "nvidiactl", *caps[a]])
+        assert openable_nodes(gpu_hub, "mig-b", tokens["mig-b"]) == sorted(["nvidia1", "nvidiactl", *caps[b]])
         # admins see which server holds which device
         capacity = gpu_hub.api().get(f"{gpu_hub.url}/hub/api/mlaas/capacity").json()
         held = {d["uuid"]: d["held_by"] for d in capacity["devices"]}
@@ -64,8 +97,11 @@ def test_whole_gpu_and_cpu_profiles_see_only_their_devices(gpu_hub):
         start_server(gpu_hub, "gpu-user", token, {"profile": "gpu-one"})
         # the MIG-split A100 is never handed out whole
         assert visible_devices(gpu_hub, "gpu-user", token) == "GPU-11111111-aaaa-bbbb-cccc-000000000001"
+        assert openable_nodes(gpu_hub, "gpu-user", token) == ["nvidia0", "nvidiactl"]  # its GPU only
         stop_server(gpu_hub, "gpu-user")
         start_server(gpu_hub, "gpu-user", token, {"profile": "small"})
         assert visible_devices(gpu_hub, "gpu-user", token) == ""
+        assert openable_nodes(gpu_hub, "gpu-user", token) == ["nvidiactl"]  # no GPU at all
+        assert "GPUs of local servers: GPU fence: each server's own mount namespace hides" in gpu_hub.hub_log()
     finally:
         stop_server(gpu_hub, "gpu-user")

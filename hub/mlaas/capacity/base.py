@@ -18,6 +18,8 @@ class Device:
     index: str  # "0" for a GPU, "0:1" for MIG instance 1 of GPU 0
     mig_profile: str | None = None
     parent_uuid: str | None = None
+    minor: int | None = None  # /dev/nvidia<minor> of the GPU (of the parent GPU, for MIG)
+    caps: tuple[int, ...] = ()  # MIG: its GPU and compute instances' /dev/nvidia-caps/nvidia-cap<N>
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Inventory:
     source: str = ""
     unavailable_reason: str | None = None  # why there are no devices at all, for the form
     mig_enabled_gpus: tuple[str, ...] = field(default=())  # whole GPUs that are split and not assignable
+    device_root: str = "/dev"  # where the devices' nodes are (the GPU fence hides those not given)
 
     def as_dict(self, held: dict[str, str] | None = None) -> dict:
         """The inventory as JSON-ready data; `held` adds which server holds each device."""

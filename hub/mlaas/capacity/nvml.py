@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 
+from ..gpu_fence import mig_capability_minors
 from ..profiles.mig import mig_profile_from_device_name
 from .base import Device, Inventory
 
@@ -38,9 +39,10 @@ def read_nvml_inventory() -> Inventory:
                 mig_on = pynvml.nvmlDeviceGetMigMode(handle)[0] == pynvml.NVML_DEVICE_MIG_ENABLE
             except pynvml.NVMLError:  # GPUs without MIG support
                 mig_on = False
+            minor = _minor(pynvml, handle)
             if not mig_on:
                 memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total
-                devices.append(Device(uuid, "gpu", name, int(memory), str(i)))
+                devices.append(Device(uuid, "gpu", name, int(memory), str(i), minor=minor))
                 continue
             split.append(uuid)
             for j in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
@@ -58,6 +60,8 @@ def read_nvml_inventory() -> Inventory:
                         index=f"{i}:{j}",
                         mig_profile=mig_profile_from_device_name(mig_name),
                         parent_uuid=uuid,
+                        minor=minor,
+                        caps=_mig_caps(pynvml, mig, minor),
                     )
                 )
         reason = None if devices or split else "NVML found no GPUs on this machine"
@@ -69,6 +73,24 @@ def read_nvml_inventory() -> Inventory:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError:
             pass
+
+
+def _minor(pynvml, handle) -> int | None:
+    try:
+        return int(pynvml.nvmlDeviceGetMinorNumber(handle))
+    except pynvml.NVMLError:
+        return None
+
+
+def _mig_caps(pynvml, mig, gpu_minor: int | None) -> tuple[int, ...]:
+    """The capability nodes of a MIG instance (its GPU and compute instance), for the GPU fence."""
+    if gpu_minor is None:
+        return ()
+    try:
+        gi, ci = pynvml.nvmlDeviceGetGpuInstanceId(mig), pynvml.nvmlDeviceGetComputeInstanceId(mig)
+    except pynvml.NVMLError:
+        return ()
+    return mig_capability_minors(gpu_minor, int(gi), int(ci))
 
 
 class NvmlInventory:

@@ -7,7 +7,11 @@ It stands in for NVML only; allocation, the form and the spawner run unchanged o
       - uuid: GPU-bbbb
         name: NVIDIA A100-SXM4-40GB
         memory: 40Gi
-        mig: [{uuid: MIG-b1, profile: 3g.20gb}, {uuid: MIG-b2, profile: 1g.10gb}]
+        mig: [{uuid: MIG-b1, profile: 3g.20gb, caps: [21, 22]}, {uuid: MIG-b2, profile: 1g.10gb}]
+    device_nodes: /dev     # where the GPU fence finds the device nodes (tests: a directory of stand-ins)
+
+A GPU's device node is /dev/nvidia<minor> (`minor`, default its position); a MIG instance's
+capability nodes are `caps` (default none).
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ class SimulatedInventory:
         split: list[str] = []
         for i, gpu in enumerate(data.get("gpus") or []):
             memory = parse_bytes(gpu.get("memory", "40Gi"))
+            minor = int(gpu.get("minor", i))
             if not gpu.get("mig"):
-                devices.append(Device(gpu["uuid"], "gpu", gpu["name"], memory, str(i)))
+                devices.append(Device(gpu["uuid"], "gpu", gpu["name"], memory, str(i), minor=minor))
                 continue
             split.append(gpu["uuid"])
             for j, mig in enumerate(gpu["mig"]):
@@ -49,7 +54,10 @@ class SimulatedInventory:
                         index=f"{i}:{j}",
                         mig_profile=mig["profile"],
                         parent_uuid=gpu["uuid"],
+                        minor=minor,
+                        caps=tuple(int(c) for c in mig.get("caps") or ()),
                     )
                 )
         reason = None if devices else f"the simulated inventory {self.path} lists no GPUs"
-        return Inventory(tuple(devices), f"simulated:{self.path}", reason, tuple(split))
+        return Inventory(tuple(devices), f"simulated:{self.path}", reason, tuple(split),
+                         device_root=str(data.get("device_nodes") or "/dev"))

@@ -35,6 +35,7 @@ from traitlets import Float, Integer, Unicode, default
 from ..accounts import Account, AccountRegistry, ensure_account, own_account, registry_at, untraversable_ancestor
 from ..capacity import DeviceAllocator, NoCapacity, inventory_source
 from ..diskquota import QuotaSupport, apply as apply_quota, support
+from ..gpu_fence import GpuFence
 from ..limits import LimitBackend, Placement, detect_backend
 from ..profiles.quantities import format_bytes
 from ..settings import instance_id
@@ -79,6 +80,14 @@ def limit_backend(instance: str, pids: int) -> LimitBackend:
     backend = detect_backend(log, group=f"mlaas-{instance_id(instance)}", pids=pids)
     log.info("Resource limits for local servers: %s", backend.describe())
     return backend
+
+
+@functools.cache
+def gpu_fence(device_root: str) -> GpuFence:
+    """One per device directory, decided once and named in the log."""
+    fence = GpuFence(Path(device_root))
+    logging.getLogger("JupyterHub.mlaas.limits").info("GPUs of local servers: %s", fence.describe())
+    return fence
 
 
 @functools.cache
@@ -132,6 +141,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
     account: Account | None = None
     placement: Placement | None = None
     socket_path: str = ""
+    fence_hidden: list[bytes] = []  # the device nodes this server's mount namespace hides
 
     @default("cmd")
     def _cmd_default(self):
@@ -140,6 +150,10 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
     @property
     def capacity(self) -> DeviceAllocator:
         return device_allocator(self.gpu_inventory)
+
+    @property
+    def fence(self) -> GpuFence:
+        return gpu_fence(self.capacity.inventory().device_root)
 
     @property
     def limits(self) -> LimitBackend:
@@ -244,9 +258,11 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         assert placement is not None and account is not None
         switch_user = set_user_setuid(account.name, chdir=False) if self.uses_accounts else None
         home = str(account.home)
+        fence, hidden = self.fence, list(self.fence_hidden)
 
         def preexec() -> None:
             placement.preexec()
+            fence.apply(hidden)  # as root, before the account switch: the user cannot undo it
             # user-private groups: 007 keeps homes private (0700) and makes files in a project
             # directory (setgid, the project's group) writable by the other members
             os.umask(0o007)
@@ -312,6 +328,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         if devices:
             names = ", ".join(f"{d.mig_profile or d.model} ({d.uuid})" for d in devices)
             self.emit(30, f"Assigned {names}")
+        self.fence_hidden = self.fence.plan(devices)
 
         backend = self.limits
         self.placement = backend.place(self.placement_key, profile.cpu.limit, profile.memory.limit)
