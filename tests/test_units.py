@@ -197,3 +197,29 @@ def test_log_scrubbing_hides_secrets_in_urls_and_headers_and_leaves_the_rest():
     assert scrub("{'Authorization': 'token abc'}") == "{'Authorization': 'token [secret]'}"
     assert scrub("?_xsrf=2|abc&token=t0k3n") == "?_xsrf=[secret]&token=[secret]"
     assert scrub("decode=ok codes=1 statement=2") == "decode=ok codes=1 statement=2"
+
+
+def test_the_gpu_fence_keeps_only_the_given_gpu_or_mig_instance_nodes(tmp_path):
+    """The fence's choice of device nodes, from the driver's capability files as NVIDIA's MIG user
+    guide lays them out (a stand-in tree: no driver here)."""
+    from mlaas.capacity.base import Device
+    from mlaas.gpu_fence import hidden_nodes, mig_capability_minors
+
+    proc = tmp_path / "capabilities"
+    for path, minor in {"gpu1/mig/gi2/access": 21, "gpu1/mig/gi2/ci0/access": 22, "gpu1/mig/gi3/access": 30}.items():
+        (proc / path).parent.mkdir(parents=True, exist_ok=True)
+        (proc / path).write_text(f"DeviceFileMinor: {minor}\nDeviceFileMode: 292\nDeviceFileModify: 1\n")
+    assert mig_capability_minors(1, 2, 0, proc) == (21, 22)
+    assert mig_capability_minors(1, 3, 0, proc) == (30,)  # a missing file gives nothing, never a guess
+    dev = tmp_path / "dev"
+    for name in ["nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm", "nvidia-caps/nvidia-cap1", "nvidia-caps/nvidia-cap21",
+                 "nvidia-caps/nvidia-cap22", "nvidia-caps/nvidia-cap30"]:
+        (dev / name).parent.mkdir(parents=True, exist_ok=True)
+        (dev / name).touch()
+    mig = Device("MIG-x", "mig", "NVIDIA A100-SXM4-40GB", 20 * 10**9, "1:0", "3g.20gb", "GPU-b", minor=1, caps=(21, 22))
+    gpu = Device("GPU-a", "gpu", "NVIDIA A100-SXM4-40GB", 40 * 2**30, "0", minor=0)
+    names = lambda hidden: sorted(p.removeprefix(str(dev) + "/") for p in hidden)  # noqa: E731
+    assert names(hidden_nodes(dev, [mig])) == ["nvidia-caps/nvidia-cap1", "nvidia-caps/nvidia-cap30", "nvidia0"]
+    assert names(hidden_nodes(dev, [gpu])) == ["nvidia-caps/nvidia-cap1", "nvidia-caps/nvidia-cap21",
+                                               "nvidia-caps/nvidia-cap22", "nvidia-caps/nvidia-cap30", "nvidia1"]
+    assert "nvidia0" in names(hidden_nodes(dev, [])) and "nvidiactl" not in names(hidden_nodes(dev, []))
