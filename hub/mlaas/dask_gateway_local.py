@@ -30,9 +30,13 @@ class MLaaSLocalBackend(_LocalActive, ProfileLimitsMixin, LocalBackend):
         if not hasattr(self, "_limits_obj"):
             from .limits import detect_backend
 
+            from .gpu_fence import GpuFence
+
             self._limits_obj = detect_backend(self.log, group=self.limits_group, pids=self.max_processes)
             self._pid_keys: dict[int, str] = {}
-            self.log.info("Dask processes run as their owners' accounts; limits: %s", self._limits_obj.describe())
+            self._fence = GpuFence()  # Dask processes on one machine are given no GPU: none to open
+            self.log.info("Dask processes run as their owners' accounts; limits: %s; %s", self._limits_obj.describe(),
+                          self._fence.describe())
         return self._limits_obj
 
     def account_of(self, username: str):
@@ -89,9 +93,11 @@ class MLaaSLocalBackend(_LocalActive, ProfileLimitsMixin, LocalBackend):
         key = f"{account.name}.dask-{cluster.name[:12]}-{name[:24]}"
         placement = self._limits.place(key, float(cores), int(memory))
         groups = os.getgrouplist(account.name, account.gid)
+        fence, hidden = self._fence, self._fence.plan([])
 
         def preexec() -> None:
             placement.preexec()
+            fence.apply(hidden)
             os.setgid(account.gid)
             os.setgroups(groups)
             os.setuid(account.uid)
