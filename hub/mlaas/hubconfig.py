@@ -18,6 +18,7 @@ from . import logscrub
 from .accounts import ensure_system_account
 from .api import CapacityAPIHandler, ProfilesAPIHandler, QuotasAPIHandler, UsageAPIHandler
 from .auth import MLaaSAuthenticator
+from .culling import configure_culling
 from .kube_api import in_cluster
 from .settings import REPO_ROOT, OidcSettings, Settings, ensure_secret, prepare_state
 from .profiles import ProfileStore
@@ -367,6 +368,10 @@ def configure(c, settings: Settings) -> None:
         if s.dask_gateway.backend == "kubernetes":
             services.append(gateway_controller_service(s))
         roles.extend(gateway_roles_and_scopes(c))
+    cull_services, cull_roles, cull_env = configure_culling(c, s.culling)
+    services += cull_services
+    roles += cull_roles
+    environment.update(cull_env)
     add_server_environment(c, environment, "KubeProfileSpawner" if s.spawner == "kubernetes" else "LocalProfileSpawner")
 
     # --- an admin-scoped service token for automation, if asked for ----------------------------

@@ -15,6 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .culling import CullSettings
 from .spawners.kube_sites import SiteConnection
 from .xcache import DataSettings
 
@@ -146,6 +147,7 @@ class Settings(BaseModel):
         "local", description="local: servers as processes here; kubernetes: as pods of the cluster in `kubernetes`."
     )
     kubernetes: KubernetesSettings = KubernetesSettings()
+    culling: CullSettings = Field(CullSettings(), description="Idle servers are stopped (jupyterhub-idle-culler).")
     @model_validator(mode="after")
     def _dask_on_kubernetes_needs_a_cluster(self) -> "Settings":
         if self.dask_gateway.backend == "kubernetes" and self.spawner != "kubernetes":
@@ -228,7 +230,8 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
             raise SettingsError(f"{path}: {e}") from e
     for name, field in Settings.model_fields.items():
         value = environ.get(f"MLAAS_{name.upper()}")
-        if value is not None and field.annotation not in (OidcSettings, DevIdpSettings, DataSettings, DaskGatewaySettings, KubernetesSettings):
+        nested = (OidcSettings, DevIdpSettings, DataSettings, DaskGatewaySettings, KubernetesSettings, CullSettings)
+        if value is not None and field.annotation not in nested:
             data[name] = value
     try:
         return Settings.model_validate(data)
