@@ -44,7 +44,12 @@ def gpu_hub() -> RunningPlatform:
     inventory["device_nodes"] = str(nodes)
     path = nodes.parent / "inventory.yaml"
     path.write_text(yaml.safe_dump(inventory))
-    running = start_platform("gpu", gpu_inventory=str(path))
+    profiles = nodes.parent / "profiles"
+    shutil.copytree(FIXTURES / "profiles", profiles)
+    (profiles / "gpu-idle.yaml").write_text(yaml.safe_dump({"profiles": [{
+        "slug": "gpu-idle", "display_name": "One GPU, stopped when unused", "cpu": {"limit": 1},
+        "memory": {"limit": "1Gi"}, "gpu": {"count": 1}, "gpu_idle_timeout": 30, "groups": ["*"]}]}))
+    running = start_platform("gpu", gpu_inventory=str(path), profiles=profiles, culling={"gpu_every": 2})
     yield running
     running.platform.stop()
     shutil.copytree(running.log_dir, ARTIFACTS / "gpu-logs", dirs_exist_ok=True)

@@ -105,3 +105,56 @@ def test_whole_gpu_and_cpu_profiles_see_only_their_devices(gpu_hub):
         assert "GPUs of local servers: GPU fence: each server's own mount namespace hides" in gpu_hub.hub_log()
     finally:
         stop_server(gpu_hub, "gpu-user")
+
+
+def set_gpu_use(hub, uuid: str, utilization: int, memory_used: str = "0") -> None:
+    """What NVML would report now for one device (the simulated inventory's `usage:`)."""
+    path = Path(hub.platform.settings.gpu_inventory)
+    inventory = yaml.safe_load(path.read_text())
+    inventory.setdefault("usage", {})[uuid] = {"utilization": utilization, "memory_used": memory_used}
+    path.write_text(yaml.safe_dump(inventory))
+
+
+def test_gpu_use_per_server_user_and_group_and_an_unused_gpu_is_freed_even_from_an_active_server(gpu_hub):
+    """The admins' usage view maps each device's use (NVML, here the stand-in file) to the server
+    holding it, its user and groups. A server of a profile with `gpu_idle_timeout` (30 s) whose GPU
+    stays unused gets a notice in JupyterLab's file browser, then is stopped and its GPU freed,
+    while its user's browser keeps the server active (requests through the proxy every 2 s)."""
+    import time
+
+    gpu = "GPU-11111111-aaaa-bbbb-cccc-000000000001"
+    ensure_user(gpu_hub, "gpu-idler", ["ml-users"])
+    token = user_token(gpu_hub, "gpu-idler")
+    api, me = gpu_hub.api(), gpu_hub.api(token)
+    try:
+        set_gpu_use(gpu_hub, gpu, 80, "2Gi")
+        start_server(gpu_hub, "gpu-idler", token, {"profile": "gpu-idle"})
+        usage = api.get(f"{gpu_hub.url}/hub/api/mlaas/usage").json()
+        server = next(s for s in usage["servers"] if s["user"] == "gpu-idler")
+        assert server["gpu_use"] == {"devices": 1, "utilization": 80, "memory_used": 2 * 2**30}
+        assert server["gpu_idle_timeout"] == 30
+        assert usage["users"]["gpu-idler"]["gpu_use"]["utilization"] == 80
+        assert usage["groups"]["ml-users"]["gpu_use"]["memory_used"] >= 2 * 2**30
+
+        set_gpu_use(gpu_hub, gpu, 0)  # the user stops using the GPU, but keeps the tab open
+        idle_from, warned_at, notices = time.monotonic(), None, []
+        while time.monotonic() - idle_from < 60:
+            r = me.get(f"{gpu_hub.url}/user/gpu-idler/api/contents")
+            if r.status_code != 200:
+                break  # stopped
+            notices = [f["name"] for f in r.json()["content"] if f["name"].startswith("GPU idle - this server stops at")]
+            if notices and warned_at is None:
+                warned_at = time.monotonic() - idle_from
+            time.sleep(2)
+        stopped_at = time.monotonic() - idle_from
+        assert warned_at is not None and 10 <= warned_at < 30, warned_at  # warned ahead of the stop
+        assert 25 <= stopped_at < 50, stopped_at
+        assert api.get(f"{gpu_hub.url}/hub/api/users/gpu-idler").json()["servers"] == {}
+        capacity = api.get(f"{gpu_hub.url}/hub/api/mlaas/capacity").json()
+        assert {d["uuid"]: d["held_by"] for d in capacity["devices"]}[gpu] is None  # freed
+        home = next(gpu_hub.state_dir.glob("homes/*/" + notices[0].replace("[", "?")))  # the notice stays, telling why
+        assert "unless a GPU is used again" in home.read_text()
+        assert "GPU culler: stopped gpu-idler, its GPUs idle for" in (gpu_hub.log_dir / "hub.log").read_text()
+    finally:
+        set_gpu_use(gpu_hub, gpu, 0)
+        stop_server(gpu_hub, "gpu-idler")

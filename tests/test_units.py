@@ -223,3 +223,26 @@ def test_the_gpu_fence_keeps_only_the_given_gpu_or_mig_instance_nodes(tmp_path):
     assert names(hidden_nodes(dev, [gpu])) == ["nvidia-caps/nvidia-cap1", "nvidia-caps/nvidia-cap21",
                                                "nvidia-caps/nvidia-cap22", "nvidia-caps/nvidia-cap30", "nvidia1"]
     assert "nvidia0" in names(hidden_nodes(dev, [])) and "nvidiactl" not in names(hidden_nodes(dev, []))
+
+
+
+def test_the_gpu_idle_decision_warns_then_stops_and_forgives_any_busy_or_unknown_sample():
+    """mlaas.gpu_culler's decision from successive usage samples (the GPU use is given: no GPU here)."""
+    from mlaas.gpu_culler import GpuIdleTracker
+
+    def server(util, timeout=300, name=""):
+        return {"user": "alice", "server": name, "gpu_idle_timeout": timeout,
+                "devices": [{"uuid": "GPU-a", "utilization": util}]}
+
+    t = GpuIdleTracker()
+    assert t.observe(0, [server(0)]) == []
+    assert [a.kind for a in t.observe(199, [server(0)])] == []
+    warn = t.observe(200, [server(0)])  # a third of the timeout before the stop
+    assert [(a.kind, round(a.seconds)) for a in warn] == [("warn", 100)] and warn[0].notice.endswith(".md")
+    assert t.observe(250, [server(0)]) == []  # warned once
+    assert [(a.kind, a.notice) for a in t.observe(260, [server(5)])] == [("clear", warn[0].notice)]  # used again
+    assert t.observe(261, [server(0)]) == []  # counting from zero again
+    assert [a.kind for a in t.observe(561, [server(0)])] == ["stop"]
+    # a device whose use the driver cannot tell is never taken for idle; no timeout: never culled
+    t2 = GpuIdleTracker()
+    assert t2.observe(0, [server(None), server(0, None, "b")]) == [] and t2.observe(10_000, [server(None)]) == []

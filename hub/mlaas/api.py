@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from jupyterhub.apihandlers.base import APIHandler
@@ -96,10 +97,12 @@ class UsageAPIHandler(APIHandler):
         inventory_view = None
         if self.allocator is not None:
             inventory = {d.uuid: d for d in self.allocator.inventory().devices}
+            use = await asyncio.to_thread(self.allocator.source.usage)  # NVML: who uses their devices how much
             for uuid, owner in self.allocator.held().items():
-                d = inventory.get(uuid)
+                d, u = inventory.get(uuid), use.get(uuid)
                 devices.setdefault(owner, []).append(
-                    {"uuid": uuid, "model": d.model if d else "", "mig_profile": d.mig_profile if d else None}
+                    {"uuid": uuid, "model": d.model if d else "", "mig_profile": d.mig_profile if d else None,
+                     "utilization": u.utilization if u else None, "memory_used": u.memory_used if u else 0}
                 )
             inventory_view = self.allocator.inventory().as_dict(held=self.allocator.held())
         pset = await self.store.fresh()

@@ -30,6 +30,8 @@ class CullSettings(BaseModel):
     every: int = Field(0, ge=0, description="How often the culler looks, in seconds (0: a tenth of the timeout, "
                                             "between 10 s and 10 min).")
     max_age: int = Field(0, ge=0, description="Stop servers older than this many seconds even if active (0: never).")
+    gpu_every: int = Field(30, ge=1, le=600, description="How often GPU use is sampled for profiles with a "
+                                                         "`gpu_idle_timeout` (mlaas.gpu_culler), in seconds.")
 
     @model_validator(mode="after")
     def _every(self) -> "CullSettings":

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import dask_gateway as gateway
-from . import logscrub
+from . import gpu_culler, logscrub
 from .accounts import ensure_system_account
 from .api import CapacityAPIHandler, ProfilesAPIHandler, QuotasAPIHandler, UsageAPIHandler
 from .auth import MLaaSAuthenticator
@@ -372,6 +372,9 @@ def configure(c, settings: Settings) -> None:
     services += cull_services
     roles += cull_roles
     environment.update(cull_env)
+    if s.culling.enabled and s.spawner == "local":  # GPU use per server comes from this machine's NVML
+        services.append(gpu_culler.culler_service(s.culling.gpu_every, s.public_url))
+        roles.append(dict(gpu_culler.ROLE))
     add_server_environment(c, environment, "KubeProfileSpawner" if s.spawner == "kubernetes" else "LocalProfileSpawner")
 
     # --- an admin-scoped service token for automation, if asked for ----------------------------

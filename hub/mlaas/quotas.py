@@ -158,10 +158,11 @@ def report(pset: ProfileSet, holdings: Iterable[Holding]) -> list[dict]:
 def usage(holdings: Iterable[Holding], devices: dict[str, list[dict]] | None = None) -> dict:
     """What runs now, per server and per group (every group, with or without a quota), for admins.
 
-    `devices` maps a server ("user/name") to the GPUs and MIG instances it holds.
+    `devices` maps a server ("user/name") to the GPUs and MIG instances it holds, with their use
+    (utilisation in %, None where not known; memory used): summed up per server, user and group.
     """
     devices = devices or {}
-    servers, groups = [], {}
+    servers, groups, users = [], {}, {}
     for h in sorted(holdings, key=lambda h: (h.user, h.server)):
         key = f"{h.user}/{h.server}"
         amounts = _amounts(h.profile)
@@ -179,8 +180,15 @@ def usage(holdings: Iterable[Holding], devices: dict[str, list[dict]] | None = N
                 "gpus": amounts.get("gpus", 0),
                 "mig": {dim.split(":", 1)[1]: n for dim, n in amounts.items() if dim.startswith("mig:")},
                 "devices": devices.get(key, []),
+                "gpu_use": _gpu_use(devices.get(key, [])),
+                "gpu_idle_timeout": h.profile.gpu_idle_timeout,
             }
         )
+        u = users.setdefault(h.user, {"servers": 0, "gpus": 0, "mig": 0, "devices": []})
+        u["servers"] += 1
+        u["gpus"] += amounts.get("gpus", 0)
+        u["mig"] += sum(n for dim, n in amounts.items() if dim.startswith("mig:"))
+        u["devices"] += devices.get(key, [])
         for group in h.groups:
             g = groups.setdefault(group, {"servers": 0, "users": set(), "cpu": 0.0, "memory": 0, "gpus": 0, "mig": {}})
             g["servers"] += 1
@@ -188,11 +196,23 @@ def usage(holdings: Iterable[Holding], devices: dict[str, list[dict]] | None = N
             g["cpu"] += amounts["cpu"]
             g["memory"] += amounts["memory"]
             g["gpus"] += amounts.get("gpus", 0)
+            g.setdefault("devices", []).extend(devices.get(key, []))
             for dim, n in amounts.items():
                 if dim.startswith("mig:"):
                     name = dim.split(":", 1)[1]
                     g["mig"][name] = g["mig"].get(name, 0) + n
     return {
         "servers": servers,
-        "groups": {name: {**g, "users": sorted(g["users"])} for name, g in sorted(groups.items())},
+        "users": {name: {**{k: v for k, v in x.items() if k != "devices"}, "gpu_use": _gpu_use(x["devices"])}
+                  for name, x in sorted(users.items())},
+        "groups": {name: {**{k: v for k, v in g.items() if k != "devices"}, "users": sorted(g["users"]),
+                          "gpu_use": _gpu_use(g.get("devices", []))} for name, g in sorted(groups.items())},
     }
+
+
+def _gpu_use(devices: list[dict]) -> dict:
+    """The use of these devices together: mean utilisation of those whose use is known (None if
+    none is), memory used in bytes."""
+    known = [d["utilization"] for d in devices if d.get("utilization") is not None]
+    return {"devices": len(devices), "utilization": round(sum(known) / len(known)) if known else None,
+            "memory_used": sum(d.get("memory_used", 0) for d in devices)}

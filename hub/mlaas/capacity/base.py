@@ -23,6 +23,16 @@ class Device:
 
 
 @dataclass(frozen=True)
+class DeviceUse:
+    """How much one device is used now (NVML; a stand-in file in tests)."""
+
+    uuid: str
+    utilization: int | None  # percent of time a kernel ran in the last sample period; None: not known
+    memory_used: int  # bytes, by the processes on it
+    pids: tuple[int, ...] = ()  # the compute processes on it (this machine's PIDs)
+
+
+@dataclass(frozen=True)
 class Inventory:
     devices: tuple[Device, ...] = ()
     source: str = ""
@@ -64,6 +74,8 @@ class CapacitySource(Protocol):
 
 class InventorySource(Protocol):
     def inventory(self) -> Inventory: ...
+
+    def usage(self) -> dict[str, DeviceUse]: ...
 
 
 def inventory_source(spec: str) -> InventorySource:

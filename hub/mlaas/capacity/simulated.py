@@ -9,6 +9,8 @@ It stands in for NVML only; allocation, the form and the spawner run unchanged o
         memory: 40Gi
         mig: [{uuid: MIG-b1, profile: 3g.20gb, caps: [21, 22]}, {uuid: MIG-b2, profile: 1g.10gb}]
     device_nodes: /dev     # where the GPU fence finds the device nodes (tests: a directory of stand-ins)
+    usage:                 # what NVML would report now (tests rewrite it), per device
+      GPU-aaaa: {utilization: 35, memory_used: 3Gi, pids: [4242]}
 
 A GPU's device node is /dev/nvidia<minor> (`minor`, default its position); a MIG instance's
 capability nodes are `caps` (default none).
@@ -22,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from ..profiles.quantities import parse_bytes
-from .base import Device, Inventory
+from .base import Device, DeviceUse, Inventory
 
 
 class SimulatedInventory:
@@ -61,3 +63,19 @@ class SimulatedInventory:
         reason = None if devices else f"the simulated inventory {self.path} lists no GPUs"
         return Inventory(tuple(devices), f"simulated:{self.path}", reason, tuple(split),
                          device_root=str(data.get("device_nodes") or "/dev"))
+
+    def usage(self) -> dict[str, DeviceUse]:
+        """The file's `usage:` (read again each time: tests change it while servers run); a device
+        it does not name is idle."""
+        try:
+            data = yaml.safe_load(self.path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return {}
+        listed = data.get("usage") or {}
+        out = {}
+        for device in self.inventory().devices:
+            use = listed.get(device.uuid) or {}
+            out[device.uuid] = DeviceUse(device.uuid, int(use.get("utilization", 0)),
+                                         parse_bytes(str(use.get("memory_used", 0))),
+                                         tuple(int(p) for p in use.get("pids") or ()))
+        return out

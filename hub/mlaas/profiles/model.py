@@ -171,6 +171,11 @@ class Profile(_Strict):
         description="Kubernetes federation: the sites (clusters) this profile may run at, by the names in the hub's "
         "`kubernetes.sites`; every site if left out. Ignored on one machine.",
     )
+    gpu_idle_timeout: int | None = Field(
+        None, ge=30, le=7 * 86400,
+        description="Seconds a server's GPUs (or MIG slices) may stay unused before the server is warned and then "
+        "stopped, even while a browser tab keeps it active. Only for profiles with `gpu` or `mig`.",
+    )
     default: bool = False
     enabled: bool = Field(
         True, description="false: kept in the file but offered to nobody and refused on start (set by admins)."
@@ -245,6 +250,8 @@ class Profile(_Strict):
     def _one_accelerator_kind(self) -> Profile:
         if self.gpu and self.mig:
             raise ValueError("a profile asks for whole GPUs (gpu) or MIG slices (mig), not both")
+        if self.gpu_idle_timeout is not None and not (self.gpu or self.mig):
+            raise ValueError("gpu_idle_timeout is for profiles with GPUs (gpu) or MIG slices (mig)")
         return self
 
     # --- derived, for forms, logs and spawners -------------------------------------------

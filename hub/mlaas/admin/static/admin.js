@@ -280,6 +280,8 @@ async function restore(change) {
 
 // --- usage ------------------------------------------------------------------------------------------
 const gib = (bytes) => `${(bytes / 2 ** 30).toFixed(2).replace(/\.?0+$/, "")} GiB`;
+// what the devices of a server (or a group's servers) are doing now: NVML's utilisation and memory
+const gpuUse = (u) => !u || !u.devices ? "–" : `${u.utilization === null ? "? %" : `${u.utilization} %`}, ${gib(u.memory_used)}`;
 
 async function loadUsage() {
   const r = await api("GET", "usage");
@@ -293,9 +295,10 @@ async function loadUsage() {
       ...s.devices.map((d) => d.uuid),
     ].filter(Boolean).join(", ") || "–";
     servers.append(el("tr", {}, el("td", {}, s.user), el("td", {}, s.server || "(default)"), el("td", {}, s.site || "–"), el("td", {}, s.groups.join(", ")),
-      el("td", {}, `${s.profile_name} (${s.profile})`), el("td", {}, s.cpu), el("td", {}, gib(s.memory)), el("td", {}, accel)));
+      el("td", {}, `${s.profile_name} (${s.profile})`), el("td", {}, s.cpu), el("td", {}, gib(s.memory)), el("td", {}, accel),
+      el("td", { class: "gpu-use" }, gpuUse(s.gpu_use))));
   }
-  if (!r.data.servers.length) servers.append(el("tr", {}, el("td", { colspan: 8 }, "No server is running.")));
+  if (!r.data.servers.length) servers.append(el("tr", {}, el("td", { colspan: 9 }, "No server is running.")));
   const quotas = Object.fromEntries((r.data.quotas || []).map((q) => [q.group, q]));
   const groups = document.querySelector("#usage-groups tbody");
   groups.innerHTML = "";
@@ -304,7 +307,7 @@ async function loadUsage() {
     const limits = q ? Object.entries(q.limits).map(([k, v]) => `${k} ${k === "memory" ? gib(v) : v}`).join(", ") : "none";
     groups.append(el("tr", {}, el("td", {}, name), el("td", {}, g.servers), el("td", {}, g.users.join(", ")), el("td", {}, g.cpu),
       el("td", {}, gib(g.memory)), el("td", {}, g.gpus), el("td", {}, Object.entries(g.mig).map(([k, v]) => `${v}× ${k}`).join(", ") || "–"),
-      el("td", {}, limits)));
+      el("td", { class: "gpu-use" }, gpuUse(g.gpu_use)), el("td", {}, limits)));
   }
   const devices = document.querySelector("#usage-devices tbody");
   devices.innerHTML = "";
