@@ -96,14 +96,7 @@ class UsageAPIHandler(APIHandler):
         devices: dict[str, list[dict]] = {}
         inventory_view = None
         if self.allocator is not None:
-            inventory = {d.uuid: d for d in self.allocator.inventory().devices}
-            use = await asyncio.to_thread(self.allocator.source.usage)  # NVML: who uses their devices how much
-            for uuid, owner in self.allocator.held().items():
-                d, u = inventory.get(uuid), use.get(uuid)
-                devices.setdefault(owner, []).append(
-                    {"uuid": uuid, "model": d.model if d else "", "mig_profile": d.mig_profile if d else None,
-                     "utilization": u.utilization if u else None, "memory_used": u.memory_used if u else 0}
-                )
+            devices = await asyncio.to_thread(self.allocator.held_with_use)  # NVML: who uses their devices how much
             inventory_view = self.allocator.inventory().as_dict(held=self.allocator.held())
         pset = await self.store.fresh()
         holdings = usage_ledger().holdings()

@@ -34,6 +34,15 @@ from .xcache import client_env
 log = logging.getLogger("JupyterHub.mlaas")  # under the hub's logger: same handlers and format
 
 OPS_SCOPES = ["admin:users", "admin:groups", "admin:servers", "access:servers", "read:hub", "tokens", "list:users"]
+METRICS_SERVICE = "mlaas-metrics"  # a scraper's token: read:metrics alone
+METRICS_ROLE = {"name": METRICS_SERVICE, "scopes": ["read:metrics"], "services": [METRICS_SERVICE]}
+
+
+def register_platform_metrics(store: ProfileStore, availability, devices=None) -> None:
+    """The platform's own metrics next to JupyterHub's at /hub/metrics (mlaas.metrics)."""
+    from .metrics import PlatformCollector, register
+
+    register(PlatformCollector(store, availability, devices))
 
 
 def start_profile_watcher(store: ProfileStore, interval: float = 2.0) -> None:
@@ -382,6 +391,19 @@ def configure(c, settings: Settings) -> None:
         token = Path(s.admin_api_token_file).read_text().strip()
         services.append({"name": "mlaas-ops", "api_token": token})
         roles.append({"name": "mlaas-ops", "scopes": OPS_SCOPES, "services": ["mlaas-ops"]})
+    if s.metrics_token_file:  # Prometheus scrapes /hub/metrics with this token
+        services.append({"name": METRICS_SERVICE, "api_token": Path(s.metrics_token_file).read_text().strip()})
+        roles.append(dict(METRICS_ROLE))
+    if s.spawner == "local":
+        from .spawners.local import device_allocator
+
+        allocator = device_allocator(s.gpu_inventory)
+        register_platform_metrics(store, allocator.availability, allocator.held_with_use)
+    else:
+        from .spawners.kube import federation_availability
+
+        register_platform_metrics(store, federation_availability(s.kubernetes.mig_strategy,
+                                                                 [site.name for site in s.kubernetes.sites]))
     add_services(c, services)
     add_roles(c, roles)
 
@@ -511,4 +533,8 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
     add_server_environment(c, environment, "KubeSpawner")
     if sites:
         c.KubeProfileSpawner.sites = dict(sites)
+    from .spawners.kube import federation_availability
+
+    strategy = c.KubeProfileSpawner.mig_strategy if "mig_strategy" in c.KubeProfileSpawner else "mixed"
+    register_platform_metrics(store, federation_availability(strategy, list(sites or {})))
     follow_profile_files(store)

@@ -158,6 +158,9 @@ class Settings(BaseModel):
         "nvml", description="'nvml' (the real GPUs) or the path of a simulated inventory YAML (tests, demos)."
     )
     admin_service_port: int = Field(8004, description="Port of the admin service (page and REST API), on 127.0.0.1.")
+    metrics_token_file: Path | None = Field(
+        None, description="Registers a service `mlaas-metrics` with this token and the `read:metrics` scope alone: "
+        "what a Prometheus scraping /hub/metrics uses.")
     admin_api_token_file: Path | None = Field(
         None, description="If set, a service 'mlaas-ops' with the admin role uses the token in this file."
     )

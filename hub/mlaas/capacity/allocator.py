@@ -95,3 +95,16 @@ class DeviceAllocator:
 
     def held(self) -> dict[str, str]:
         return dict(self._owners)
+
+    def held_with_use(self) -> dict[str, list[dict]]:
+        """Server ("user/server") -> the devices it holds, with their use now (NVML: blocking, call
+        it off the event loop)."""
+        inventory = {d.uuid: d for d in self.inventory().devices}
+        use = self.source.usage()
+        out: dict[str, list[dict]] = {}
+        for uuid, owner in self.held().items():
+            d, u = inventory.get(uuid), use.get(uuid)
+            out.setdefault(owner, []).append(
+                {"uuid": uuid, "model": d.model if d else "", "mig_profile": d.mig_profile if d else None,
+                 "utilization": u.utilization if u else None, "memory_used": u.memory_used if u else 0})
+        return out

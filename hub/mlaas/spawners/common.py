@@ -19,6 +19,7 @@ from ..profiles.model import Project
 from ..projects import is_project_user, project_user
 from ..projects.identity import acting_groups
 from .form import FormEntry, render_form
+from .refusals import count_refusal
 
 # Options a spawn request may carry; anything else is refused so typos and probes are visible.
 KNOWN_OPTIONS = frozenset({"profile"})
@@ -55,7 +56,14 @@ class ProfileSpawnerMixin(LoggingConfigurable):
 
     @default("apply_user_options")
     def _apply_user_options_default(self):
-        return lambda spawner, options: spawner.apply_profile(options)
+        async def apply(spawner: "ProfileSpawnerMixin", options: dict[str, Any]) -> None:
+            try:
+                await spawner.apply_profile(options)
+            except web.HTTPError as e:
+                count_refusal(e)  # mlaas_spawn_refusals_total{reason}
+                raise
+
+        return apply
 
     # --- shared services -------------------------------------------------------------------
     @property

@@ -111,6 +111,15 @@ def _ensure_watch(cache: KubeCapacity, api_client: Any) -> None:
         _watches[id(cache)] = asyncio.ensure_future(cache.run(api_client))
 
 
+def federation_availability(mig_strategy: MigStrategy, sites: list[str] | None = None):
+    """profile -> Availability over the same capacity caches the spawners use (for metrics)."""
+    def availability(profile: Profile):
+        caches = {n: kube_capacity(mig_strategy, n) for n in sites} if sites else {"": kube_capacity(mig_strategy)}
+        return Federation(caches).availability(profile)
+
+    return availability
+
+
 def _ensure_site_watch(cache: KubeCapacity, kubeconfig: str) -> None:
     if id(cache) in _watches and not _watches[id(cache)].done():
         return

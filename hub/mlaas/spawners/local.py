@@ -42,6 +42,7 @@ from ..settings import instance_id
 from ..projects.names import project_slug
 from ..projects.storage import LINKS_DIR, ensure_storage, link_projects, set_project_groups
 from .common import ProfileSpawnerMixin
+from .refusals import count_refusal
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SOCKET_MODE_PORT = 8888  # jupyter_server's default port, which it requires alongside --sock
@@ -323,7 +324,9 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         try:
             devices = self.capacity.claim(self.owner_key, profile)
         except NoCapacity as e:
-            raise web.HTTPError(409, str(e)) from None
+            refused = web.HTTPError(409, str(e))
+            count_refusal(refused)
+            raise refused from None
         self.state_gpus = [d.uuid for d in devices]
         if devices:
             names = ", ".join(f"{d.mig_profile or d.model} ({d.uuid})" for d in devices)
