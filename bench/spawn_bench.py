@@ -23,6 +23,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import requests
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -167,10 +169,27 @@ def main() -> int:
     parser.add_argument("--concurrent", type=int, default=20)
     parser.add_argument("--no-compare", action="store_true", help="skip the burst without the start queue")
     args = parser.parse_args()
-    hub = start_platform("bench", profiles=REPO / "spawner_profiles", spawn_timeout=600)
+    token_file = ARTIFACTS / "bench-metrics-token"
+    ARTIFACTS.mkdir(exist_ok=True)
+    token_file.write_text("bench-metrics-" + "7" * 32)
+    hub = start_platform("bench", profiles=REPO / "spawner_profiles", spawn_timeout=600,
+                         metrics_token_file=str(token_file))
+    stop = threading.Event()
+
+    def scrape() -> None:  # as a site's Prometheus would, every second
+        session = requests.Session()
+        session.headers["Authorization"] = f"token {token_file.read_text()}"
+        while not stop.wait(1.0):
+            try:
+                session.get(f"{hub.url}/hub/metrics", timeout=10)
+            except requests.RequestException:
+                pass
+
+    threading.Thread(target=scrape, daemon=True).start()
     try:
         results = measure(hub, args)
     finally:
+        stop.set()
         hub.platform.stop()
     if not args.no_compare:
         print(f"\nThe same burst with the start queue off (all {args.concurrent} start at once)…", flush=True)
@@ -184,6 +203,21 @@ def main() -> int:
             unqueued.platform.stop()
         print(f"  p50 {percentile(times, 0.5):.2f} s   p95 {percentile(times, 0.95):.2f} s   max {max(times):.2f} s")
         results["concurrent_without_queue"] = {"p50_s": percentile(times, 0.5), "p95_s": percentile(times, 0.95)}
+    print("\nSingle spawns with the idle culler and GPU culler off and no metrics scraper (the run above had them)…",
+          flush=True)
+    plain = start_platform("bench-noculler", profiles=REPO / "spawner_profiles", spawn_timeout=600,
+                           culling={"enabled": False})
+    try:
+        ensure_user(plain, "bench-ours", ["ml-users"])
+        token = user_token(plain, "bench-ours")
+        time_our_spawn(plain, "bench-ours", token)  # warm-up
+        without = [time_our_spawn(plain, "bench-ours", token) for _ in range(args.rounds)]
+    finally:
+        plain.platform.stop()
+    ratio = statistics.median(results["ours_s"]) / statistics.median(without)
+    print(f"  without: {statistics.median(without):.2f} s   with culler, GPU culler and a 1 s metrics scrape: "
+          f"{statistics.median(results['ours_s']):.2f} s   ratio {ratio:.2f}")
+    results["culler_and_metrics"] = {"without_s": without, "ratio_median": ratio}
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "bench-spawn.json").write_text(json.dumps(results, indent=2))
     return 0
