@@ -115,7 +115,7 @@ def set_gpu_use(hub, uuid: str, utilization: int, memory_used: str = "0") -> Non
     path.write_text(yaml.safe_dump(inventory))
 
 
-def test_gpu_use_per_server_user_and_group_and_an_unused_gpu_is_freed_even_from_an_active_server(gpu_hub):
+def test_gpu_use_per_server_user_and_group_and_an_unused_gpu_is_freed_even_from_an_active_server(gpu_hub, browser):
     """The admins' usage view maps each device's use (NVML, here the stand-in file) to the server
     holding it, its user and groups. A server of a profile with `gpu_idle_timeout` (30 s) whose GPU
     stays unused gets a notice in JupyterLab's file browser, then is stopped and its GPU freed,
@@ -135,6 +135,18 @@ def test_gpu_use_per_server_user_and_group_and_an_unused_gpu_is_freed_even_from_
         assert server["gpu_idle_timeout"] == 30
         assert usage["users"]["gpu-idler"]["gpu_use"]["utilization"] == 80
         assert usage["groups"]["ml-users"]["gpu_use"]["memory_used"] >= 2 * 2**30
+        page = browser.new_page()  # what an admin sees in the usage view
+        try:
+            from conftest import open_profile_editor
+
+            open_profile_editor(page, gpu_hub.url, gpu_hub.password("admin"), "small")
+            page.click("nav button[data-panel=usage]")
+            page.click("#usage-refresh")
+            row = page.locator("#usage-servers tbody tr", has_text="gpu-idler")
+            row.wait_for()
+            assert row.locator("td.gpu-use").inner_text() == "80 %, 2 GiB"
+        finally:
+            page.close()
 
         set_gpu_use(gpu_hub, gpu, 0)  # the user stops using the GPU, but keeps the tab open
         idle_from, warned_at, notices = time.monotonic(), None, []

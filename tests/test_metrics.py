@@ -119,6 +119,7 @@ def test_prometheus_scrapes_the_platforms_metrics_with_a_read_metrics_token_alon
             'mlaas_server_gpu_memory_used_bytes{user="met-gpu",server=""}': 2 * 2**30,
             'mlaas_spawn_refusals_total{reason="not-allowed"}': 1,
             'mlaas_spawn_refusals_total{reason="quota"}': 0,
+            "jupyterhub_running_servers": 1,  # JupyterHub's own, next to ours
         }
         got = {expr: value(prometheus, expr) for expr in expected}
         assert got == expected

@@ -15,6 +15,10 @@ the capacity source, the GPU use of this machine's devices), so they are never s
 - `mlaas_spawn_refusals_total{reason}` (mlaas.spawners.refusals): spawns the platform refused
   before starting anything (`not-allowed`, `quota`, `no-capacity`, `invalid-request`), which
   JupyterHub alone counts as failed spawns.
+
+JupyterHub's own `jupyterhub_running_servers` is counted again at each scrape: JupyterHub
+decrements it when a failed or refused spawn is cleaned up although that server was never
+counted, so after one refused request it read 0 while a server ran.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class PlatformCollector:
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         try:
+            recount_running_servers()
             yield from self._collect()
         except Exception:  # a scrape never breaks the hub
             log.exception("collecting the platform's metrics failed")
@@ -112,12 +117,27 @@ class PlatformCollector:
         yield from (util, memory)
 
 
+def recount_running_servers() -> None:
+    """Set JupyterHub's running-servers gauge from the servers themselves (see the module's doc)."""
+    from jupyterhub.app import JupyterHub
+    from jupyterhub.metrics import RUNNING_SERVERS
+
+    if JupyterHub.initialized():
+        RUNNING_SERVERS.set(JupyterHub.instance().users.count_active_users()["active"])
+
+
 _registered: list[PlatformCollector] = []
 
 
 def register(collector: PlatformCollector) -> None:
-    """Once per hub process (the config file may be loaded again by `jupyterhub --generate-config` etc.)."""
+    """Once per hub process (the config file may be loaded again by `jupyterhub --generate-config`
+    etc.). JupyterHub's running-servers gauge is registered again after ours, so the scrape that
+    recounts it also reports the new count."""
+    from jupyterhub.metrics import RUNNING_SERVERS
+
     if _registered:
         REGISTRY.unregister(_registered.pop())
     REGISTRY.register(collector)
     _registered.append(collector)
+    REGISTRY.unregister(RUNNING_SERVERS)
+    REGISTRY.register(RUNNING_SERVERS)
