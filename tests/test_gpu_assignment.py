@@ -161,6 +161,9 @@ def test_gpu_use_per_server_user_and_group_and_an_unused_gpu_is_freed_even_from_
         stopped_at = time.monotonic() - idle_from
         assert warned_at is not None and 10 <= warned_at < 30, warned_at  # warned ahead of the stop
         assert 25 <= stopped_at < 50, stopped_at
+        deadline = time.monotonic() + 30  # the stop the culler asked for completes
+        while api.get(f"{gpu_hub.url}/hub/api/users/gpu-idler").json()["servers"] and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert api.get(f"{gpu_hub.url}/hub/api/users/gpu-idler").json()["servers"] == {}
         capacity = api.get(f"{gpu_hub.url}/hub/api/mlaas/capacity").json()
         assert {d["uuid"]: d["held_by"] for d in capacity["devices"]}[gpu] is None  # freed
