@@ -7,7 +7,10 @@
 2. the fence (mlaas.gpu_fence): a CPU profile's process, with CUDA_VISIBLE_DEVICES unset and as an
    unprivileged account, finds no CUDA device; a process given one GPU (or MIG instance) finds
    exactly that one. CUDA is asked through the driver's own library (libcuda, cuDeviceGetCount),
-   so no framework is needed.
+   so no framework is needed;
+3. GPU use (mlaas.capacity.nvml.read_nvml_usage): a process holding a CUDA context and 256 MiB on
+   the first device, doing nothing, is found on that device with its PID and memory, at 0 %;
+4. the GPU idle decision (mlaas.gpu_culler.GpuIdleTracker) on those real samples: warn, then stop.
 
 Prints one line per check and exits non-zero if any fails. `make test` skips it on machines
 without an NVIDIA driver and says so (tests/test_gpu_check.py)."""
@@ -43,6 +46,19 @@ try:
     print(json.dumps({"init": rc, "count": count.value, "uuids": uuids, "uid": os.getuid()}))
 except OSError as e:
     print(json.dumps({"error": str(e)}))
+"""
+
+
+HOLDER = r"""
+import ctypes, os, sys, time
+cuda = ctypes.CDLL("libcuda.so.1")
+assert cuda.cuInit(0) == 0
+dev, ctx, ptr = ctypes.c_int(0), ctypes.c_void_p(), ctypes.c_ulonglong(0)
+assert cuda.cuDeviceGet(ctypes.byref(dev), 0) == 0
+assert cuda.cuCtxCreate_v2(ctypes.byref(ctx), 0, dev) == 0
+assert cuda.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(256 * 2**20)) == 0
+print("ready", os.getpid(), flush=True)
+time.sleep(float(sys.argv[1]))
 """
 
 
@@ -91,8 +107,43 @@ def main() -> int:
     for device in inventory.devices[:3]:
         one = fenced_run(fence, [device], 65534)
         check(one.get("count") == 1, f"given {device.kind} {device.uuid} (uid 65534) sees exactly one", one)
+    use_checks(inventory, check)
     print(f"{'ALL PASSED' if not failures else f'{failures} FAILED'} in {time.monotonic() - started:.1f} s")
     return 1 if failures else 0
+
+
+def use_checks(inventory, check) -> None:
+    from mlaas.capacity.nvml import read_nvml_usage
+    from mlaas.gpu_culler import GpuIdleTracker
+
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, "30"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = holder.stdout.readline().split()
+        if line[:1] != ["ready"]:
+            check(False, "a CUDA process holds 256 MiB", line)
+            return
+        pid = int(line[1])
+        found, deadline = None, time.monotonic() + 15
+        while found is None and time.monotonic() < deadline:
+            found = next((u for u in read_nvml_usage().values() if pid in u.pids), None)
+            time.sleep(0.5)
+        check(found is not None, f"NVML names the process {pid} on its device", found)
+        if found is None:
+            return
+        check(found.memory_used >= 256 * 2**20, "its memory is counted", found.memory_used)
+        time.sleep(2)
+        samples = [read_nvml_usage()[found.uuid] for _ in range(3)]
+        idle = all(u.utilization == 0 for u in samples)
+        check(idle, "an idle context shows 0 % utilisation", [u.utilization for u in samples])
+        server = {"user": "check", "server": "", "gpu_idle_timeout": 60,
+                  "devices": [{"uuid": found.uuid, "utilization": samples[-1].utilization}]}
+        tracker = GpuIdleTracker()
+        kinds = [a.kind for t in (0, 45, 61) for a in tracker.observe(t, [server])]
+        check(kinds == ["warn", "stop"], "the idle decision on these samples: warn, then stop", kinds)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 if __name__ == "__main__":
