@@ -98,6 +98,14 @@ def test_whole_gpu_and_cpu_profiles_see_only_their_devices(gpu_hub):
         # the MIG-split A100 is never handed out whole
         assert visible_devices(gpu_hub, "gpu-user", token) == "GPU-11111111-aaaa-bbbb-cccc-000000000001"
         assert openable_nodes(gpu_hub, "gpu-user", token) == ["nvidia0", "nvidiactl"]  # its GPU only
+        # JupyterLab's GPU dashboards (jupyterlab-nvdashboard) are served; they read NVML inside the
+        # fence (no driver here: no GPU to show)
+        dash = gpu_hub.api(token).get(f"{gpu_hub.url}/user/gpu-user/nvdashboard/accelerators/check")
+        assert dash.status_code == 200 and dash.json()["ngpus"] == 0, dash.text
+        extensions = gpu_hub.api(token).get(f"{gpu_hub.url}/user/gpu-user/lab/api/extensions").json()
+        names = {e["name"] for e in (extensions[0] if isinstance(extensions, list) and extensions and
+                                     isinstance(extensions[0], list) else extensions)}
+        assert "jupyterlab-nvdashboard" in names, names
         stop_server(gpu_hub, "gpu-user")
         start_server(gpu_hub, "gpu-user", token, {"profile": "small"})
         assert visible_devices(gpu_hub, "gpu-user", token) == ""
