@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 from jupyterhub.apihandlers.base import APIHandler
 from jupyterhub.scopes import needs_scope
@@ -20,6 +21,8 @@ from tornado import web
 
 from . import quotas
 from .spawners.common import profile_store, usage_ledger
+
+log = logging.getLogger("JupyterHub.mlaas.api")
 
 
 class ProfilesAPIHandler(APIHandler):
@@ -78,18 +81,35 @@ class CapacityAPIHandler(APIHandler):
         self.write(json.dumps(self.allocator.inventory().as_dict(held=self.allocator.held())))
 
 
+def pod_devices(dcgm, holdings) -> dict[str, list[dict]]:
+    """Server ("user/server") -> the GPUs its pod uses, from the DCGM exporter's series; none if
+    Prometheus cannot be asked now (the view still shows what each server holds)."""
+    try:
+        by_pod = dcgm.by_pod()
+    except Exception as e:
+        log.warning("GPU use from Prometheus is not available: %s", e)
+        return {}
+    return {f"{h.user}/{h.server}": by_pod[h.pod] for h in holdings if h.pod in by_pod}
+
+
 class UsageAPIHandler(APIHandler):
     """On both hubs. With local servers (`gpu_inventory` given) it names the devices each server
     holds; on Kubernetes the device plugin hands them out, so servers show their profile's GPUs and
     MIG slices, and the site they run at."""
 
-    def initialize(self, profiles_dir: str, snapshot: str, gpu_inventory: str | None = None) -> None:
+    def initialize(self, profiles_dir: str, snapshot: str, gpu_inventory: str | None = None,
+                   gpu_metrics_url: str | None = None) -> None:
         self.store = profile_store(profiles_dir, snapshot)
         self.allocator = None
+        self.dcgm = None
         if gpu_inventory is not None:
             from .spawners.local import device_allocator
 
             self.allocator = device_allocator(gpu_inventory)
+        elif gpu_metrics_url:
+            from .capacity.dcgm import DcgmUsage
+
+            self.dcgm = DcgmUsage(gpu_metrics_url)
 
     @needs_scope("read:servers")
     async def get(self) -> None:
@@ -97,6 +117,8 @@ class UsageAPIHandler(APIHandler):
         inventory_view = None
         if self.allocator is not None:
             devices = await asyncio.to_thread(self.allocator.held_with_use)  # NVML: who uses their devices how much
+        elif self.dcgm is not None:
+            devices = await asyncio.to_thread(pod_devices, self.dcgm, usage_ledger().holdings())
             inventory_view = self.allocator.inventory().as_dict(held=self.allocator.held())
         pset = await self.store.fresh()
         holdings = usage_ledger().holdings()

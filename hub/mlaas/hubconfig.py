@@ -38,6 +38,18 @@ METRICS_SERVICE = "mlaas-metrics"  # a scraper's token: read:metrics alone
 METRICS_ROLE = {"name": METRICS_SERVICE, "scopes": ["read:metrics"], "services": [METRICS_SERVICE]}
 
 
+def pod_gpu_use(gpu_metrics_url: str | None):
+    """() -> {"user/server": devices with their use} from the DCGM exporter's series (None without)."""
+    if not gpu_metrics_url:
+        return None
+    from .api import pod_devices
+    from .capacity.dcgm import DcgmUsage
+    from .spawners.common import usage_ledger
+
+    dcgm = DcgmUsage(gpu_metrics_url)
+    return lambda: pod_devices(dcgm, usage_ledger().holdings())
+
+
 def register_platform_metrics(store: ProfileStore, availability, devices=None) -> None:
     """The platform's own metrics next to JupyterHub's at /hub/metrics (mlaas.metrics)."""
     from .metrics import PlatformCollector, register
@@ -60,14 +72,18 @@ def start_profile_watcher(store: ProfileStore, interval: float = 2.0) -> None:
     threading.Thread(target=watch, name="mlaas-profile-watcher", daemon=True).start()
 
 
-def profile_api_handlers(profiles_dir: str, snapshot: str, gpu_inventory: str | None = None) -> list[tuple]:
+def profile_api_handlers(profiles_dir: str, snapshot: str, gpu_inventory: str | None = None,
+                         gpu_metrics_url: str | None = None) -> list[tuple]:
     """The REST endpoints every hub of the platform has (one machine or Kubernetes); with local
-    servers (`gpu_inventory`), also this machine's GPU inventory and which server holds what."""
+    servers (`gpu_inventory`), also this machine's GPU inventory and which server holds what; on
+    Kubernetes with `gpu_metrics_url` (a Prometheus scraping NVIDIA's DCGM exporter), the GPU use
+    of the servers' pods."""
     handlers: list[tuple] = [
         (r"/api/mlaas/profiles", ProfilesAPIHandler),
         (r"/api/mlaas/quotas", QuotasAPIHandler, {"profiles_dir": profiles_dir, "snapshot": snapshot}),
         (r"/api/mlaas/usage", UsageAPIHandler,
-         {"profiles_dir": profiles_dir, "snapshot": snapshot, "gpu_inventory": gpu_inventory}),
+         {"profiles_dir": profiles_dir, "snapshot": snapshot, "gpu_inventory": gpu_inventory,
+          "gpu_metrics_url": gpu_metrics_url}),
     ]
     if gpu_inventory is not None:
         handlers.append((r"/api/mlaas/capacity", CapacityAPIHandler, {"gpu_inventory": gpu_inventory}))
@@ -325,7 +341,8 @@ def configure(c, settings: Settings) -> None:
     snapshot = str(hub_dir / "profiles.last-good.json")
     store = profile_store(str(s.profiles_dir), snapshot)
     c.JupyterHub.extra_handlers.extend(
-        profile_api_handlers(str(s.profiles_dir), snapshot, s.gpu_inventory if s.spawner == "local" else None)
+        profile_api_handlers(str(s.profiles_dir), snapshot, s.gpu_inventory if s.spawner == "local" else None,
+                             s.kubernetes.gpu_metrics_url if s.spawner == "kubernetes" else None)
     )
 
     # --- login through the AAI ----------------------------------------------------------------
@@ -381,7 +398,8 @@ def configure(c, settings: Settings) -> None:
     services += cull_services
     roles += cull_roles
     environment.update(cull_env)
-    if s.culling.enabled and s.spawner == "local":  # GPU use per server comes from this machine's NVML
+    if s.culling.enabled and (s.spawner == "local" or s.kubernetes.gpu_metrics_url):
+        # GPU use per server: this machine's NVML, or the DCGM exporter's series in Prometheus
         services.append(gpu_culler.culler_service(s.culling.gpu_every, s.public_url))
         roles.append(dict(gpu_culler.ROLE))
     add_server_environment(c, environment, "KubeProfileSpawner" if s.spawner == "kubernetes" else "LocalProfileSpawner")
@@ -403,7 +421,8 @@ def configure(c, settings: Settings) -> None:
         from .spawners.kube import federation_availability
 
         register_platform_metrics(store, federation_availability(s.kubernetes.mig_strategy,
-                                                                 [site.name for site in s.kubernetes.sites]))
+                                                                 [site.name for site in s.kubernetes.sites]),
+                                  pod_gpu_use(s.kubernetes.gpu_metrics_url))
     add_services(c, services)
     add_roles(c, roles)
 
@@ -453,7 +472,8 @@ def configure_kube_spawner(c, s: Settings) -> None:
                  k.kubeconfig or os.environ.get("KUBECONFIG", "the in-cluster config"))
 
 
-K8S_GATEWAY_ADDRESS = "http://proxy-public/services/dask-gateway"  # z2jh's proxy Service, in-cluster
+K8S_PROXY_URL = "http://proxy-public"  # z2jh's proxy Service, in-cluster
+K8S_GATEWAY_ADDRESS = f"{K8S_PROXY_URL}/services/dask-gateway"
 K8S_GATEWAY_PROXY = "gateway://traefik-dask-gateway:80"  # the Dask Gateway chart's Traefik (release dask-gateway)
 K8S_DATA_CONFIG = "/etc/mlaas/data/xcache.json"  # the mlaas-data ConfigMap of charts/mlaas-hub
 
@@ -483,7 +503,8 @@ def k8s_data_env(data_config: str | Path) -> dict[str, str]:
 def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir: str = "/srv/jupyterhub",
                          sites: dict[str, Any] | None = None, dask_gateway: bool = True,
                          gateway_address: str = K8S_GATEWAY_ADDRESS, gateway_proxy: str = K8S_GATEWAY_PROXY,
-                         data_config: str | Path = K8S_DATA_CONFIG, profiles_configmap: str = "mlaas-profiles") -> None:
+                         data_config: str | Path = K8S_DATA_CONFIG, profiles_configmap: str = "mlaas-profiles",
+                         gpu_metrics_url: str | None = None, gpu_cull_every: int = 30) -> None:
     """The mlaas parts of a hub deployed with Zero to JupyterHub (charts/values/jupyterhub.yaml).
 
     The chart configures the hub, proxy and database; this adds the profile spawner, the AAI
@@ -517,7 +538,7 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
             c.MLaaSAuthenticator[key] = value
     c.MLaaSAuthenticator.manage_groups = True  # groups come from the AAI on both hubs
     c.MLaaSAuthenticator.accounts_db = str(Path(state_dir) / "accounts.sqlite")  # identities bound to names
-    c.JupyterHub.extra_handlers.extend(profile_api_handlers(profiles_dir, snapshot))
+    c.JupyterHub.extra_handlers.extend(profile_api_handlers(profiles_dir, snapshot, gpu_metrics_url=gpu_metrics_url))
     roles = configure_projects(c, store)
     environment = k8s_data_env(data_config)
     if dask_gateway:
@@ -529,6 +550,9 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
                    MLAAS_ADMIN_CONFIGMAPS=f"{profiles_configmap},{live_configmap(profiles_configmap)}")
         add_services(c, [admin_service(f"http://hub:{K8S_ADMIN_PORT}", env)])
         roles.append(ADMIN_SERVICE_ROLE)
+    if gpu_metrics_url:  # GPU-aware idle culling from the DCGM exporter's series (mlaas.gpu_culler)
+        add_services(c, [gpu_culler.culler_service(gpu_cull_every, K8S_PROXY_URL)])
+        roles.append(dict(gpu_culler.ROLE))
     add_roles(c, roles)
     add_server_environment(c, environment, "KubeSpawner")
     if sites:
@@ -536,5 +560,5 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
     from .spawners.kube import federation_availability
 
     strategy = c.KubeProfileSpawner.mig_strategy if "mig_strategy" in c.KubeProfileSpawner else "mixed"
-    register_platform_metrics(store, federation_availability(strategy, list(sites or {})))
+    register_platform_metrics(store, federation_availability(strategy, list(sites or {})), pod_gpu_use(gpu_metrics_url))
     follow_profile_files(store)

@@ -23,6 +23,7 @@ class Holding:
     groups: frozenset[str]
     profile: Profile
     site: str = ""  # the cluster it runs on, with a federation of sites
+    pod: str = ""  # "namespace/pod" on Kubernetes (what the GPU metrics name)
 
     @property
     def label(self) -> str:

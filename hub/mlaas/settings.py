@@ -109,6 +109,9 @@ class KubernetesSettings(BaseModel):
     mig_strategy: Literal["mixed", "single"] = "mixed"
     gpu_runtime_class: str = ""
     hub_connect_ip: str = Field("127.0.0.1", description="Where pods reach the hub's API.")
+    gpu_metrics_url: str | None = Field(
+        None, description="A Prometheus that scrapes NVIDIA's DCGM exporter: the GPU use of servers' pods (usage view, "
+        "metrics, GPU-aware idle culling).")
     sites: list[ClusterSite] = Field(
         default_factory=list,
         description="Federation: several clusters behind this hub, each with its kubeconfig (then `kubeconfig` is "

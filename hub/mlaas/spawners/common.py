@@ -107,8 +107,14 @@ class ProfileSpawnerMixin(LoggingConfigurable):
     def hold(self, profile: Profile) -> None:
         usage_ledger().hold(
             self.owner_key,
-            quotas.Holding(self.user.name, self.name, frozenset(self.user_groups()), profile, getattr(self, "site", "")),
+            quotas.Holding(self.user.name, self.name, frozenset(self.user_groups()), profile, getattr(self, "site", ""),
+                           self.pod_key),
         )
+
+    @property
+    def pod_key(self) -> str:
+        """"namespace/pod" where the server is a pod ("" for a local process)."""
+        return ""
 
     def release_holding(self) -> None:
         usage_ledger().release(self.owner_key)

@@ -232,6 +232,10 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
             if asyncio.iscoroutine(result):
                 await result
 
+    @property
+    def pod_key(self) -> str:
+        return f"{self.namespace}/{self.pod_name}"
+
     def _get_reflector_key(self, kind: str):
         return (*super()._get_reflector_key(kind), self.site)
 
