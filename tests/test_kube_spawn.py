@@ -35,30 +35,83 @@ pytestmark = pytest.mark.platform
 NAMESPACE = "mlaas-users"
 
 
+class DcgmStandIn:
+    """Stands in for NVIDIA's DCGM exporter (no GPU here): its series, with its labels, for the
+    pods the test names; served over HTTP for the real Prometheus to scrape."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.series: dict[str, tuple[float, float]] = {}  # "namespace/pod" -> (engine active 0-1, MiB used)
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                body = stand_in.exposition().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def exposition(self) -> str:
+        lines = ["# TYPE DCGM_FI_PROF_GR_ENGINE_ACTIVE gauge", "# TYPE DCGM_FI_DEV_FB_USED gauge"]
+        for key, (active, used) in sorted(self.series.items()):
+            namespace, pod = key.split("/")
+            labels = (f'gpu="0",UUID="GPU-5f2e-0000",device="nvidia0",modelName="NVIDIA A100-SXM4-40GB",'
+                      f'GPU_I_PROFILE="3g.20gb",GPU_I_ID="1",Hostname="spawn-a100-mig-0",container="notebook",'
+                      f'namespace="{namespace}",pod="{pod}"')
+            lines += [f"DCGM_FI_PROF_GR_ENGINE_ACTIVE{{{labels}}} {active}", f"DCGM_FI_DEV_FB_USED{{{labels}}} {used}"]
+        return "\n".join(lines) + "\n"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def site():
+    from prom import Prometheus
+
+    dcgm = DcgmStandIn()
+    prometheus = Prometheus(state_root() / "kube-prometheus", [{"job_name": "dcgm",
+                                                                 "static_configs": [{"targets": [dcgm.address]}]}]).start()
+    profiles = state_root() / "kube-profiles"
+    shutil.rmtree(profiles, ignore_errors=True)
+    shutil.copytree(FIXTURES / "profiles", profiles)
+    (profiles / "mig-idle.yaml").write_text(yaml.safe_dump({"profiles": [{
+        "slug": "mig-idle", "display_name": "A MIG slice, stopped when unused", "cpu": {"limit": 1},
+        "memory": {"limit": "1Gi"}, "mig": "3g.20gb", "gpu_idle_timeout": 30, "groups": ["*"]}]}))
     cluster = Cluster("spawn", state_root() / "cluster-spawn", binaries(), pod_cidr=pod_range(2))
     cluster.start(REPO / "tests" / "cluster" / "nodes.yaml")
     cluster.request("POST", "/api/v1/namespaces", {"metadata": {
         "name": NAMESPACE, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
     cluster.apply_crds(REPO / "tests" / "cluster" / "crds" / "dask-gateway.yaml")
     apply_upstream_rbac(cluster, NAMESPACE, charts_dir())  # z2jh's hub Role, Dask Gateway's roles
-    install_chart(cluster, FIXTURES / "profiles")  # ours: project volumes, the hub's read-only ClusterRole
+    install_chart(cluster, profiles)  # ours: project volumes, the hub's read-only ClusterRole
     accounts = {name: str(cluster.service_account_kubeconfig(NAMESPACE, name, cluster.state / f"{name}.kubeconfig"))
                 for name in ("hub", "api-dask-gateway", "controller-dask-gateway")}
     runner = PodRunner(cluster, NAMESPACE, cluster.state / "pods").start()
     hub = start_platform(
-        "kube", spawner="kubernetes",
-        kubernetes={"kubeconfig": accounts["hub"], "namespace": NAMESPACE},
+        "kube", spawner="kubernetes", profiles=profiles, culling={"gpu_every": 2},
+        kubernetes={"kubeconfig": accounts["hub"], "namespace": NAMESPACE, "gpu_metrics_url": prometheus.url},
         dask_gateway={"backend": "kubernetes", "port": free_port(), "api_port": free_port(), "tcp_port": free_port(),
                       "controller_port": free_port(), "kubeconfig": accounts["api-dask-gateway"],
                       "controller_kubeconfig": accounts["controller-dask-gateway"]},
         data={"enabled": False},
     )
-    yield {"cluster": cluster, "hub": hub, "runner": runner}
+    yield {"cluster": cluster, "hub": hub, "runner": runner, "dcgm": dcgm, "prometheus": prometheus}
     hub.platform.stop()
     runner.stop()
     cluster.stop()
+    prometheus.stop()
+    dcgm.stop()
     shutil.copytree(hub.log_dir, ARTIFACTS / "kube-logs", dirs_exist_ok=True)
 
 
@@ -255,3 +308,46 @@ print(json.dumps([os.path.exists("/home/jovyan/projects"), os.path.exists("/home
     finally:
         for name in started:
             stop_server(hub, name)
+
+
+def test_a_pods_gpu_use_comes_from_dcgm_and_an_unused_slice_is_freed_while_the_user_is_active(site):
+    """On Kubernetes the GPU use of a server is its pod's, as NVIDIA's DCGM exporter reports it
+    (a stand-in here, DcgmStandIn: no GPU) through a real Prometheus: the admins' usage view and
+    the metrics show it, and the GPU culler warns and then stops a server whose MIG slice stays
+    unused (profile mig-idle, 30 s), even while its user keeps the server busy, and the pod goes."""
+    import time
+
+    hub, cluster, dcgm = site["hub"], site["cluster"], site["dcgm"]
+    ensure_user(hub, "kube-idler", ["ml-users"])
+    token = user_token(hub, "kube-idler")
+    r = hub.api(token).post(f"{hub.url}/hub/api/users/kube-idler/server", json={"profile": "mig-idle"})
+    assert r.status_code in (201, 202), error_message(r)
+    try:
+        wait_ready(hub, "kube-idler")
+        pod = cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods?labelSelector=hub.jupyter.org%2Fusername%3Dkube-idler")["items"][0]
+        key = f"{NAMESPACE}/{pod['metadata']['name']}"
+        dcgm.series[key] = (0.8, 2048)  # the slice is busy, 2 GiB in use
+
+        def use():
+            servers = hub.api().get(f"{hub.url}/hub/api/mlaas/usage").json()["servers"]
+            return next((s["gpu_use"] for s in servers if s["user"] == "kube-idler"), None)
+
+        assert wait_until(lambda: (use() or {}).get("utilization") == 80, 30), use()
+        assert use() == {"devices": 1, "utilization": 80, "memory_used": 2 * 2**30}
+
+        dcgm.series[key] = (0.0, 2048)  # unused from now on, while the user keeps working
+        idle_from, warned, stopped = time.monotonic(), False, False
+        while time.monotonic() - idle_from < 70:
+            r = hub.api(token).get(f"{hub.url}/user/kube-idler/api/contents")
+            if r.status_code != 200:
+                stopped = True
+                break
+            warned = warned or any(f["name"].startswith("GPU idle - this server stops at") for f in r.json()["content"])
+            time.sleep(2)
+        assert warned and stopped, (warned, stopped)
+        assert wait_until(lambda: not cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods?labelSelector="
+                                                     f"hub.jupyter.org%2Fusername%3Dkube-idler")["items"], 60)
+        assert "GPU culler: stopped kube-idler, its GPUs idle for" in hub.hub_log()
+    finally:
+        dcgm.series.clear()
+        stop_server(hub, "kube-idler")

@@ -17,8 +17,9 @@ import pytest
 import requests
 import yaml
 
-from helpers import ARTIFACTS, FIXTURES, ensure_user, error_message, free_port, request_server, start_platform, \
-    start_server, state_root, stop_server, user_token
+from helpers import FIXTURES, ensure_user, error_message, request_server, start_platform, start_server, state_root, \
+    stop_server, user_token
+from prom import Prometheus
 
 pytestmark = pytest.mark.platform
 CHART_FILES = Path(__file__).resolve().parents[1] / "charts" / "mlaas-hub" / "files"
@@ -46,54 +47,18 @@ def platform():
 
 @pytest.fixture(scope="module")
 def prometheus(platform):
-    if shutil.which("prometheus") is None:
-        pytest.fail("Prometheus is not installed (Debian: apt-get install prometheus); .ci/run installs it")
     root, hub = platform["root"], platform["hub"]
     rules = root / "alerts.yaml"
     shutil.copy(CHART_FILES / "alerts.yaml", rules)
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(rules)],
-        "scrape_configs": [{
-            "job_name": "mlaas", "metrics_path": "/hub/metrics",
-            "authorization": {"credentials_file": str(platform["token"])},
-            "static_configs": [{"targets": [hub.url.split("://", 1)[1].rstrip("/")]}],
-        }],
-    }
-    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = open(root / "prometheus.log", "wb")
-    proc = subprocess.Popen(["prometheus", f"--config.file={root / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={root / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    prom = Prometheus(root / "prometheus", [{
+        "job_name": "mlaas", "metrics_path": "/hub/metrics",
+        "authorization": {"credentials_file": str(platform["token"])},
+        "static_configs": [{"targets": [hub.url.split("://", 1)[1].rstrip("/")]}],
+    }], [str(rules)]).start()
     try:
-        yield url
+        yield prom
     finally:
-        proc.terminate()
-        proc.wait(15)
-        shutil.copy(root / "prometheus.log", ARTIFACTS / "prometheus.log")
-
-
-def query(prom: str, expr: str) -> list[dict]:
-    r = requests.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10)
-    body = r.json()
-    assert body["status"] == "success", f"{expr}: {body.get('error')}"
-    return body["data"]["result"]
-
-
-def value(prom: str, expr: str, timeout: float = 30) -> float | None:
-    """The single value of `expr` once Prometheus has it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = query(prom, expr)
-        except requests.RequestException:
-            result = []
-        if len(result) == 1:
-            return float(result[0]["value"][1])
-        time.sleep(0.5)
-    return None
+        prom.stop()
 
 
 def test_prometheus_scrapes_the_platforms_metrics_with_a_read_metrics_token_alone(platform, prometheus):
@@ -106,7 +71,7 @@ def test_prometheus_scrapes_the_platforms_metrics_with_a_read_metrics_token_alon
         refused = request_server(hub, "met-other", user_token(hub, "met-other"), {"profile": "mig-atlas"})
         assert refused.status_code == 403, error_message(refused)  # atlas-ml only
 
-        assert value(prometheus, 'up{job="mlaas"}') == 1.0, "Prometheus could not scrape /hub/metrics"
+        assert prometheus.value('up{job="mlaas"}') == 1.0, "Prometheus could not scrape /hub/metrics"
         expected = {
             'mlaas_servers{profile="gpu-one"}': 1,
             'mlaas_accelerators_held{user="met-gpu",profile="gpu-one",kind="gpu"}': 1,
@@ -121,11 +86,11 @@ def test_prometheus_scrapes_the_platforms_metrics_with_a_read_metrics_token_alon
             'mlaas_spawn_refusals_total{reason="quota"}': 0,
             "jupyterhub_running_servers": 1,  # JupyterHub's own, next to ours
         }
-        got = {expr: value(prometheus, expr) for expr in expected}
+        got = {expr: prometheus.value(expr) for expr in expected}
         assert got == expected
         # one query per family answers (jupyterhub's own are there too)
         for family in [*FAMILIES, "jupyterhub_running_servers"]:
-            assert query(prometheus, family), f"no {family} in Prometheus"
+            assert prometheus.query(family), f"no {family} in Prometheus"
 
         # the scrape token can read metrics and nothing else; a user's token cannot read metrics
         metrics_token = platform["token"].read_text().strip()
@@ -135,19 +100,19 @@ def test_prometheus_scrapes_the_platforms_metrics_with_a_read_metrics_token_alon
                             timeout=10).status_code == 403
     finally:
         stop_server(hub, "met-gpu")
-    assert value(prometheus, 'absent(mlaas_servers{profile="gpu-one"})') == 1.0  # gone with the server
-    assert value(prometheus, 'mlaas_profile_free{profile="gpu-one"}') == 1.0
+    assert prometheus.value('absent(mlaas_servers{profile="gpu-one"})') == 1.0  # gone with the server
+    assert prometheus.value('mlaas_profile_free{profile="gpu-one"}') == 1.0
 
 
 def test_the_alert_rules_pass_promtool_and_load_into_prometheus(prometheus):
     r = subprocess.run(["promtool", "check", "rules", str(CHART_FILES / "alerts.yaml")], capture_output=True, text=True)
     assert r.returncode == 0 and "SUCCESS: 4 rules found" in r.stdout, r.stdout + r.stderr
-    groups = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    groups = requests.get(f"{prometheus.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
     rules = {rule["name"]: rule["health"] for g in groups for rule in g["rules"]}
     deadline = time.monotonic() + 20
     while any(h != "ok" for h in rules.values()) and time.monotonic() < deadline:
         time.sleep(1)
-        groups = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+        groups = requests.get(f"{prometheus.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
         rules = {rule["name"]: rule["health"] for g in groups for rule in g["rules"]}
     assert rules == {"MLaaSGroupQuotaNearlyUsedUp": "ok", "MLaaSProfileFull": "ok", "MLaaSIdleGPUHeld": "ok",
                      "MLaaSManySpawnsRefused": "ok"}
@@ -158,7 +123,7 @@ def test_every_dashboard_query_is_valid_and_reads_metrics_the_platform_exports(p
     Prometheus (with the dashboard's variables set) over metric names that exist there."""
     dashboards = sorted((CHART_FILES / "dashboards").glob("*.json"))
     assert [d.name for d in dashboards] == ["gpu-use.json", "quota-pressure.json"]
-    exported = set(requests.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10).json()["data"])
+    exported = set(requests.get(f"{prometheus.url}/api/v1/label/__name__/values", timeout=10).json()["data"])
     for path in dashboards:
         board = json.loads(path.read_text())
         assert board["uid"] and board["title"].startswith("MLaaS Hub") and board["panels"], path.name
@@ -168,6 +133,6 @@ def test_every_dashboard_query_is_valid_and_reads_metrics_the_platform_exports(p
             assert panel["datasource"]["uid"] == "${PROMETHEUS_DS}" and panel["gridPos"]["w"] > 0
             for target in panel["targets"]:
                 expr = target["expr"].replace("$group", ".*")
-                query(prometheus, expr)  # raises on a PromQL error
+                prometheus.query(expr)  # raises on a PromQL error
                 names = {n for n in __import__("re").findall(r"\b(mlaas_[a-z_]+|jupyterhub_[a-z_]+)\b", expr)}
                 assert names and names <= exported, f"{path.name} '{panel['title']}' reads {names - exported}"

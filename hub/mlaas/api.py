@@ -117,9 +117,9 @@ class UsageAPIHandler(APIHandler):
         inventory_view = None
         if self.allocator is not None:
             devices = await asyncio.to_thread(self.allocator.held_with_use)  # NVML: who uses their devices how much
+            inventory_view = self.allocator.inventory().as_dict(held=self.allocator.held())
         elif self.dcgm is not None:
             devices = await asyncio.to_thread(pod_devices, self.dcgm, usage_ledger().holdings())
-            inventory_view = self.allocator.inventory().as_dict(held=self.allocator.held())
         pset = await self.store.fresh()
         holdings = usage_ledger().holdings()
         self.set_header("Content-Type", "application/json")
