@@ -65,6 +65,16 @@ def build_cluster(cache) -> None:
     cache.replace("pod", pods)
 
 
+def render_times(spawner) -> list[float]:
+    """Milliseconds of each of VIEWS form renders, sorted."""
+    times = []
+    for _ in range(VIEWS):
+        t = time.perf_counter()
+        spawner.render_options_form()
+        times.append((time.perf_counter() - t) * 1000)
+    return sorted(times)
+
+
 async def main() -> int:
     cache = kube_capacity("mixed")
     t0 = time.perf_counter()
@@ -74,12 +84,7 @@ async def main() -> int:
     c.KubeProfileSpawner.profiles_dir = str(REPO / "spawner_profiles")
     c.KubeProfileSpawner.watch_capacity = False  # the cache is filled above; no cluster here
     spawner = KubeProfileSpawner(_mock=True, user=_User(), config=c)
-    times = []
-    for _ in range(VIEWS):
-        t = time.perf_counter()
-        spawner.render_options_form()
-        times.append((time.perf_counter() - t) * 1000)
-    times.sort()
+    times = render_times(spawner)
     p95 = times[int(0.95 * (len(times) - 1))]
     print(f"form render ({VIEWS} views, {len(spawner.form_entries())} profiles): "
           f"p50 {statistics.median(times):.2f} ms   p95 {p95:.2f} ms")
@@ -122,11 +127,7 @@ def metrics_figures(spawner, form_p50_ms: float) -> None:
             generate_latest(REGISTRY)
 
     threading.Thread(target=scrape_every_second, daemon=True).start()
-    times = []
-    for _ in range(VIEWS):
-        t = time.perf_counter()
-        spawner.render_options_form()
-        times.append((time.perf_counter() - t) * 1000)
+    times = render_times(spawner)
     stop.set()
     with_scrapes = statistics.median(times)
     print(f"form render while Prometheus scrapes every second: p50 {with_scrapes:.2f} ms "
