@@ -318,6 +318,8 @@ def test_a_pods_gpu_use_comes_from_dcgm_and_an_unused_slice_is_freed_while_the_u
     import time
 
     hub, cluster, dcgm = site["hub"], site["cluster"], site["dcgm"]
+    # the earlier tests' servers are gone, processes included: KWOK may give their IP to this pod
+    assert wait_until(site["runner"].kubelet.idle, 60), site["runner"].kubelet.pods
     ensure_user(hub, "kube-idler", ["ml-users"])
     token = user_token(hub, "kube-idler")
     r = hub.api(token).post(f"{hub.url}/hub/api/users/kube-idler/server", json={"profile": "mig-idle"})

@@ -74,6 +74,12 @@ class Kubelet:
         self.failures: dict[str, str] = {}  # "namespace/name" -> why it has not started
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._stopping = 0  # pods whose processes are being stopped now
+
+    def idle(self) -> bool:
+        """No pod's processes run or are being stopped: a new pod that gets a freed IP (KWOK reuses
+        them at once, a real CNI does not) cannot be answered for by an old pod's server."""
+        return not self.pods and not self._stopping
 
     def start(self) -> Kubelet:
         (self.state / "pods").mkdir(parents=True, exist_ok=True)
@@ -98,7 +104,11 @@ class Kubelet:
         with self._lock:
             alive = {uid for uid, p in pods.items() if not p["metadata"].get("deletionTimestamp")}
             for uid in set(self.pods) - alive:  # first free what deleted pods held (KWOK reuses IPs)
-                self.pods.pop(uid).stop()
+                self._stopping += 1
+                try:
+                    self.pods.pop(uid).stop()
+                finally:
+                    self._stopping -= 1
             for uid, pod in pods.items():
                 if uid in self.pods or uid not in alive:
                     continue
