@@ -246,3 +246,19 @@ def test_the_gpu_idle_decision_warns_then_stops_and_forgives_any_busy_or_unknown
     # a device whose use the driver cannot tell is never taken for idle; no timeout: never culled
     t2 = GpuIdleTracker()
     assert t2.observe(0, [server(None), server(0, None, "b")]) == [] and t2.observe(10_000, [server(None)]) == []
+
+
+def test_a_hub_that_cannot_see_gpu_use_says_which_gpu_idle_timeouts_it_cannot_enforce(caplog):
+    from types import SimpleNamespace
+
+    from mlaas.hubconfig import warn_if_gpu_idle_unenforced
+    from mlaas.profiles import Profile
+
+    gpu = Profile.model_validate({"slug": "gpu-a", "display_name": "A", "cpu": {"limit": 1}, "memory": {"limit": "1Gi"},
+                                  "gpu": {"count": 1}, "gpu_idle_timeout": 600, "groups": ["*"]})
+    store = SimpleNamespace(current=lambda: SimpleNamespace(profiles=[gpu]))
+    with caplog.at_level("WARNING", logger="JupyterHub.mlaas"):
+        warn_if_gpu_idle_unenforced(store, enforced=True)
+        assert not caplog.records
+        warn_if_gpu_idle_unenforced(store, enforced=False)
+    assert "gpu_idle_timeout of gpu-a is not enforced" in caplog.text and "gpuMetricsUrl" in caplog.text

@@ -38,6 +38,17 @@ METRICS_SERVICE = "mlaas-metrics"  # a scraper's token: read:metrics alone
 METRICS_ROLE = {"name": METRICS_SERVICE, "scopes": ["read:metrics"], "services": [METRICS_SERVICE]}
 
 
+def warn_if_gpu_idle_unenforced(store: ProfileStore, enforced: bool) -> None:
+    """Profiles with a gpu_idle_timeout on a hub that cannot see GPU use: say so at start."""
+    if enforced:
+        return
+    slugs = [p.slug for p in store.current().profiles if p.gpu_idle_timeout]
+    if slugs:
+        log.warning("gpu_idle_timeout of %s is not enforced: this hub has no GPU use to read (on Kubernetes, set "
+                    "custom.mlaas.gpuMetricsUrl or kubernetes.gpu_metrics_url to a Prometheus scraping DCGM)",
+                    ", ".join(slugs))
+
+
 def pod_gpu_use(gpu_metrics_url: str | None):
     """() -> {"user/server": devices with their use} from the DCGM exporter's series (None without)."""
     if not gpu_metrics_url:
@@ -398,10 +409,12 @@ def configure(c, settings: Settings) -> None:
     services += cull_services
     roles += cull_roles
     environment.update(cull_env)
-    if s.culling.enabled and (s.spawner == "local" or s.kubernetes.gpu_metrics_url):
+    gpu_use_known = s.spawner == "local" or bool(s.kubernetes.gpu_metrics_url)
+    if s.culling.enabled and gpu_use_known:
         # GPU use per server: this machine's NVML, or the DCGM exporter's series in Prometheus
         services.append(gpu_culler.culler_service(s.culling.gpu_every, s.public_url))
         roles.append(dict(gpu_culler.ROLE))
+    warn_if_gpu_idle_unenforced(store, s.culling.enabled and gpu_use_known)
     add_server_environment(c, environment, "KubeProfileSpawner" if s.spawner == "kubernetes" else "LocalProfileSpawner")
 
     # --- an admin-scoped service token for automation, if asked for ----------------------------
@@ -553,6 +566,7 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
     if gpu_metrics_url:  # GPU-aware idle culling from the DCGM exporter's series (mlaas.gpu_culler)
         add_services(c, [gpu_culler.culler_service(gpu_cull_every, K8S_PROXY_URL)])
         roles.append(dict(gpu_culler.ROLE))
+    warn_if_gpu_idle_unenforced(store, bool(gpu_metrics_url))
     add_roles(c, roles)
     add_server_environment(c, environment, "KubeSpawner")
     if sites:
