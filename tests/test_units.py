@@ -262,3 +262,38 @@ def test_a_hub_that_cannot_see_gpu_use_says_which_gpu_idle_timeouts_it_cannot_en
         assert not caplog.records
         warn_if_gpu_idle_unenforced(store, enforced=False)
     assert "gpu_idle_timeout of gpu-a is not enforced" in caplog.text and "gpuMetricsUrl" in caplog.text
+
+
+def test_a_hub_service_ends_on_sigint_even_when_inherited_ignored_and_with_its_hub(tmp_path):
+    """mlaas.hub_service (the cullers' wrapper): JupyterHub stops a service with SIGINT, which a
+    hub started as a background job passes on ignored; and a killed hub must leave none behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    service = [sys.executable, "-m", "mlaas.hub_service", "http.server", "0", "--bind", "127.0.0.1"]
+    ignored = subprocess.Popen(service, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.5)
+    ignored.send_signal(signal.SIGINT)
+    assert ignored.wait(5) == 0
+
+    hub = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
+                            f"c = subprocess.Popen({service!r}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                            "print(c.pid, flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    child = int(hub.stdout.readline())
+    time.sleep(1.5)
+    hub.kill()  # the hub dies without stopping its services
+    hub.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the service outlived its hub")

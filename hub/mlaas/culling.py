@@ -47,7 +47,7 @@ def activity_interval(timeout: int) -> int:
 
 
 def culler_service(cull: CullSettings) -> dict:
-    command = [sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={cull.timeout}",
+    command = [sys.executable, "-m", "mlaas.hub_service", "jupyterhub_idle_culler", f"--timeout={cull.timeout}",
                f"--cull-every={cull.every}", "--concurrency=10"]
     if cull.max_age:
         command.append(f"--max-age={cull.max_age}")

@@ -146,7 +146,7 @@ class GpuCuller:
 
 
 def culler_service(every: int, servers_url: str) -> dict:
-    return {"name": SERVICE, "command": [sys.executable, "-m", "mlaas.gpu_culler"],
+    return {"name": SERVICE, "command": [sys.executable, "-m", "mlaas.hub_service", "mlaas.gpu_culler"],
             "environment": {"MLAAS_GPU_CULL_EVERY": str(every), "MLAAS_SERVERS_URL": servers_url}}
 
 
