@@ -50,6 +50,10 @@ def wait_http(
     raise LaunchError(f"{what or url} not ready after {timeout:.0f}s ({last})")
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stop(proc: subprocess.Popen | None, timeout: float) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -208,6 +212,9 @@ class Platform:
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,
+            # JupyterHub stops its services with SIGINT first: a hub started from a background job
+            # (SIGINT ignored, inherited by every child) waited out each service's timeout
+            preexec_fn=_default_sigint,
         )
         # the hub itself first (quietly), then through the proxy once its route is there
         wait_http(f"http://127.0.0.1:{self.settings.hub_port}/hub/health", timeout, self.hub, "JupyterHub")
