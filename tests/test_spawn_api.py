@@ -53,6 +53,22 @@ def test_forged_request_for_a_forbidden_profile_is_refused_and_starts_nothing(hu
     assert model["servers"] == {} and not model["pending"]
 
 
+@needs_root
+def test_a_plain_start_after_a_refused_request_starts_the_default_profile(hub, users):
+    """JupyterHub reuses the last request's options when a spawn request has no body: a refused
+    request's profile must not be the one a plain start (the API without a body) asks for."""
+    r = request_server(hub, "ben", users["ben"], {"profile": "atlas-cpu"})
+    assert r.status_code == 403
+    r = hub.api(users["ben"]).post(f"{hub.url}/hub/api/users/ben/server")
+    assert r.status_code in (201, 202), error_message(r)
+    try:
+        wait_ready(hub, "ben")
+        server = hub.api().get(f"{hub.url}/hub/api/users/ben").json()["servers"][""]
+        assert server["state"]["profile"]["slug"] == "small"  # the default, not the refused atlas-cpu
+    finally:
+        stop_server(hub, "ben")
+
+
 def test_unknown_profile_and_unknown_options_are_refused_by_name(hub, users):
     r = request_server(hub, "ben", users["ben"], {"profile": "huge"})
     assert r.status_code == 400

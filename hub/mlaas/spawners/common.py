@@ -61,9 +61,26 @@ class ProfileSpawnerMixin(LoggingConfigurable):
                 await spawner.apply_profile(options)
             except web.HTTPError as e:
                 count_refusal(e)  # mlaas_spawn_refusals_total{reason}
+                spawner.forget_refused_options()
                 raise
+            spawner.__dict__["_mlaas_good_options"] = dict(options or {})
 
         return apply
+
+    def forget_refused_options(self) -> None:
+        """JupyterHub keeps a request's options as the defaults of the next request without any
+        (an empty spawn body): a refused request's must not become them, or the next plain start
+        asks for the refused profile again. The last accepted ones (or none: the default
+        profile) stay the defaults."""
+        orm = getattr(self, "orm_spawner", None)
+        if orm is None:
+            return
+        orm.user_options = dict(self.__dict__.get("_mlaas_good_options", {}))
+        from sqlalchemy.orm import object_session
+
+        session = object_session(orm)
+        if session is not None:
+            session.commit()
 
     # --- shared services -------------------------------------------------------------------
     @property
