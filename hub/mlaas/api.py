@@ -115,13 +115,13 @@ class UsageAPIHandler(APIHandler):
     async def get(self) -> None:
         devices: dict[str, list[dict]] = {}
         inventory_view = None
+        pset = await self.store.fresh()
+        holdings = usage_ledger().holdings()
         if self.allocator is not None:
             devices = await asyncio.to_thread(self.allocator.held_with_use)  # NVML: who uses their devices how much
             inventory_view = self.allocator.inventory().as_dict(held=self.allocator.held())
         elif self.dcgm is not None:
-            devices = await asyncio.to_thread(pod_devices, self.dcgm, usage_ledger().holdings())
-        pset = await self.store.fresh()
-        holdings = usage_ledger().holdings()
+            devices = await asyncio.to_thread(pod_devices, self.dcgm, holdings)
         self.set_header("Content-Type", "application/json")
         self.write(json.dumps(
             quotas.usage(holdings, devices) | {"quotas": quotas.report(pset, holdings), "devices": inventory_view}

@@ -111,13 +111,14 @@ def _ensure_watch(cache: KubeCapacity, api_client: Any) -> None:
         _watches[id(cache)] = asyncio.ensure_future(cache.run(api_client))
 
 
+def site_caches(mig_strategy: MigStrategy, sites: list[str] | None = None) -> dict[str, KubeCapacity]:
+    """The capacity cache of each site, or of the one unnamed cluster ("") without a federation."""
+    return {n: kube_capacity(mig_strategy, n) for n in sites} if sites else {"": kube_capacity(mig_strategy)}
+
+
 def federation_availability(mig_strategy: MigStrategy, sites: list[str] | None = None):
     """profile -> Availability over the same capacity caches the spawners use (for metrics)."""
-    def availability(profile: Profile):
-        caches = {n: kube_capacity(mig_strategy, n) for n in sites} if sites else {"": kube_capacity(mig_strategy)}
-        return Federation(caches).availability(profile)
-
-    return availability
+    return lambda profile: Federation(site_caches(mig_strategy, sites)).availability(profile)
 
 
 def _ensure_site_watch(cache: KubeCapacity, kubeconfig: str) -> None:
@@ -160,16 +161,12 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
 
     @property
     def federation(self) -> Federation:
-        if not self.sites:
-            cache = kube_capacity(self.mig_strategy)
-            if self.watch_capacity:
-                _ensure_watch(cache, self._default_api.api_client)
-            return Federation({"": cache})
-        caches = {}
-        for name, connection in self.sites.items():
-            caches[name] = cache = kube_capacity(self.mig_strategy, name)
-            if self.watch_capacity:
-                _ensure_site_watch(cache, connection.kubeconfig)
+        caches = site_caches(self.mig_strategy, list(self.sites))
+        if self.watch_capacity:
+            if not self.sites:
+                _ensure_watch(caches[""], self._default_api.api_client)
+            for name, connection in self.sites.items():
+                _ensure_site_watch(caches[name], connection.kubeconfig)
         return Federation(caches)
 
     @property
