@@ -195,8 +195,10 @@ def oidc_login(
 
 
 # --- code in a user's kernel -------------------------------------------------------------------
-def run_in_kernel(hub: RunningPlatform, name: str, token: str, code: str, timeout: float = 60) -> dict[str, Any]:
-    """Run code in a new kernel of `name`'s server (through the proxy); return stdout and error."""
+def run_in_kernel(hub: RunningPlatform, name: str, token: str, code: str, timeout: float = 60,
+                  keep: bool = False) -> dict[str, Any]:
+    """Run code in a new kernel of `name`'s server (through the proxy); return stdout and error.
+    `keep`: leave the kernel running (it ends with the server)."""
     base = f"{hub.url}/user/{name}"
     api = hub.api(token)
     r = api.post(f"{base}/api/kernels", json={"name": "python3"}, timeout=timeout)
@@ -238,12 +240,13 @@ def run_in_kernel(hub: RunningPlatform, name: str, token: str, code: str, timeou
                 break
     finally:
         ws.close()
-        api.delete(f"{base}/api/kernels/{kernel_id}", timeout=timeout)
+        if not keep:
+            api.delete(f"{base}/api/kernels/{kernel_id}", timeout=timeout)
     return {"stdout": "".join(stdout), "error": error}
 
 
-def kernel_json(hub: RunningPlatform, name: str, token: str, code: str) -> Any:
+def kernel_json(hub: RunningPlatform, name: str, token: str, code: str, keep: bool = False) -> Any:
     """Run code that prints one JSON document; return it parsed."""
-    out = run_in_kernel(hub, name, token, code)
+    out = run_in_kernel(hub, name, token, code, keep=keep)
     assert out["error"] is None, out["error"]
     return json.loads(out["stdout"].strip().splitlines()[-1])

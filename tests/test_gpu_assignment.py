@@ -181,3 +181,58 @@ def test_gpu_use_per_server_user_and_group_and_an_unused_gpu_is_freed_even_from_
     finally:
         set_gpu_use(gpu_hub, gpu, 0)
         stop_server(gpu_hub, "gpu-idler")
+
+
+def test_each_gpu_process_belongs_to_its_server_and_use_outside_an_assignment_is_shown(gpu_hub, browser):
+    """NVML's list of processes per device (the stand-in file's `pids:`, naming the real kernel
+    processes of two real servers) is mapped to servers through the process tree: the admins'
+    usage view, its page and the metrics name each process's server, and flag a process on a
+    device its server was not given (which the fence prevents where it is in force)."""
+    gpu, mig = "GPU-11111111-aaaa-bbbb-cccc-000000000001", "MIG-22222222-aaaa-bbbb-cccc-000000000001"
+    path = Path(gpu_hub.platform.settings.gpu_inventory)
+    for name in ("proc-gpu", "proc-cpu"):
+        ensure_user(gpu_hub, name, ["ml-users"])
+    tokens = {name: user_token(gpu_hub, name) for name in ("proc-gpu", "proc-cpu")}
+    api = gpu_hub.api()
+    original = path.read_text()
+    try:
+        start_server(gpu_hub, "proc-gpu", tokens["proc-gpu"], {"profile": "gpu-one"})
+        start_server(gpu_hub, "proc-cpu", tokens["proc-cpu"], {"profile": "small"})
+        # GPU work of a kernel (a child of the server) and of a program it started (a grandchild)
+        pid = {"proc-gpu": kernel_json(gpu_hub, "proc-gpu", tokens["proc-gpu"], "import os; print(os.getpid())", keep=True),
+               "proc-cpu": kernel_json(gpu_hub, "proc-cpu", tokens["proc-cpu"], "import subprocess; "
+                                       "print(subprocess.Popen(['sleep', '600']).pid)", keep=True)}
+        inventory = yaml.safe_load(original)
+        inventory["usage"] = {gpu: {"utilization": 70, "memory_used": "1Gi", "pids": [pid["proc-gpu"], pid["proc-cpu"]]},
+                              mig: {"utilization": 5, "memory_used": "1Gi", "pids": [pid["proc-cpu"]]}}
+        path.write_text(yaml.safe_dump(inventory))
+
+        usage = api.get(f"{gpu_hub.url}/hub/api/mlaas/usage").json()
+        server = next(s for s in usage["servers"] if s["user"] == "proc-gpu")
+        assert server["devices"][0]["processes"] == [{"pid": pid["proc-gpu"], "server": "proc-gpu/"},
+                                                     {"pid": pid["proc-cpu"], "server": "proc-cpu/"}]
+        assert usage["gpu_processes_outside_assignment"] == [
+            {"uuid": gpu, "pid": pid["proc-cpu"], "server": "proc-cpu/", "held_by": "proc-gpu/"},
+            {"uuid": mig, "pid": pid["proc-cpu"], "server": "proc-cpu/", "held_by": None},
+        ]
+        assert api.get(f"{gpu_hub.url}/hub/api/mlaas/usage", headers={
+            "Authorization": f"token {tokens['proc-cpu']}"}).status_code == 403  # admins only
+
+        page = browser.new_page()
+        try:
+            from conftest import open_profile_editor
+
+            open_profile_editor(page, gpu_hub.url, gpu_hub.password("admin"), "small")
+            page.click("nav button[data-panel=usage]")
+            page.click("#usage-refresh")
+            warning = page.locator("#usage-outside")
+            warning.wait_for(state="visible")
+            text = warning.inner_text()
+            assert f"process {pid['proc-cpu']} of server proc-cpu/ on {gpu} (held by proc-gpu/)" in text, text
+            assert f"on {mig} (not handed out)" in text and f"process {pid['proc-gpu']} " not in text, text
+        finally:
+            page.close()
+    finally:
+        path.write_text(original)
+        for name in tokens:
+            stop_server(gpu_hub, name)

@@ -297,3 +297,34 @@ def test_a_hub_service_ends_on_sigint_even_when_inherited_ignored_and_with_its_h
     else:
         os.kill(child, signal.SIGKILL)
         raise AssertionError("the service outlived its hub")
+
+
+def test_dask_worker_pods_gpu_use_is_their_clusters_and_the_counts_add_up_per_user_and_group():
+    """The gateway's metrics (mlaas.dask_metrics) from its clusters and DCGM's per-pod series (as
+    DcgmUsage.by_pod returns them; no GPU here): a worker pod's GPU use is its cluster's, a cluster
+    whose name extends another's keeps its own, the scheduler and other pods count for none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mlaas.dask_gateway import ClusterUse
+    from mlaas.dask_metrics import render, worker_gpu_use
+
+    a = ClusterUse("abc", "ann", frozenset({"atlas-ml"}), 2, 1.0, 2**30, 1)
+    b = ClusterUse("abc1", "ben", frozenset({"atlas-ml", "cms"}), 1, 2.0, 2**30, 1)
+    by_pod = {
+        "dask/dask-worker-abc-x1": [{"utilization": 80, "memory_used": 2**30}],
+        "dask/dask-worker-abc-x2": [{"utilization": 40, "memory_used": 2**30}],
+        "dask/dask-worker-abc1-y1": [{"utilization": 10, "memory_used": 5}],
+        "dask/dask-scheduler-abc": [{"utilization": 99, "memory_used": 7}],
+        "mlaas/jupyter-ann": [{"utilization": 99, "memory_used": 7}],
+    }
+    gpu = worker_gpu_use(by_pod, [a, b])
+    assert {k: len(v) for k, v in gpu.items()} == {"abc": 2, "abc1": 1}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(render([a, b], gpu).decode()) for s in f.samples}
+    assert samples[("mlaas_dask_cluster_gpu_utilization_percent", (("cluster", "abc"), ("user", "ann")))] == 60
+    assert samples[("mlaas_dask_cluster_gpu_memory_used_bytes", (("cluster", "abc"), ("user", "ann")))] == 2 * 2**30
+    assert samples[("mlaas_dask_cluster_gpu_utilization_percent", (("cluster", "abc1"), ("user", "ben")))] == 10
+    assert samples[("mlaas_group_dask_workers", (("group", "atlas-ml"),))] == 3
+    assert samples[("mlaas_group_dask_worker_gpus", (("group", "cms"),))] == 1
+    assert samples[("mlaas_dask_worker_cores", (("user", "ben"),))] == 2
+    assert samples[("mlaas_dask_clusters", (("user", "ann"),))] == 1

@@ -140,3 +140,26 @@ def _our_chart_objects() -> list[dict]:
     values = deep_merge(yaml.safe_load((SITE / "values.yaml").read_text()), generated)
     out = helm.Chart.load(CHART).render(values, name="mlaas-hub", namespace="mlaas", is_install=True)
     return [doc for text in out.values() for doc in yaml.safe_load_all(text) if doc]
+
+
+def test_the_scrape_jobs_name_services_the_releases_create_and_pass_promtool(tmp_path):
+    """Our chart's scrape jobs point at the hub's and the Dask Gateway's Services as the pinned
+    charts create them (name and port), and Prometheus' own checker accepts them as a config."""
+    services = {(o["metadata"]["name"], p["port"]) for o in render_release("jupyterhub") + render_release("dask-gateway")
+                if o["kind"] == "Service" for p in o["spec"]["ports"]}
+    prometheus = find(_our_chart_objects(), "ConfigMap", "mlaas-prometheus")
+    jobs = {j["job_name"]: j for j in yaml.safe_load(prometheus["data"]["scrape-config.yaml"])}
+    assert {name: j["metrics_path"] for name, j in jobs.items()} == {
+        "mlaas-hub": "/hub/metrics", "mlaas-dask-gateway": "/api/mlaas/metrics"}
+    assert jobs["mlaas-dask-gateway"]["authorization"]["type"] == "jupyterhub"  # the gateway's own scheme
+    for job in jobs.values():
+        (target,) = job["static_configs"][0]["targets"]
+        host, port = target.rsplit(":", 1)
+        assert host.endswith(".mlaas.svc") and (host.split(".")[0], int(port)) in services, target
+        job["authorization"]["credentials_file"] = str(tmp_path / "token")
+    (tmp_path / "token").write_text("x" * 32)
+    (tmp_path / "alerts.yaml").write_text(prometheus["data"]["alerts.yaml"])
+    config = {"rule_files": [str(tmp_path / "alerts.yaml")], "scrape_configs": list(jobs.values())}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    r = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -115,14 +115,19 @@ class UsageAPIHandler(APIHandler):
     async def get(self) -> None:
         devices: dict[str, list[dict]] = {}
         inventory_view = None
+        outside: list[dict] = []
         pset = await self.store.fresh()
         holdings = usage_ledger().holdings()
         if self.allocator is not None:
-            devices = await asyncio.to_thread(self.allocator.held_with_use)  # NVML: who uses their devices how much
+            from .spawners.local import running_server_pids
+
+            # NVML: who uses their devices how much, and which server each GPU process belongs to
+            devices, outside = await asyncio.to_thread(self.allocator.use_report, running_server_pids(self.users))
             inventory_view = self.allocator.inventory().as_dict(held=self.allocator.held())
         elif self.dcgm is not None:
             devices = await asyncio.to_thread(pod_devices, self.dcgm, holdings)
         self.set_header("Content-Type", "application/json")
         self.write(json.dumps(
-            quotas.usage(holdings, devices) | {"quotas": quotas.report(pset, holdings), "devices": inventory_view}
+            quotas.usage(holdings, devices) | {"quotas": quotas.report(pset, holdings), "devices": inventory_view,
+                                               "gpu_processes_outside_assignment": outside}
         ))

@@ -178,7 +178,31 @@ class ProfileLimitsMixin(LoggingConfigurable):
     """Options and limits from the profile files, for any dask-gateway backend (see module doc)."""
 
     profiles_dir = Unicode("spawner_profiles", config=True, help="Directory of profile YAML files.")
+    gpu_metrics_url = Unicode(
+        "", config=True,
+        help="A Prometheus scraping NVIDIA's DCGM exporter: the GPU use of clusters' worker pods in the "
+        "gateway's metrics (mlaas.dask_metrics); empty: not reported.",
+    )
     kubernetes = False  # GPU workers only where pods can ask for GPUs
+    api_prefixes: tuple[str, ...] = ("",)  # where the gateway's API answers (the Kubernetes backend adds one)
+
+    async def setup(self, app: Any) -> None:
+        """The gateway's metrics next to its API (mlaas.dask_metrics)."""
+        from .dask_metrics import METRICS_PATH, metrics_handler
+
+        handler = metrics_handler(self)
+        for prefix in self.api_prefixes:
+            app.router.add_get(prefix + METRICS_PATH, handler)
+        await super().setup(app)  # type: ignore[misc]
+
+    def dcgm(self) -> Any:
+        if not self.gpu_metrics_url:
+            return None
+        if not hasattr(self, "_dcgm"):
+            from .capacity.dcgm import DcgmUsage
+
+            self._dcgm = DcgmUsage(self.gpu_metrics_url)
+        return self._dcgm
 
     @property
     def store(self) -> ProfileStore:
@@ -296,6 +320,10 @@ class MLaaSKubeBackend(ProfileLimitsMixin, KubeBackend):
         "cannot mount it into the gateway's pod); empty: from profiles_dir.",
     )
 
+    @property
+    def api_prefixes(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("", self.api_prefix.rstrip("/")) if self.api_prefix else ("",)
+
     async def setup(self, app: Any) -> None:
         if self.api_prefix:
             from dask_gateway_server.routes import default_routes
@@ -323,7 +351,8 @@ class MLaaSKubeBackend(ProfileLimitsMixin, KubeBackend):
         return active
 
 
-def configure_gateway_options(c: Any, profiles_configmap: str = "mlaas-profiles", profiles_dir: str = "") -> None:
+def configure_gateway_options(c: Any, profiles_configmap: str = "mlaas-profiles", profiles_dir: str = "",
+                              gpu_metrics_url: str | None = None) -> None:
     """Dask Gateway on Kubernetes (its Helm chart's extraConfig): worker choices and per-cluster
     limits from the same profile files as the hub: read from the profiles ConfigMap through the
     API (charts/mlaas-hub lets the gateway's ServiceAccount read it), or from `profiles_dir`."""
@@ -333,6 +362,8 @@ def configure_gateway_options(c: Any, profiles_configmap: str = "mlaas-profiles"
         c.MLaaSKubeBackend.profiles_dir = profiles_dir
     else:
         c.MLaaSKubeBackend.profiles_configmap = profiles_configmap
+    if gpu_metrics_url:  # the GPU use of GPU workers in the gateway's metrics
+        c.MLaaSKubeBackend.gpu_metrics_url = gpu_metrics_url
     kube_cluster_commands(c)
 
 
@@ -400,6 +431,8 @@ def configure_kube_backend(c: Any, settings: Any) -> None:
     c.DaskGateway.address = f"{k.hub_connect_ip}:{gw.api_port}"  # schedulers in pods report here
     c.MLaaSKubeBackend.profiles_dir = str(settings.profiles_dir)
     c.MLaaSKubeBackend.api_prefix = PREFIX
+    if k.gpu_metrics_url:
+        c.MLaaSKubeBackend.gpu_metrics_url = k.gpu_metrics_url
     c.KubeBackend.gateway_instance = c.KubeController.gateway_instance = GATEWAY_INSTANCE
     c.KubeController.address = f"127.0.0.1:{gw.controller_port}"
     c.KubeController.api_url = f"http://{k.hub_connect_ip}:{gw.api_port}/api"

@@ -34,8 +34,9 @@ from .xcache import client_env
 log = logging.getLogger("JupyterHub.mlaas")  # under the hub's logger: same handlers and format
 
 OPS_SCOPES = ["admin:users", "admin:groups", "admin:servers", "access:servers", "read:hub", "tokens", "list:users"]
-METRICS_SERVICE = "mlaas-metrics"  # a scraper's token: read:metrics alone
-METRICS_ROLE = {"name": METRICS_SERVICE, "scopes": ["read:metrics"], "services": [METRICS_SERVICE]}
+METRICS_SERVICE = "mlaas-metrics"  # a scraper's token: read:metrics, and the gateway's metrics (mlaas.dask_metrics)
+METRICS_ROLE = {"name": METRICS_SERVICE, "services": [METRICS_SERVICE],
+                "scopes": ["read:metrics", f"access:services!service={gateway.SERVICE_NAME}"]}
 
 
 def warn_if_gpu_idle_unenforced(store: ProfileStore, enforced: bool) -> None:
@@ -424,12 +425,13 @@ def configure(c, settings: Settings) -> None:
         roles.append({"name": "mlaas-ops", "scopes": OPS_SCOPES, "services": ["mlaas-ops"]})
     if s.metrics_token_file:  # Prometheus scrapes /hub/metrics with this token
         services.append({"name": METRICS_SERVICE, "api_token": Path(s.metrics_token_file).read_text().strip()})
-        roles.append(dict(METRICS_ROLE))
+        roles.append({**METRICS_ROLE, "scopes": [
+            scope for scope in METRICS_ROLE["scopes"] if s.dask_gateway.enabled or not scope.startswith("access:")]})
     if s.spawner == "local":
-        from .spawners.local import device_allocator
+        from .spawners.local import device_allocator, running_server_pids
 
         allocator = device_allocator(s.gpu_inventory)
-        register_platform_metrics(store, allocator.availability, allocator.held_with_use)
+        register_platform_metrics(store, allocator.availability, lambda: allocator.use_report(running_server_pids()))
     else:
         from .spawners.kube import federation_availability
 

@@ -12,6 +12,9 @@ the capacity source, the GPU use of this machine's devices), so they are never s
   GPU or MIG profile fit now / on the idle platform;
 - `mlaas_server_gpu_utilization_percent{user,server}` and `mlaas_server_gpu_memory_used_bytes`:
   the use of a server's devices (one machine: NVML);
+- `mlaas_gpu_processes_outside_assignment{device,server}` (one machine): processes on a device
+  their server was not given (server "" when they belong to none), which the GPU fence prevents
+  where it is in force;
 - `mlaas_spawn_refusals_total{reason}` (mlaas.spawners.refusals): spawns the platform refused
   before starting anything (`not-allowed`, `quota`, `no-capacity`, `invalid-request`), which
   JupyterHub alone counts as failed spawns.
@@ -39,7 +42,8 @@ log = logging.getLogger("JupyterHub.mlaas.metrics")
 class PlatformCollector:
     """`store`: the profile store in force; `availability`: profile -> Availability (the local
     allocator, or the Kubernetes capacity caches); `devices`: () -> {"user/server": [device dicts
-    with utilization and memory_used]} (one machine), or None."""
+    with utilization and memory_used]}, or a pair of it and the GPU processes outside their
+    server's assignment (one machine: DeviceAllocator.use_report), or None."""
 
     def __init__(self, store: Any, availability: Callable[[Profile], Any],
                  devices: Callable[[], dict[str, list[dict]]] | None = None):
@@ -108,13 +112,25 @@ class PlatformCollector:
                                  "(those whose use the driver reports)", labels=["user", "server"])
         memory = GaugeMetricFamily("mlaas_server_gpu_memory_used_bytes", "GPU memory used on a server's devices",
                                    labels=["user", "server"])
-        for key, devices in sorted((self.devices() if self.devices else {}).items()):
+        use = self.devices() if self.devices else {}
+        held, outside = use if isinstance(use, tuple) else (use, [])
+        for key, devices in sorted(held.items()):
             user, _, server = key.partition("/")
             known = [d["utilization"] for d in devices if d.get("utilization") is not None]
             if known:
                 util.add_metric([user, server], sum(known) / len(known))
             memory.add_metric([user, server], sum(d.get("memory_used", 0) for d in devices))
         yield from (util, memory)
+
+        stray = GaugeMetricFamily("mlaas_gpu_processes_outside_assignment", "Processes on a GPU or MIG instance "
+                                  "their server was not given", labels=["device", "server"])
+        counted: dict[tuple[str, str], int] = {}
+        for p in outside:
+            key = (p["uuid"], p["server"] or "")
+            counted[key] = counted.get(key, 0) + 1
+        for labels, n in sorted(counted.items()):
+            stray.add_metric(list(labels), n)
+        yield stray
 
 
 def recount_running_servers() -> None:

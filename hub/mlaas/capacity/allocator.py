@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..profiles.mig import device_matches
 from ..profiles.model import Profile
 from .base import Availability, Device, Inventory, InventorySource
+from .process_owner import attribute
 
 
 class NoCapacity(Exception):
@@ -96,15 +97,24 @@ class DeviceAllocator:
     def held(self) -> dict[str, str]:
         return dict(self._owners)
 
-    def held_with_use(self) -> dict[str, list[dict]]:
+    def held_with_use(self, servers: dict[int, str] | None = None) -> dict[str, list[dict]]:
         """Server ("user/server") -> the devices it holds, with their use now (NVML: blocking, call
         it off the event loop)."""
+        return self.use_report(servers)[0]
+
+    def use_report(self, servers: dict[int, str] | None = None) -> tuple[dict[str, list[dict]], list[dict]]:
+        """(server -> the devices it holds with their use and their processes' servers, the GPU
+        processes outside their server's assignment). `servers`: each running server's process
+        ID -> "user/server" (process_owner); without it processes are not attributed."""
         inventory = {d.uuid: d for d in self.inventory().devices}
         use = self.source.usage()
+        holders = self.held()
+        per_device, outside = attribute({u: x.pids for u, x in use.items() if x.pids}, holders, servers or {})
         out: dict[str, list[dict]] = {}
-        for uuid, owner in self.held().items():
+        for uuid, owner in holders.items():
             d, u = inventory.get(uuid), use.get(uuid)
             out.setdefault(owner, []).append(
                 {"uuid": uuid, "model": d.model if d else "", "mig_profile": d.mig_profile if d else None,
-                 "utilization": u.utilization if u else None, "memory_used": u.memory_used if u else 0})
-        return out
+                 "utilization": u.utilization if u else None, "memory_used": u.memory_used if u else 0,
+                 "processes": per_device.get(uuid, [])})
+        return out, outside if servers else []

@@ -24,7 +24,7 @@ import re
 import sys
 import time
 from pathlib import Path
-
+from typing import Any
 from urllib.parse import quote
 
 from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
@@ -53,6 +53,24 @@ USER_JUPYTER_CONFIG = Path(__file__).resolve().parents[2] / "user_env" / "jupyte
 def device_allocator(spec: str) -> DeviceAllocator:
     """One allocator per inventory in the hub process: a device is never given twice."""
     return DeviceAllocator(inventory_source(spec))
+
+
+def running_server_pids(users: Any = None) -> dict[int, str]:
+    """Each running local server's process ID -> "user/server" (mlaas.capacity.process_owner);
+    `users`: JupyterHub's user dict (default: the running hub's)."""
+    if users is None:
+        from jupyterhub.app import JupyterHub
+
+        if not JupyterHub.initialized():
+            return {}
+        users = JupyterHub.instance().users
+    out: dict[int, str] = {}
+    for user in list(users.values()):
+        for name, spawner in list(user.spawners.items()):
+            pid = getattr(spawner, "pid", 0)
+            if pid:
+                out[int(pid)] = f"{user.name}/{name}"
+    return out
 
 
 def socket_root(instance: str) -> Path:

@@ -309,6 +309,12 @@ async function loadUsage() {
       el("td", {}, gib(g.memory)), el("td", {}, g.gpus), el("td", {}, Object.entries(g.mig).map(([k, v]) => `${v}× ${k}`).join(", ") || "–"),
       el("td", { class: "gpu-use" }, gpuUse(g.gpu_use)), el("td", {}, limits)));
   }
+  // processes on a GPU their server was not given (one machine; the fence prevents it where it is in force)
+  const outside = r.data.gpu_processes_outside_assignment || [];
+  const warning = document.getElementById("usage-outside");
+  warning.hidden = !outside.length;
+  warning.textContent = outside.length ? "GPU processes outside their assignment: " + outside.map((p) =>
+    `process ${p.pid} of ${p.server ? `server ${p.server}` : "no server"} on ${p.uuid} (${p.held_by ? `held by ${p.held_by}` : "not handed out"})`).join("; ") : "";
   const devices = document.querySelector("#usage-devices tbody");
   devices.innerHTML = "";
   // on Kubernetes the cluster's device plugin hands out GPUs: no machine inventory (servers show their profile's)
