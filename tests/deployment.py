@@ -52,6 +52,7 @@ class Deployment:
         self.stub_servers = stub_servers
         self.cluster = Cluster("deploy", state / "cluster", binaries(), pod_cidr=pod_range(10))
         self.ops_token = secrets.token_hex(24)
+        self.metrics_token = secrets.token_hex(24)  # the site's Prometheus' (docs/deploy.md "Monitoring")
         self.procs: list[subprocess.Popen] = []
         self.stoppers: list = []
 
@@ -244,8 +245,11 @@ class Deployment:
                     "admin_groups": ["mlaas-admins"],
                 }},
                 # the test's automation token, as a site admin would register one
-                "services": {"mlaas-ops": {"apiToken": self.ops_token}},
-                "loadRoles": {"mlaas-ops": {"scopes": list(OPS_SCOPES), "services": ["mlaas-ops"]}},
+                "services": {"mlaas-ops": {"apiToken": self.ops_token},
+                             "mlaas-metrics": {"apiToken": self.metrics_token}},
+                "loadRoles": {"mlaas-ops": {"scopes": list(OPS_SCOPES), "services": ["mlaas-ops"]},
+                              "mlaas-metrics": {"scopes": ["read:metrics", "access:services!service=dask-gateway"],
+                                                "services": ["mlaas-metrics"]}},
             },
             # activity reaches the hub every 10 s (z2jh: 5 min), so a short cull timeout culls only the idle
             "singleuser": {"extraEnv": {"JUPYTERHUB_ACTIVITY_INTERVAL": "10"}},

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
+import yaml
 
 from cluster.pod_runner import wait_until
 from conftest import browser_login, needs_root, open_profile_editor
@@ -176,6 +178,36 @@ def test_another_group_can_reach_neither_alices_server_nor_her_dask_cluster(site
     listed = gw.get(f"{site.url}/services/dask-gateway/api/v1/clusters/")
     assert listed.status_code == 200 and cluster not in listed.json(), listed.text
     assert gw.get(f"{site.url}/services/dask-gateway/api/v1/clusters/{cluster}").status_code in (403, 404)  # no credentials
+
+
+def test_the_charts_scrape_jobs_read_the_hubs_and_the_gateways_metrics(site, alice):
+    """As the site's Prometheus would: each scrape job of our chart's ConfigMap `mlaas-prometheus`,
+    at its Service, with the scrape service's token (registered as docs/deploy.md says): the hub
+    counts alice's server, the gateway her Dask cluster and its two workers, for her and her group;
+    a user's token is refused at the gateway's metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    config = site.cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/configmaps/mlaas-prometheus")
+    samples: dict[str, dict[tuple, float]] = {}
+    urls = {}
+    for job in yaml.safe_load(config["data"]["scrape-config.yaml"]):
+        (target,) = job["static_configs"][0]["targets"]
+        host, port = target.rsplit(":", 1)
+        service = site.cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/services/{host.split('.')[0]}")
+        urls[job["job_name"]] = url = f"http://{service['spec']['clusterIP']}:{port}{job['metrics_path']}"
+        scheme = job["authorization"].get("type", "Bearer")
+        r = requests.get(url, headers={"Authorization": f"{scheme} {site.metrics_token}"}, timeout=30)
+        assert r.status_code == 200, (job["job_name"], r.status_code, r.text[:300])
+        for family in text_string_to_metric_families(r.text):
+            for sample in family.samples:
+                samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    groups = site.api().get(f"{site.url}/hub/api/users/alice").json()["groups"]
+    assert samples["mlaas_servers"][(("profile", MIG_PROFILE), ("site", "deploy-test"))] == 1
+    assert samples["mlaas_dask_clusters"][(("user", "alice"),)] == 1
+    assert samples["mlaas_dask_workers"][(("user", "alice"),)] == 2
+    assert groups and all(samples["mlaas_group_dask_workers"][(("group", g),)] == 2 for g in groups), groups
+    refused = requests.get(urls["mlaas-dask-gateway"], headers={"Authorization": f"jupyterhub {alice}"}, timeout=30)
+    assert refused.status_code == 403
 
 
 def test_the_idle_culler_stops_an_idle_server_and_its_slice_is_free_again(site, alice):

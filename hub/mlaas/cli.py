@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .profiles import ProfileErrors, load_profile_dir, load_profile_files
 from .profiles.quantities import format_bytes
-from .settings import REPO_ROOT, SettingsError, load_settings
+from .settings import REPO_ROOT, SettingsError, load_settings, settings_file
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -110,7 +110,7 @@ def cmd_up() -> int:
             f"WARNING: the profile files have errors; the hub keeps the last good profiles it has:\n{e}",
             file=sys.stderr,
         )
-    platform = Platform(settings, Path(os.environ["MLAAS_CONFIG"]) if os.environ.get("MLAAS_CONFIG") else None)
+    platform = Platform(settings, settings_file())  # the hub and its services read the same file
     stopping = False
 
     def on_signal(signum, frame):
@@ -164,22 +164,35 @@ def cmd_up() -> int:
 
 
 def cmd_down() -> int:
+    """Stop the platform `mlaas up` started: its launcher stops everything it started; if that
+    launcher is gone (killed, crashed), what its launch left running is stopped here. Only
+    processes of that launch are touched (mlaas.launcher.reap_launch), never this command or
+    the shell running it."""
+    from .launcher import LaunchError, reap_launch
+
     pid_file = _pid_file()
-    if not pid_file.exists():
-        print("MLaaS Hub is not running (no pid file).")
-        return 0
-    pid = int(pid_file.read_text())
+    pid = int(pid_file.read_text()) if pid_file.exists() and pid_file.read_text().strip().isdigit() else None
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pid = None
+    if pid is not None:
+        for _ in range(600):
+            if not pid_file.exists():
+                print("MLaaS Hub stopped.")
+                return 0
+            time.sleep(0.1)
+    pid_file.unlink(missing_ok=True)
     try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pid_file.unlink(missing_ok=True)
-        print("MLaaS Hub was not running; removed a stale pid file.")
-        return 0
-    for _ in range(600):
-        if not pid_file.exists():
-            break
-        time.sleep(0.1)
-    print("MLaaS Hub stopped.")
+        left = reap_launch(load_settings())
+    except LaunchError as e:  # its launcher is still running and did not stop within a minute
+        print(f"MLaaS Hub did not stop: {e}", file=sys.stderr)
+        return 1
+    if left:
+        print(f"Stopped {left} process(es) a platform that did not stop cleanly left behind.")
+    elif pid is None:
+        print("MLaaS Hub is not running.")
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -68,20 +69,52 @@ def _stop(proc: subprocess.Popen | None, timeout: float) -> None:
         proc.wait(5)
 
 
-def _processes_of(config_file: Path) -> list[int]:
-    """Processes started for the platform of `config_file` (they carry MLAAS_CONFIG=<it>): the
-    proxy and the hub's managed services, which outlive a hub that crashed."""
-    marker = f"MLAAS_CONFIG={config_file}".encode() + b"\0"
+LAUNCH_VAR = "MLAAS_LAUNCH"  # set for the platform's own processes only, one value per start
+
+
+def launch_file(settings: Settings) -> Path:
+    """Where the running platform's launch marker is kept (for `mlaas down` and the next start)."""
+    return settings.hub_dir / "launch-id"
+
+
+def _processes_of(launch_id: str) -> list[int]:
+    """Processes started by one launch of the platform (they carry MLAAS_LAUNCH=<id>, which only
+    the launcher sets, for its children): the hub, its proxy and managed services, which outlive a
+    hub that crashed. Never the shell or the `mlaas` command that started or stops it: a value
+    they carry themselves (MLAAS_CONFIG) marks nothing."""
+    if not launch_id:
+        return []
+    marker = f"{LAUNCH_VAR}={launch_id}".encode() + b"\0"
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if marker in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
+            environ = (entry / "environ").read_bytes()
         except OSError:  # gone, or not ours to read
             continue
+        if environ.startswith(marker) or b"\0" + marker in environ:
+            found.append(int(entry.name))
     return found
+
+
+def reap_launch(settings: Settings) -> int:
+    """Stop what a platform launch left running (a crashed hub's proxy and services, or a launcher
+    killed with SIGKILL); returns how many processes were stopped."""
+    path = launch_file(settings)
+    try:
+        launch_id, launcher = (path.read_text().split() + ["", ""])[:2]
+    except OSError:
+        return 0
+    pid = launcher.split("@")[0]
+    if pid.isdigit() and launcher != _process_tag(os.getpid()) and launcher == _process_tag(int(pid)):
+        raise LaunchError(f"this platform is already running (launcher process {pid}, state {settings.state_dir}); "
+                          "stop it first with `mlaas down`")
+    leftovers = _processes_of(launch_id)
+    if leftovers:
+        _reap(leftovers)
+    path.unlink(missing_ok=True)
+    return len(leftovers)
 
 
 def _reap(pids: list[int], grace: float = 5.0) -> None:
@@ -92,6 +125,15 @@ def _reap(pids: list[int], grace: float = 5.0) -> None:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and _running(p) for p in pids):
             time.sleep(0.1)
+
+
+def _process_tag(pid: int) -> str:
+    """"<pid>@<start time>": names one process, never a later one given the same PID."""
+    try:
+        started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+    return f"{pid}@{started}"
 
 
 def _running(pid: int) -> bool:
@@ -112,6 +154,7 @@ class Platform:
     hub: subprocess.Popen | None = None
     data_servers: list[XRootDProcess] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
+    launch_id: str = field(default_factory=lambda: secrets.token_hex(12))
     _logs: list[IO] = field(default_factory=list)
 
     @property
@@ -130,6 +173,7 @@ class Platform:
         env = dict(os.environ, **self.extra_env)
         if self.config_file:
             env["MLAAS_CONFIG"] = str(self.config_file)
+        env[LAUNCH_VAR] = self.launch_id
         env["PYTHONUNBUFFERED"] = "1"
         if self.settings.spawner == "kubernetes" and self.settings.kubernetes.default_kubeconfig:
             # the Kubernetes client reads $KUBECONFIG when it is imported, before the hub's config
@@ -142,6 +186,10 @@ class Platform:
         s = self.settings
         prepare_state(s)
         ensure_secret(s.client_secret_file)
+        left = reap_launch(s)  # a previous run that crashed without cleaning up
+        if left:
+            self.notices.append(f"Stopped {left} process(es) an earlier run of this platform left behind")
+        launch_file(s).write_text(f"{self.launch_id} {_process_tag(os.getpid())}")
         try:
             if s.data.enabled:
                 self._start_data()
@@ -164,10 +212,12 @@ class Platform:
             origin = origin_process("demo", data.demo_origin.port, self.settings.state_dir / "origins" / "demo" / "data",
                                     self.settings.state_dir)
             write_demo_data(origin.base_dir / "data")
+            origin.extra_env[LAUNCH_VAR] = self.launch_id
             self.data_servers.append(origin)
             origin.start()
         for configured in data.origins:
             cache = cache_process(configured, data, self.settings.state_dir)
+            cache.extra_env[LAUNCH_VAR] = self.launch_id
             self.data_servers.append(cache)
             cache.start()
             self.notices.append(f"XCache for {configured.url} on root://{data.cache_host}:{configured.cache_port}")
@@ -222,15 +272,17 @@ class Platform:
 
     def stop(self) -> None:
         _stop(self.hub, 40)  # the hub stops the users' servers and its proxy first
-        if self.config_file is not None:  # what a hub that crashed left behind
-            leftovers = _processes_of(self.config_file)
-            if leftovers:
-                self.notices.append(f"Stopped {len(leftovers)} process(es) the hub left behind")
-                _reap(leftovers)
         _stop(self.idp, 10)
         for server in reversed(self.data_servers):
             server.stop()
         self.data_servers.clear()
+        leftovers = _processes_of(self.launch_id)  # what a hub that crashed left behind
+        if leftovers:
+            self.notices.append(f"Stopped {len(leftovers)} process(es) the hub left behind")
+            _reap(leftovers)
+        with contextlib.suppress(OSError):
+            if launch_file(self.settings).read_text().split()[0] == self.launch_id:
+                launch_file(self.settings).unlink()
         for f in self._logs:
             f.close()
         self._logs.clear()

@@ -224,9 +224,17 @@ class SettingsError(Exception):
     pass
 
 
+def settings_file(environ: dict[str, str] | None = None) -> Path | None:
+    """The platform file in force: $MLAAS_CONFIG, else ./mlaas.yaml if there is one (absolute)."""
+    environ = dict(os.environ if environ is None else environ)
+    if environ.get("MLAAS_CONFIG"):
+        return Path(environ["MLAAS_CONFIG"]).absolute()
+    return Path("mlaas.yaml").absolute() if Path("mlaas.yaml").is_file() else None
+
+
 def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
     environ = dict(os.environ if environ is None else environ)
-    path = path or environ.get("MLAAS_CONFIG")
+    path = path or settings_file(environ)
     data: dict = {}
     if path:
         path = Path(path)
