@@ -60,29 +60,61 @@ def _wait_up(url: str, log: Path, timeout: float = 120) -> None:
 
 
 def test_mlaas_down_stops_the_platform_and_nothing_else_with_mlaas_config_exported(config_dir):
-    """The shell that exported MLAAS_CONFIG, started `mlaas up` and runs `mlaas down` carries the
-    same value as the platform's processes: it and `mlaas down` survive, the platform stops."""
+    """The shell that exported MLAAS_CONFIG and runs `mlaas down` carries the same value as the
+    platform's processes: it and `mlaas down` survive, the platform stops, with a user's server
+    and its Dask cluster, whose stop at shutdown is not an error (the gateway stops it)."""
     run_dir, url, settings = config_dir
     log = run_dir / "up.log"
-    script = f"""
-export MLAAS_CONFIG={run_dir / 'mlaas.yaml'}
-{MLAAS} up > {log} 2>&1 &
-up=$!
-while ! grep -q "MLaaS Hub is up" {log}; do kill -0 $up 2>/dev/null || exit 3; sleep 0.5; done
-cat {launch_file(settings)} > {run_dir / 'launch'}
-{MLAAS} down
-echo "down exited $?"
-wait $up
-echo "up exited $?"
-echo "the shell is still here"
-"""
-    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr, log.read_text()[-3000:])
-    assert r.stdout.splitlines()[-4:] == ["MLaaS Hub stopped.", "down exited 0", "up exited 0", "the shell is still here"]
-    launch_id = (run_dir / "launch").read_text().split()[0]
+    env = dict(os.environ, MLAAS_CONFIG=str(run_dir / "mlaas.yaml"))
+    up = subprocess.Popen([MLAAS, "up"], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        _wait_up(url, log)
+        launch_id = launch_file(settings).read_text().split()[0]
+        ops = requests.Session()
+        ops.headers["Authorization"] = f"token {Path(settings.admin_api_token_file).read_text().strip()}"
+        ops.post(f"{url}/hub/api/users/down-user").raise_for_status()
+        ops.post(f"{url}/hub/api/groups/ml-users/users", json={"users": ["down-user"]})
+        token = ops.post(f"{url}/hub/api/users/down-user/tokens", json={"expires_in": 600}).json()["token"]
+        assert ops.post(f"{url}/hub/api/users/down-user/server", json={"profile": "small"}).status_code in (201, 202)
+        deadline = time.monotonic() + 60
+        while not ops.get(f"{url}/hub/api/users/down-user").json()["servers"].get("", {}).get("ready"):
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.5)
+        gateway = f"{url}/services/dask-gateway/api/v1/clusters/"
+        auth = {"Authorization": f"jupyterhub {token}"}
+        cluster = requests.post(gateway, headers=auth, json={"cluster_options": {}}, timeout=60).json()["name"]
+        while requests.get(gateway + cluster, headers=auth, timeout=10).json()["status"] != "RUNNING":
+            assert time.monotonic() < deadline + 60, "the cluster did not start"
+            time.sleep(0.5)
+        workdir = settings.state_dir / "dask-gateway" / "clusters" / cluster
+        assert _processes_in(workdir), "the cluster's scheduler is not running"
+
+        r = subprocess.run(["bash", "-c", f'{MLAAS} down; echo "down exited $?"; echo "the shell is still here"'],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+        assert r.stdout.splitlines()[-3:] == ["MLaaS Hub stopped.", "down exited 0", "the shell is still here"]
+        assert up.wait(30) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
     assert _processes_of(launch_id) == []
+    assert _processes_in(workdir) == []  # the cluster stopped with the platform
+    hub_log = (settings.state_dir / "logs" / "hub.log") if (settings.state_dir / "logs" / "hub.log").exists() else log
+    assert "Could not stop the Dask clusters" not in hub_log.read_text() + log.read_text()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/hub/health", timeout=5)
+
+
+def _processes_in(directory: Path) -> list[int]:
+    """Processes whose working directory is `directory` (a Dask cluster's scheduler and workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and Path(os.readlink(entry / "cwd")) == directory:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def test_after_the_launcher_is_killed_mlaas_down_stops_what_it_left_with_the_file_in_the_directory(config_dir):

@@ -403,6 +403,7 @@ def configure(c: Any, settings: Any) -> None:
         else:
             c.DaskGateway.backend_class = MLaaSUnsafeLocalBackend
         c.ProfileLimitsMixin.profiles_dir = str(settings.profiles_dir)
+        c.LocalBackend.stop_clusters_on_shutdown = True  # the servers that made them stop after it at shutdown
         c.LocalBackend.clusters_directory = str(state / "clusters")
         c.ClusterConfig.scheduler_cmd = [str(venv_bin / "dask"), "scheduler"]
         c.ClusterConfig.worker_cmd = [str(venv_bin / "dask"), "worker"]

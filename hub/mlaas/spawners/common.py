@@ -264,6 +264,11 @@ class ProfileSpawnerMixin(LoggingConfigurable):
                                    request_timeout=10)
                 self.log.info("Stopped Dask cluster %s of %s with its server", name, self.owner_key)
         except (HTTPClientError, OSError, ValueError) as e:
+            if _managed_gateway_exited():
+                # at the hub's shutdown JupyterHub stops its services before the servers; the
+                # gateway stopped every cluster itself (stop_clusters_on_shutdown)
+                self.log.info("The clusters of %s stopped with the Dask Gateway", self.owner_key)
+                return
             self.log.warning("Could not stop the Dask clusters of %s: %s", self.owner_key, e)
 
     # --- state kept across hub restarts -----------------------------------------------------------
@@ -307,3 +312,15 @@ class ProfileSpawnerMixin(LoggingConfigurable):
                 await asyncio.wait_for(signal.wait(), timeout=1)
             except asyncio.TimeoutError:
                 pass
+
+
+def _managed_gateway_exited() -> bool:
+    """Whether the hub runs the Dask Gateway as a managed service (one machine) whose process has
+    ended (JupyterHub's service map: no public API tells it)."""
+    from jupyterhub.app import JupyterHub
+
+    if not JupyterHub.initialized():
+        return False
+    service = getattr(JupyterHub.instance(), "_service_map", {}).get("dask-gateway")
+    proc = getattr(service, "proc", None)
+    return bool(service is not None and service.managed and proc is not None and proc.poll() is not None)
