@@ -276,3 +276,41 @@ def test_the_hub_names_its_process_and_disk_limits_at_start(hub):
     log = hub.hub_log()
     assert re.search(r"Resource limits for local servers: .*(pids\.max 256|RLIMIT_NPROC 256)", log)
     assert re.search(r"Disk quotas for homes: (user quotas on \S+|none: \S+ \(\w+\) is .*a user can fill it)", log)
+
+
+def test_deleting_a_user_removes_their_account_and_keeps_their_home_for_admins_only(hub: RunningPlatform):
+    """An admin deletes a user (the REST API the admin page uses): the system account is gone, the
+    home is moved under state/removed (root only) with its files, and a new user of the same
+    name starts with a new, empty home."""
+    import pwd
+    import stat
+
+    ensure_user(hub, "leaver", ["ml-users"])
+    token = user_token(hub, "leaver")
+    start_server(hub, "leaver", token, {"profile": "small"})
+    account = kernel_json(hub, "leaver", token, "import json, os, pwd; print(json.dumps(pwd.getpwuid(os.getuid()).pw_name))")
+    r = hub.api(token).put(f"{hub.url}/user/leaver/api/contents/notes.txt",
+                           json={"type": "file", "format": "text", "content": "results of 3 years"})
+    assert r.status_code in (200, 201), r.text
+    stop_server(hub, "leaver")
+    homes = hub.platform.settings.homes_dir
+    assert (homes / account / "notes.txt").exists()
+
+    assert hub.api().delete(f"{hub.url}/hub/api/users/leaver").status_code == 204
+    with pytest.raises(KeyError):
+        pwd.getpwnam(account)
+    assert not (homes / account).exists()
+    removed = homes.parent / "removed"
+    (kept,) = removed.glob(f"{account}-*")
+    assert (kept / "notes.txt").read_text() == "results of 3 years"
+    assert stat.S_IMODE(removed.stat().st_mode) == 0o700 and removed.stat().st_uid == 0
+    assert "Removed user leaver: account" in hub.hub_log()
+
+    ensure_user(hub, "leaver", ["ml-users"])  # the name again: a new person's empty home
+    token = user_token(hub, "leaver")
+    try:
+        start_server(hub, "leaver", token, {"profile": "small"})
+        names = [f["name"] for f in hub.api(token).get(f"{hub.url}/user/leaver/api/contents").json()["content"]]
+        assert "notes.txt" not in names
+    finally:
+        stop_server(hub, "leaver")

@@ -116,6 +116,18 @@ class AccountRegistry:
             db.execute("ROLLBACK")
         raise RuntimeError(f"no free account name for {username!r}")
 
+    def recorded_account(self, username: str) -> str | None:
+        """The hub user's account name if one was ever given (never allocates one)."""
+        with self._connect() as db:
+            row = db.execute("SELECT account FROM accounts WHERE username = ?", (username,)).fetchone()
+        return row[0] if row else None
+
+    def forget_account(self, username: str) -> None:
+        """Drop the hub user's account from the record (the user was removed). Their AAI identity
+        stays bound to the name, so no other identity can take the name over."""
+        with self._lock, self._connect() as db:
+            db.execute("DELETE FROM accounts WHERE username = ?", (username,))
+
     # --- identities: which AAI account a hub user name belongs to (mlaas.auth) -----------------
     def bind_identity(self, issuer: str, subject: str, username: str) -> str:
         """The hub user name of an AAI identity: the one it was first given, or `username` if

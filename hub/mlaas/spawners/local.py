@@ -441,6 +441,15 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
             await asyncio.sleep(self.listen_poll_interval)
         raise asyncio.TimeoutError(f"Server on {socket_path} did not answer within {self.start_timeout}s")
 
+    async def delete_forever(self) -> None:
+        """The user is deleted (JupyterHub calls this for each of their servers once they are
+        stopped): with the default server go their system account and home (mlaas.removal)."""
+        if self.name or not self.uses_accounts:
+            return
+        from ..removal import remove_user_account
+
+        await asyncio.to_thread(remove_user_account, self.registry, self.user.name, Path(self.homes_dir).resolve())
+
     def release_resources(self) -> None:
         super().release_resources()
         freed = self.capacity.release(self.owner_key)
