@@ -18,6 +18,7 @@ $(PY_STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(BASE_PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/python -m mlaas.user_site  # users' own packages (hub/mlaas/user_site.py)
 	touch $@
 
 $(NODE_STAMP): package.json package-lock.json

@@ -78,6 +78,32 @@ def test_train_a_model_on_a_two_worker_cluster_from_a_users_server(hub, dask_use
     assert list(clusters) == [result["cluster"]]
 
 
+def test_dask_reads_parquet_on_the_workers_through_the_cache(hub, dask_users):
+    """The documented path, `dask.dataframe.read_parquet(data.url(...))`: the workers open the file
+    at the site cache (Dask asks the server for the file's checksum, which the cache forwards to
+    the origin) and the rows are counted there."""
+    (name,) = gateway_api(hub, dask_users["dask-ann"]).json()
+    result = kernel_json(hub, "dask-ann", dask_users["dask-ann"], f"""
+import json
+import dask.dataframe as dd
+from dask_gateway import Gateway
+from mlaas import data
+client = Gateway().connect({name!r}).get_client()
+url = data.url("/store/demo/events.parquet")
+frame = dd.read_parquet(url)
+def executed(dask_worker):
+    return dask_worker.state.executed_count
+before = sum(client.run(executed).values())
+rows = int(frame.map_partitions(len).sum().compute())
+signal = int(frame["label"].sum().compute())
+print(json.dumps({{"url": url, "rows": rows, "signal": signal, "tasks": sum(client.run(executed).values()) - before}}))
+""")
+    assert result["rows"] == 20_000 and 0 < result["signal"] < 20_000, result
+    assert result["tasks"] >= 2  # computed by the workers
+    cache_port = hub.platform.settings.data.origins[0].cache_port
+    assert result["url"].startswith(f"root://127.0.0.1:{cache_port}//store/demo/"), result["url"]
+
+
 def test_users_cannot_see_or_stop_each_others_clusters(hub, dask_users):
     (ann_cluster,) = gateway_api(hub, dask_users["dask-ann"]).json()
     assert gateway_api(hub, dask_users["dask-ben"]).json() == {}

@@ -248,6 +248,16 @@ ADMIN_SERVICE_ROLE = {"name": "mlaas-admin-service", "scopes": ["read:servers", 
 K8S_ADMIN_PORT = 8090  # on the hub's pod; charts/values/jupyterhub.yaml exposes it on the hub Service
 
 
+# JupyterLab's Dask sidebar (dask-labextension) makes its clusters through the gateway, and the
+# dashboards of clusters started in a kernel (LocalCluster) open through the server's own
+# authenticated proxy (jupyter-server-proxy), as on Pangeo's hubs
+DASK_LAB_ENV = {
+    "DASK_LABEXTENSION__FACTORY__MODULE": "dask_gateway",
+    "DASK_LABEXTENSION__FACTORY__CLASS": "GatewayCluster",
+    "DASK_DISTRIBUTED__DASHBOARD__LINK": "{JUPYTERHUB_SERVICE_PREFIX}proxy/{port}/status",
+}
+
+
 def gateway_client_env(s: Settings) -> dict[str, str]:
     """What `Gateway()` in a user's server needs to work with no arguments."""
     return {
@@ -255,6 +265,7 @@ def gateway_client_env(s: Settings) -> dict[str, str]:
         "DASK_GATEWAY__PROXY_ADDRESS": f"gateway://127.0.0.1:{s.dask_gateway.tcp_port}",
         "DASK_GATEWAY__PUBLIC_ADDRESS": gateway.PREFIX,
         "DASK_GATEWAY__AUTH__TYPE": "jupyterhub",
+        **DASK_LAB_ENV,
     }
 
 
@@ -500,6 +511,7 @@ def k8s_gateway_client_env(address: str = K8S_GATEWAY_ADDRESS, proxy: str = K8S_
         "DASK_GATEWAY__PROXY_ADDRESS": proxy,
         "DASK_GATEWAY__PUBLIC_ADDRESS": gateway.PREFIX + "/",
         "DASK_GATEWAY__AUTH__TYPE": "jupyterhub",
+        **DASK_LAB_ENV,
     }
 
 

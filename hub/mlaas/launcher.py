@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 from .settings import REPO_ROOT, Settings, ensure_secret, prepare_state
+from .user_site import install_hook
 from .xcache import INSTALL_HINT, XRootDProcess, cache_process, origin_process, xrootd_binary
 
 NODE_MODULES = REPO_ROOT / "node_modules"
@@ -186,6 +187,7 @@ class Platform:
         s = self.settings
         prepare_state(s)
         ensure_secret(s.client_secret_file)
+        install_hook()  # users' own packages in their kernels (mlaas.user_site)
         left = reap_launch(s)  # a previous run that crashed without cleaning up
         if left:
             self.notices.append(f"Stopped {left} process(es) an earlier run of this platform left behind")

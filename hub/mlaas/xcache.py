@@ -114,6 +114,7 @@ def render_origin_config(port: int, data_dir: Path, admin_dir: Path) -> str:
             f"oss.localroot {data_dir}",
             f"all.adminpath {admin_dir}",
             f"all.pidpath {admin_dir}",
+            "xrootd.chksum adler32",  # answers checksum queries (the caches forward them here)
             "",
         ]
     )

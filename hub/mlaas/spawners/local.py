@@ -241,7 +241,9 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         account = self.account
         assert account is not None, "start() sets the account before the environment is built"
         env.update(USER=account.name, HOME=str(account.home), SHELL="/bin/bash")
-        env["PATH"] = f"{Path(sys.prefix) / 'bin'}:{SYSTEM_PATH}"
+        # their own packages and programs (mlaas.user_site): `pip install` goes to ~/.local
+        env["PIP_PREFIX"] = str(account.home / ".local")
+        env["PATH"] = f"{Path(sys.prefix) / 'bin'}:{account.home / '.local' / 'bin'}:{SYSTEM_PATH}"
         env["JUPYTER_CONFIG_PATH"] = str(USER_JUPYTER_CONFIG)
         return env
 
