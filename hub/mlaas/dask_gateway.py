@@ -386,7 +386,7 @@ def configure(c: Any, settings: Any) -> None:
     c.JupyterHubAuthenticator.jupyterhub_service_name = SERVICE_NAME  # only tokens with its access scope
     c.DaskGateway.address = f"127.0.0.1:{gw.api_port}"
     c.Proxy.address = f"127.0.0.1:{gw.port}"
-    c.Proxy.tcp_address = f"127.0.0.1:{gw.tcp_port}"
+    c.Proxy.tcp_address = f"{gw.tcp_host}:{gw.tcp_port}"  # laptops too where tcp_host is public
     c.Proxy.prefix = PREFIX
     if gw.backend == "kubernetes":
         configure_kube_backend(c, settings)

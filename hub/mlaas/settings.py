@@ -69,6 +69,11 @@ class DaskGatewaySettings(BaseModel):
     port: int = 8002  # the gateway's HTTP proxy; the hub's proxy forwards /services/dask-gateway to it
     api_port: int = 8003  # its private API
     tcp_port: int = 8786  # scheduler traffic from clients
+    tcp_host: str = Field(
+        "127.0.0.1",
+        description="Where the gateway accepts scheduler traffic (TLS, each cluster's own certificate): 127.0.0.1 "
+        "for servers on this machine only, 0.0.0.0 to let laptops connect too (docs/data-and-dask.md).",
+    )
     backend: Literal["local", "kubernetes"] = Field(
         "local", description="local: clusters as processes here; kubernetes: as pods (with spawner: kubernetes)."
     )
