@@ -9,6 +9,7 @@ and the fence on real device nodes are checked by tests/gpu/check.py on a GPU ma
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import yaml
@@ -128,7 +129,6 @@ def test_gpu_use_per_server_user_and_group_and_an_unused_gpu_is_freed_even_from_
     holding it, its user and groups. A server of a profile with `gpu_idle_timeout` (30 s) whose GPU
     stays unused gets a notice in JupyterLab's file browser, then is stopped and its GPU freed,
     while its user's browser keeps the server active (requests through the proxy every 2 s)."""
-    import time
 
     gpu = "GPU-11111111-aaaa-bbbb-cccc-000000000001"
     ensure_user(gpu_hub, "gpu-idler", ["ml-users"])
@@ -236,3 +236,64 @@ def test_each_gpu_process_belongs_to_its_server_and_use_outside_an_assignment_is
         path.write_text(original)
         for name in tokens:
             stop_server(gpu_hub, name)
+
+
+def test_a_user_runs_named_servers_with_their_own_profiles_counted_by_gpus_and_quotas(gpu_hub, browser):
+    """JupyterHub's named servers: a CPU default server and a GPU server "train" side by side, the
+    GPU held by that server alone, both on the home page and in the usage view; a group's
+    servers_per_user counts every server; KubeSpawner-style profile options get a clear refusal."""
+    from helpers import run_in_kernel
+
+    ensure_user(gpu_hub, "bob", ["ml-users"])
+    ensure_user(gpu_hub, "capped", ["quota-team"])
+    token, capped = user_token(gpu_hub, "bob"), user_token(gpu_hub, "capped")
+    api = gpu_hub.api(token)
+    named = f"{gpu_hub.url}/hub/api/users/bob/servers/train"
+    try:
+        start_server(gpu_hub, "bob", token, {"profile": "small"})
+        r = api.post(named, json={"profile": "gpu-one"})
+        assert r.status_code in (201, 202), r.text
+        deadline = time.monotonic() + 60
+        while not api.get(f"{gpu_hub.url}/hub/api/users/bob").json()["servers"].get("train", {}).get("ready"):
+            assert time.monotonic() < deadline, "the named server did not start"
+            time.sleep(0.3)
+        seen = run_in_kernel(gpu_hub, "bob/train", token, "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])")
+        assert seen["stdout"].strip() == "GPU-11111111-aaaa-bbbb-cccc-000000000001", seen
+        assert visible_devices(gpu_hub, "bob", token) == ""  # the default server: CPU only
+        capacity = gpu_hub.api().get(f"{gpu_hub.url}/hub/api/mlaas/capacity").json()
+        assert {d["uuid"]: d["held_by"] for d in capacity["devices"]}["GPU-11111111-aaaa-bbbb-cccc-000000000001"] == "bob/train"
+        usage = gpu_hub.api().get(f"{gpu_hub.url}/hub/api/mlaas/usage").json()
+        mine = sorted((s["server"], s["profile"]) for s in usage["servers"] if s["user"] == "bob")
+        assert mine == [("", "small"), ("train", "gpu-one")] and usage["users"]["bob"]["servers"] == 2
+        page = browser.new_page()  # JupyterHub's named-server list on bob's home page
+        try:
+            from conftest import browser_login
+
+            browser_login(page, gpu_hub.url, "bob", gpu_hub.password("bob"))
+            page.goto(f"{gpu_hub.url}/hub/home")
+            row = page.locator("tr.home-server-row[data-server-name=train]")
+            row.wait_for()
+            assert "/user/bob/train/" in row.inner_text()
+        finally:
+            page.close()
+
+        # a second GPU server finds the only whole GPU taken by the first
+        r = api.post(f"{gpu_hub.url}/hub/api/users/bob/servers/more", json={"profile": "gpu-one"})
+        assert r.status_code == 409 and "in use" in error_message(r)
+        r = api.post(f"{gpu_hub.url}/hub/api/users/bob/servers/opts",
+                     json={"profile": "small", "profile-option-small--image": "other"})
+        assert r.status_code == 400 and "Profile options ('profile-option-small--image') are not offered" in error_message(r)
+
+        start_server(gpu_hub, "capped", capped, {"profile": "small"})
+        r = gpu_hub.api(capped).post(f"{gpu_hub.url}/hub/api/users/capped/servers/second", json={"profile": "small"})
+        assert r.status_code == 403 and "allows 1 running server(s) per member" in error_message(r)
+    finally:
+        api.delete(named)
+        stop_server(gpu_hub, "bob")
+        stop_server(gpu_hub, "capped")
+    deadline = time.monotonic() + 30
+    while gpu_hub.api().get(f"{gpu_hub.url}/hub/api/users/bob").json()["servers"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    capacity = gpu_hub.api().get(f"{gpu_hub.url}/hub/api/mlaas/capacity").json()
+    assert {d["uuid"]: d["held_by"] for d in capacity["devices"]}["GPU-11111111-aaaa-bbbb-cccc-000000000001"] is None

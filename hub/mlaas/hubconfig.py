@@ -384,6 +384,9 @@ def configure(c, settings: Settings) -> None:
     a.accounts_db = str(s.accounts_db)
 
     # --- spawning -------------------------------------------------------------------------------
+    # several servers per user, each with its own profile (z2jh: hub.allowNamedServers)
+    c.JupyterHub.allow_named_servers = s.named_servers > 0
+    c.JupyterHub.named_server_limit_per_user = s.named_servers
     c.JupyterHub.spawner_class = LocalProfileSpawner
     c.ProfileSpawnerMixin.profiles_dir = str(s.profiles_dir)  # both spawners: one place
     c.ProfileSpawnerMixin.profiles_snapshot = snapshot

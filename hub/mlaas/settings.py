@@ -173,6 +173,11 @@ class Settings(BaseModel):
         None, description="If set, a service 'mlaas-ops' with the admin role uses the token in this file."
     )
     spawn_timeout: int = 120
+    named_servers: int = Field(
+        3, ge=0, le=100,
+        description="Named servers one user may run besides their default one, each with its own profile "
+        "(JupyterHub's named servers; quotas and GPUs count every server); 0: one server per user.",
+    )
     max_processes: int = Field(
         1024, ge=64, le=1_000_000,
         description="Processes and threads one local server (or Dask process) may have: pids cgroup, else RLIMIT_NPROC.",

@@ -178,6 +178,11 @@ class ProfileSpawnerMixin(LoggingConfigurable):
     # --- the server-side check: every request, from the form or the API --------------------
     def resolve_profile(self, options: dict[str, Any]) -> Profile:
         unknown = sorted(set(options) - KNOWN_OPTIONS)
+        if any(k == "profile_options" or k.startswith("profile-option-") for k in unknown):
+            names = ", ".join(p.slug for p in allowed_profiles(self.store.current(), self.user_groups())) or "none"
+            raise web.HTTPError(400, (
+                f"Profile options ({', '.join(map(repr, unknown))}) are not offered here: each profile is one fixed "
+                f"choice of CPU, memory and accelerator. Send {{\"profile\": <slug>}} with one of: {names}."))
         if unknown:
             raise web.HTTPError(400, f"Unknown spawn option(s): {', '.join(map(repr, unknown))}; only 'profile' is accepted.")
         slug = options.get("profile") or ""
@@ -249,9 +254,16 @@ class ProfileSpawnerMixin(LoggingConfigurable):
 
     # --- Dask clusters live no longer than the server that made them ------------------------------
     async def stop_dask_clusters(self) -> None:
-        """Stop this user's Dask Gateway clusters (with the server's own token, still valid here)."""
+        """Stop this user's Dask Gateway clusters (with the server's own token, still valid here)
+        once none of their servers runs: the gateway knows a cluster's user, not the server it was
+        made from, so while another (named) server of theirs runs, the clusters stay."""
         address = (self.environment or {}).get("DASK_GATEWAY__ADDRESS")
         if not address or not self.api_token:
+            return
+        others = [name or "(default)" for name, sp in list(getattr(self.user, "spawners", {}).items())
+                  if sp is not self and (sp.active or getattr(sp, "pending", None))]
+        if others:
+            self.log.info("Dask clusters of %s stay: their server(s) %s still run", self.user.name, ", ".join(others))
             return
         from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
