@@ -12,6 +12,8 @@ import re
 import secrets
 import shutil
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -78,11 +80,15 @@ class RunningPlatform:
 
 
 def start_platform(
-    name: str, gpu_inventory: str = "nvml", profiles: Path = FIXTURES / "profiles", **overrides: Any
+    name: str, gpu_inventory: str = "nvml", profiles: Path = FIXTURES / "profiles", restore_from: Path | None = None,
+    **overrides: Any
 ) -> RunningPlatform:
+    """A platform of its own (state, ports, logs); `restore_from`: first `mlaas restore` that
+    backup into the new, empty state (its profile files included)."""
     run_dir = state_root() / f"{name}-{uuid.uuid4().hex[:8]}"
     state_dir, log_dir, profiles_dir = run_dir / "state", run_dir / "logs", run_dir / "profiles"
-    shutil.copytree(profiles, profiles_dir)
+    if restore_from is None:
+        shutil.copytree(profiles, profiles_dir)
     state_dir.mkdir(parents=True)
     token_file = run_dir / "ops-token"
     ops_token = secrets.token_hex(24)
@@ -111,6 +117,10 @@ def start_platform(
     }
     config_file = run_dir / "mlaas.yaml"
     config_file.write_text(yaml.safe_dump(config))
+    if restore_from is not None:
+        r = subprocess.run([str(Path(sys.prefix) / "bin" / "mlaas"), "restore", str(restore_from)],
+                           env={**os.environ, "MLAAS_CONFIG": str(config_file)}, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
     settings = load_settings(config_file, environ={})
     platform = Platform(settings, config_file=config_file, log_dir=log_dir)
     platform.start(timeout=120)
@@ -204,10 +214,13 @@ def run_in_kernel(hub: RunningPlatform, name: str, token: str, code: str, timeou
     r = api.post(f"{base}/api/kernels", json={"name": "python3"}, timeout=timeout)
     r.raise_for_status()
     kernel_id = r.json()["id"]
+    scheme, rest = base.split("://", 1)
     ws = websocket.create_connection(
-        f"ws://{base.split('://', 1)[1]}/api/kernels/{kernel_id}/channels",
+        f"{'wss' if scheme == 'https' else 'ws'}://{rest}/api/kernels/{kernel_id}/channels",
         header=[f"Authorization: token {token}"],
         timeout=timeout,
+        # a hub serving TLS: the certificate requests trusts too (tests/test_tls.py)
+        sslopt={"ca_certs": os.environ["REQUESTS_CA_BUNDLE"]} if os.environ.get("REQUESTS_CA_BUNDLE") else None,
     )
     msg_id = uuid.uuid4().hex
     ws.send(

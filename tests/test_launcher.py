@@ -33,8 +33,11 @@ def test_stopping_after_a_hub_crash_leaves_no_process_behind():
     time.sleep(1)
     orphans = _processes_of(platform.launch_id)
     assert orphans, "nothing outlived the hub: this test no longer shows the case it is about"
+    gateway = [pid for pid in orphans if b"dask-gateway-server" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert gateway, "the Dask Gateway (a hub-managed service) does not carry the launch's marker"
     platform.stop()
     assert _processes_of(platform.launch_id) == []
+    assert not any(Path(f"/proc/{pid}").exists() for pid in gateway)
 
 
 @pytest.fixture(scope="module")

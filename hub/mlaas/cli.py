@@ -7,6 +7,8 @@
     mlaas deploy SITE_DIR         helm upgrade --install of a site (our chart + pinned upstream charts)
     mlaas up                      start the one-machine platform (IdP, hub, proxy) until Ctrl-C
     mlaas down                    stop a platform started by `mlaas up`
+    mlaas backup FILE [--homes]   back up the platform (running or not) into one archive
+    mlaas restore FILE            restore a backup into the configured, empty state directory
 """
 
 from __future__ import annotations
@@ -163,6 +165,26 @@ def cmd_up() -> int:
     return 0
 
 
+def cmd_backup_restore(args) -> int:
+    from .backup import BackupError, backup, restore
+
+    settings = load_settings()
+    step = lambda what: print(f"  {what}", flush=True)  # noqa: E731 - progress, one line per part
+    try:
+        if args.command == "backup":
+            print(f"Backing up {settings.state_dir} to {args.target}…", flush=True)
+            manifest = backup(settings, Path(args.target), homes=args.homes, progress=step)
+            print(f"Done: {', '.join(f'{k} ({v})' for k, v in manifest['contents'].items())}.")
+        else:
+            print(f"Restoring {args.source} into {settings.state_dir}…", flush=True)
+            manifest = restore(settings, Path(args.source), progress=step)
+            print(f"Done: the backup of {manifest['created']} from {manifest['state_dir']}. Start it with `mlaas up`.")
+    except BackupError as e:
+        print(f"{args.command} failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_down() -> int:
     """Stop the platform `mlaas up` started: its launcher stops everything it started; if that
     launcher is gone (killed, crashed), what its launch left running is stopped here. Only
@@ -270,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     dep.add_argument("--charts-dir", type=Path, default=os.environ.get("MLAAS_CHARTS_DIR") or None,
                      help="where the pinned upstream charts lie as `helm pull` archives (<chart>-<version>.tgz), "
                      "for sites without access to the chart repositories (default: $MLAAS_CHARTS_DIR)")
+    bk = sub.add_parser("backup", help="back up the platform (consistent while it runs)")
+    bk.add_argument("target", help="the archive to write (.tar.gz, mode 0600: it holds the secrets)")
+    bk.add_argument("--homes", action="store_true", help="users' homes and project storage too")
+    rs = sub.add_parser("restore", help="restore a backup into the configured, empty state directory")
+    rs.add_argument("source", help="an archive written by `mlaas backup`")
     sub.add_parser("up", help="start the platform on this machine")
     sub.add_parser("down", help="stop the platform started by `mlaas up`")
     args = parser.parse_args(argv)
@@ -288,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             site = Path(args.site)
             return deploy(site, load_settings().state_dir / "deploy" / site.name / "generated.yaml", args.dry_run,
                           args.charts_dir)
+        if args.command in ("backup", "restore"):
+            return cmd_backup_restore(args)
         if args.command == "up":
             return cmd_up()
         return cmd_down()

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import quote
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
@@ -88,14 +89,18 @@ class GpuIdleTracker:
 
 
 class GpuCuller:
-    def __init__(self, api_url: str, token: str, servers_url: str, every: float):
+    def __init__(self, api_url: str, token: str, servers_url: str, every: float, tls_ca: str | None = None):
         self.api_url, self.token, self.servers_url, self.every = api_url.rstrip("/"), token, servers_url.rstrip("/"), every
         self.tracker = GpuIdleTracker()
         self.http = AsyncHTTPClient()
+        from .tls import client_context
+
+        self.ssl = client_context(tls_ca) if servers_url.startswith("https:") else None  # the proxy's certificate
 
     async def _call(self, method: str, url: str, body: dict | None = None, ok_missing: bool = False) -> dict:
         req = HTTPRequest(url, method=method, headers={"Authorization": f"token {self.token}"},
-                          body=json.dumps(body) if body is not None else None, request_timeout=30)
+                          body=json.dumps(body) if body is not None else None, request_timeout=30,
+                          ssl_options=self.ssl if url.startswith("https:") else None)
         try:
             r = await self.http.fetch(req)
         except HTTPClientError as e:
@@ -145,15 +150,22 @@ class GpuCuller:
             await asyncio.sleep(self.every)
 
 
-def culler_service(every: int, servers_url: str) -> dict:
+def culler_service(every: int, servers_url: str, tls_ca: str | Path | None = None) -> dict:
+    """`servers_url`: the proxy as reachable here; `tls_ca`: its certificate, where it serves TLS."""
+    from .tls import CA_ENV
+
+    env = {"MLAAS_GPU_CULL_EVERY": str(every), "MLAAS_SERVERS_URL": servers_url}
+    if tls_ca:
+        env[CA_ENV] = str(tls_ca)
     return {"name": SERVICE, "command": [sys.executable, "-m", "mlaas.hub_service", "mlaas.gpu_culler"],
-            "environment": {"MLAAS_GPU_CULL_EVERY": str(every), "MLAAS_SERVERS_URL": servers_url}}
+            "environment": env}
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(levelname).1s %(asctime)s %(name)s] %(message)s")
     culler = GpuCuller(os.environ["JUPYTERHUB_API_URL"], os.environ["JUPYTERHUB_API_TOKEN"],
-                       os.environ["MLAAS_SERVERS_URL"], float(os.environ.get("MLAAS_GPU_CULL_EVERY", "30")))
+                       os.environ["MLAAS_SERVERS_URL"], float(os.environ.get("MLAAS_GPU_CULL_EVERY", "30")),
+                       os.environ.get("MLAAS_TLS_CA"))
     asyncio.run(culler.run())
 
 

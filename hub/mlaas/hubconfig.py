@@ -128,6 +128,13 @@ def _merged_roles(existing: list[dict], new: list[dict]) -> list[dict]:
 
 
 def add_services(c, services: list[dict]) -> None:
+    """Add ours to JupyterHub's services. Those the hub runs carry the launch's marker (only
+    variables given to them reach them), so the launcher stops them after a hub crash too."""
+    from .launcher import LAUNCH_VAR
+
+    for service in services:
+        if service.get("command") and os.environ.get(LAUNCH_VAR):
+            service["environment"] = {**service.get("environment", {}), LAUNCH_VAR: os.environ[LAUNCH_VAR]}
     c.JupyterHub.services.extend(services)
 
 
@@ -261,7 +268,8 @@ DASK_LAB_ENV = {
 def gateway_client_env(s: Settings) -> dict[str, str]:
     """What `Gateway()` in a user's server needs to work with no arguments."""
     return {
-        "DASK_GATEWAY__ADDRESS": s.public_url.rstrip("/") + gateway.PREFIX,
+        # the gateway's own proxy on this machine (the hub's proxy forwards its public path there)
+        "DASK_GATEWAY__ADDRESS": f"http://127.0.0.1:{s.dask_gateway.port}{gateway.PREFIX}",
         "DASK_GATEWAY__PROXY_ADDRESS": f"gateway://127.0.0.1:{s.dask_gateway.tcp_port}",
         "DASK_GATEWAY__PUBLIC_ADDRESS": gateway.PREFIX,
         "DASK_GATEWAY__AUTH__TYPE": "jupyterhub",
@@ -352,10 +360,15 @@ def configure(c, settings: Settings) -> None:
     hub_dir = s.hub_dir
 
     # --- hub, proxy, database ---------------------------------------------------------------
-    c.JupyterHub.bind_url = s.public_url
+    c.JupyterHub.public_url = s.public_url  # what users open: cookies are Secure when it is https
+    c.JupyterHub.bind_url = s.proxy_url  # where the proxy listens (docs/operations.md "TLS")
+    if s.tls:
+        c.JupyterHub.ssl_cert = str(s.tls_cert_file)
+        c.JupyterHub.ssl_key = str(s.tls_key_file)
     c.JupyterHub.hub_ip = "127.0.0.1"
     c.JupyterHub.hub_port = s.hub_port
     c.JupyterHub.db_url = f"sqlite:///{hub_dir / 'jupyterhub.sqlite'}"
+    c.JupyterHub.upgrade_db = True  # a new JupyterHub migrates the database at start, after a timestamped copy
     c.JupyterHub.cookie_secret_file = str(s.secrets_dir / "jupyterhub-cookie-secret")
     c.JupyterHub.pid_file = str(hub_dir / "jupyterhub.pid")
     c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{s.proxy_api_port}"
@@ -427,7 +440,7 @@ def configure(c, settings: Settings) -> None:
     gpu_use_known = s.spawner == "local" or bool(s.kubernetes.gpu_metrics_url)
     if s.culling.enabled and gpu_use_known:
         # GPU use per server: this machine's NVML, or the DCGM exporter's series in Prometheus
-        services.append(gpu_culler.culler_service(s.culling.gpu_every, s.public_url))
+        services.append(gpu_culler.culler_service(s.culling.gpu_every, s.internal_url, s.tls_cert_file))
         roles.append(dict(gpu_culler.ROLE))
     warn_if_gpu_idle_unenforced(store, s.culling.enabled and gpu_use_known)
     add_server_environment(c, environment, "KubeProfileSpawner" if s.spawner == "kubernetes" else "LocalProfileSpawner")

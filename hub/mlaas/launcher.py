@@ -17,9 +17,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from .settings import REPO_ROOT, Settings, ensure_secret, prepare_state
+from .tls import client_context, forwarded_header_notice
 from .user_site import install_hook
 from .xcache import INSTALL_HINT, XRootDProcess, cache_process, origin_process, xrootd_binary
 
@@ -32,7 +33,8 @@ class LaunchError(Exception):
 
 
 def wait_http(
-    url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "", interval: float = 0.1
+    url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "", interval: float = 0.1,
+    context: Any = None,
 ) -> None:
     """Wait for an HTTP 200 at url; fail early if `proc` exits."""
     deadline = time.monotonic() + timeout
@@ -41,7 +43,7 @@ def wait_http(
         if proc is not None and proc.poll() is not None:
             raise LaunchError(f"{what or url} exited with status {proc.returncode} while starting")
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2, context=context) as r:
                 if r.status == 200:
                     return
         except urllib.error.HTTPError as e:
@@ -270,7 +272,13 @@ class Platform:
         )
         # the hub itself first (quietly), then through the proxy once its route is there
         wait_http(f"http://127.0.0.1:{self.settings.hub_port}/hub/health", timeout, self.hub, "JupyterHub")
-        wait_http(f"{self.url}/hub/health", timeout, self.hub, "JupyterHub (through its proxy)", interval=0.5)
+        s = self.settings
+        context = client_context(s.tls_cert_file) if s.internal_url.startswith("https:") else None
+        wait_http(f"{s.internal_url}/hub/health", timeout, self.hub, "JupyterHub (through its proxy)", interval=0.5,
+                  context=context)
+        notice = forwarded_header_notice(s.public_url, s.bind_url)
+        if notice:
+            self.notices.append(notice)
 
     def stop(self) -> None:
         _stop(self.hub, 40)  # the hub stops the users' servers and its proxy first

@@ -141,7 +141,13 @@ class Settings(BaseModel):
 
     state_dir: Path = REPO_ROOT / "state"
     profiles_dir: Path = REPO_ROOT / "spawner_profiles"
-    public_url: str = "http://127.0.0.1:8000"
+    public_url: str = Field("http://127.0.0.1:8000", description="The address users open (and the AAI redirects to).")
+    bind_url: str | None = Field(
+        None, description="Where the hub's proxy listens, if not at public_url: behind a TLS reverse proxy, e.g. "
+        "http://127.0.0.1:8000 with public_url https://hub.example.org (docs/operations.md \"TLS\").",
+    )
+    tls_cert_file: Path | None = Field(None, description="Serve TLS with this certificate (PEM, full chain).")
+    tls_key_file: Path | None = Field(None, description="The certificate's private key (PEM).")
     hub_port: int = 8081
     proxy_api_port: int = 8001
     oidc: OidcSettings = OidcSettings()
@@ -156,6 +162,48 @@ class Settings(BaseModel):
     )
     kubernetes: KubernetesSettings = KubernetesSettings()
     culling: CullSettings = Field(CullSettings(), description="Idle servers are stopped (jupyterhub-idle-culler).")
+    @model_validator(mode="after")
+    def _tls_is_complete(self) -> "Settings":
+        from urllib.parse import urlparse
+
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: give both to serve TLS, or neither")
+        for name in ("tls_cert_file", "tls_key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a file")
+        for name in ("public_url", "bind_url"):
+            url = getattr(self, name)
+            if url is not None and (urlparse(url).scheme not in ("http", "https") or not urlparse(url).hostname):
+                raise ValueError(f"{name}: {url!r} is not an http(s) URL")
+        if urlparse(self.public_url).scheme == "https" and not self.tls_cert_file and not self.bind_url:
+            raise ValueError(
+                f"public_url {self.public_url} is https: give tls_cert_file and tls_key_file to serve TLS here, "
+                "or bind_url (e.g. http://127.0.0.1:8000) for the TLS reverse proxy in front of the hub")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def proxy_url(self) -> str:
+        """Where the hub's proxy listens (https when it serves TLS itself)."""
+        from urllib.parse import urlparse
+
+        url = urlparse(self.bind_url or self.public_url)
+        return url._replace(scheme="https" if self.tls else "http", path="").geturl()
+
+    @property
+    def internal_url(self) -> str:
+        """The proxy as the platform's own programs on this machine reach it (loopback)."""
+        from urllib.parse import urlparse
+
+        url = urlparse(self.proxy_url)
+        if url.hostname in ("0.0.0.0", "::"):  # every interface: loopback is one of them
+            url = url._replace(netloc=f"127.0.0.1:{url.port or (443 if url.scheme == 'https' else 80)}")
+        return url.geturl()
+
     @model_validator(mode="after")
     def _dask_on_kubernetes_needs_a_cluster(self) -> "Settings":
         if self.dask_gateway.backend == "kubernetes" and self.spawner != "kubernetes":
@@ -227,7 +275,8 @@ class Settings(BaseModel):
     def port(self) -> int:
         from urllib.parse import urlparse
 
-        return urlparse(self.public_url).port or 80
+        url = urlparse(self.proxy_url)
+        return url.port or (443 if url.scheme == "https" else 80)
 
 
 class SettingsError(Exception):

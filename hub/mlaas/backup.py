@@ -1,0 +1,187 @@
+"""`mlaas backup` / `mlaas restore` for the one-machine platform (docs/operations.md "Backup").
+
+A backup is one tar archive (mode 0600: it holds the platform's secrets) with:
+
+- `hub/jupyterhub.sqlite` and `hub/accounts.sqlite`: copied with SQLite's online backup, so the
+  copy is consistent while the hub writes (users, groups, tokens, servers; which system account
+  and AAI identity belongs to which user), and `hub/profiles.last-good.json`;
+- `secrets/`: the cookie secret (sessions survive a restore), the OIDC client secret, the
+  development IdP's passwords;
+- `admin/`: the history of every admin edit;
+- `profiles/`: the profile files in force (`profiles_dir`);
+- with `--homes`: `homes/` and `projects/`, users' and groups' files with their modes;
+- `manifest.json`: what is inside, when and from where it was made.
+
+`mlaas restore` unpacks it into the configured `state_dir`, which must be empty or missing (it
+never overwrites a platform), and the profile files into `profiles_dir` when that has none. As
+root, each user's files are given to their system account on this machine (created as the hub
+would, from the restored account records), whatever numeric IDs they had before.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sqlite3
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .settings import Settings
+
+FORMAT = 1
+DATABASES = ("jupyterhub.sqlite", "accounts.sqlite")
+
+
+class BackupError(Exception):
+    pass
+
+
+def _sqlite_copy(source: Path, target: Path) -> None:
+    """A consistent copy of a live SQLite database (its online backup API)."""
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+    try:
+        dst = sqlite3.connect(target)
+        with dst:
+            src.backup(dst)
+        dst.close()
+    finally:
+        src.close()
+
+
+def _add_tree(tar: tarfile.TarFile, directory: Path, name: str) -> int:
+    if not directory.is_dir():
+        return 0
+    count = 0
+    for path in sorted(directory.rglob("*")):
+        if path.is_socket() or path.is_fifo():
+            continue
+        tar.add(path, arcname=f"{name}/{path.relative_to(directory)}", recursive=False)
+        count += path.is_file()
+    return count
+
+
+def backup(settings: Settings, target: Path, homes: bool = False,
+           progress: Callable[[str], None] = lambda _: None) -> dict:
+    """Write a backup of the platform (running or not) to `target`; returns its manifest."""
+    s = settings
+    if not (s.hub_dir / "jupyterhub.sqlite").is_file():
+        raise BackupError(f"no platform state at {s.state_dir} (no hub/jupyterhub.sqlite): nothing to back up")
+    target = target.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    manifest: dict = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "state_dir": str(s.state_dir), "public_url": s.public_url, "homes": homes, "contents": {}}
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with tempfile.TemporaryDirectory(prefix="mlaas-backup-") as tmp, os.fdopen(fd, "wb") as out, \
+            tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for db in DATABASES:
+            if (s.hub_dir / db).is_file():
+                progress(f"database {db}")
+                _sqlite_copy(s.hub_dir / db, Path(tmp) / db)
+                tar.add(Path(tmp) / db, arcname=f"hub/{db}")
+                manifest["contents"][f"hub/{db}"] = 1
+        snapshot = s.hub_dir / "profiles.last-good.json"
+        if snapshot.is_file():
+            tar.add(snapshot, arcname="hub/profiles.last-good.json")
+        for name, directory in [("secrets", s.secrets_dir), ("admin", s.state_dir / "admin"),
+                                ("profiles", s.profiles_dir)] + ([("homes", s.homes_dir), ("projects", s.projects_dir)]
+                                                                  if homes else []):
+            progress(name)
+            manifest["contents"][name] = _add_tree(tar, directory, name)
+        data = json.dumps(manifest, indent=2).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size, info.mtime, info.mode = len(data), int(time.time()), 0o600
+        tar.addfile(info, io.BytesIO(data))
+    progress(f"written {target}")
+    return manifest
+
+
+def _safe_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """The archive's entries, refusing anything that could write outside the restored tree: absolute
+    or `..` paths, devices, hard links, and entries below a symbolic link of the archive."""
+    known = ("hub/", "secrets/", "admin/", "profiles/", "homes/", "projects/", "manifest.json")
+    members, links = [], set()
+    for m in tar.getmembers():
+        parts = Path(m.name).parts
+        if not m.name.startswith(known) or m.name.startswith("/") or ".." in parts:
+            raise BackupError(f"not a backup of this platform: unexpected entry {m.name!r}")
+        if not (m.isfile() or m.isdir() or m.issym()):
+            raise BackupError(f"not a backup of this platform: {m.name!r} is neither file, directory nor link")
+        if any(str(Path(*parts[:i])) in links for i in range(1, len(parts))):
+            raise BackupError(f"not a backup of this platform: {m.name!r} lies below a link of the archive")
+        if m.issym():
+            links.add(str(Path(m.name)))
+        members.append(m)
+    return members
+
+
+def restore(settings: Settings, source: Path, progress: Callable[[str], None] = lambda _: None) -> dict:
+    """Unpack a backup into the configured state (see the module doc); returns its manifest."""
+    s = settings
+    if s.state_dir.exists() and any(s.state_dir.iterdir()):
+        raise BackupError(f"state_dir {s.state_dir} is not empty: restore into a new, empty state directory "
+                          "(a restore never overwrites a platform)")
+    try:
+        tar = tarfile.open(source, "r:gz")
+    except (OSError, tarfile.TarError) as e:
+        raise BackupError(f"{source}: not a backup archive ({e})") from None
+    with tar, tempfile.TemporaryDirectory(prefix="mlaas-restore-") as tmp:
+        members = _safe_members(tar)
+        try:
+            manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+        except (KeyError, ValueError):
+            raise BackupError(f"{source}: no manifest.json: not a backup made by `mlaas backup`") from None
+        if manifest.get("format") != FORMAT:
+            raise BackupError(f"{source}: backup format {manifest.get('format')!r}; this version reads {FORMAT}")
+        progress("unpacking")
+        tar.extractall(tmp, members=members)  # checked by _safe_members
+        staged = Path(tmp)
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(s.state_dir, 0o711)
+        for name in ("hub", "secrets", "admin", "homes", "projects"):
+            if (staged / name).exists():
+                progress(name)
+                shutil.move(str(staged / name), str(s.state_dir / name))
+        if (staged / "profiles").is_dir():
+            if s.profiles_dir.is_dir() and any(s.profiles_dir.glob("*.y*ml")):
+                progress(f"profiles: {s.profiles_dir} has profile files already; kept them (the backup's are in "
+                         f"{s.state_dir / 'restored-profiles'})")
+                shutil.move(str(staged / "profiles"), str(s.state_dir / "restored-profiles"))
+            else:
+                s.profiles_dir.mkdir(parents=True, exist_ok=True)
+                for f in (staged / "profiles").iterdir():
+                    shutil.move(str(f), str(s.profiles_dir / f.name))
+    for directory, mode in ((s.hub_dir, 0o700), (s.secrets_dir, 0o700)):
+        if directory.exists():
+            os.chmod(directory, mode)
+    if os.geteuid() == 0 and s.homes_dir.is_dir():
+        _give_homes_to_their_accounts(s, progress)
+    progress("restored")
+    return manifest
+
+
+def _give_homes_to_their_accounts(s: Settings, progress: Callable[[str], None]) -> None:
+    """Each restored home to its user's system account here (made now, as the hub would)."""
+    from .accounts import ensure_account
+
+    db = sqlite3.connect(s.accounts_db)
+    try:
+        rows = db.execute("SELECT username, account FROM accounts").fetchall()
+    finally:
+        db.close()
+    for username, account in rows:
+        home = s.homes_dir / account
+        if not home.is_dir():
+            continue
+        acct = ensure_account(account, username, home)
+        for path in [home, *home.rglob("*")]:
+            if not path.is_symlink():
+                os.chown(path, acct.uid, acct.gid)
+            else:
+                os.lchown(path, acct.uid, acct.gid)
+        progress(f"home of {username}: {account}")
