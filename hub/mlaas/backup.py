@@ -4,7 +4,9 @@ A backup is one tar archive (mode 0600: it holds the platform's secrets) with:
 
 - `hub/jupyterhub.sqlite` and `hub/accounts.sqlite`: copied with SQLite's online backup, so the
   copy is consistent while the hub writes (users, groups, tokens, servers; which system account
-  and AAI identity belongs to which user), and `hub/profiles.last-good.json`;
+  and AAI identity belongs to which user), and `hub/profiles.last-good.json`; with the hub's
+  database on PostgreSQL (`database_url`), `hub/jupyterhub.pgdump` from `pg_dump` (a consistent
+  snapshot too), restored with `pg_restore` into the configured, empty database;
 - `secrets/`: the cookie secret (sessions survive a restore), the OIDC client secret, the
   development IdP's passwords;
 - `admin/`: the history of every admin edit;
@@ -25,6 +27,7 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
 import tarfile
 import tempfile
 import time
@@ -69,7 +72,7 @@ def backup(settings: Settings, target: Path, homes: bool = False,
            progress: Callable[[str], None] = lambda _: None) -> dict:
     """Write a backup of the platform (running or not) to `target`; returns its manifest."""
     s = settings
-    if not (s.hub_dir / "jupyterhub.sqlite").is_file():
+    if not s.database_url and not (s.hub_dir / "jupyterhub.sqlite").is_file():
         raise BackupError(f"no platform state at {s.state_dir} (no hub/jupyterhub.sqlite): nothing to back up")
     target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +88,11 @@ def backup(settings: Settings, target: Path, homes: bool = False,
                 _sqlite_copy(s.hub_dir / db, Path(tmp) / db)
                 tar.add(Path(tmp) / db, arcname=f"hub/{db}")
                 manifest["contents"][f"hub/{db}"] = 1
+        if s.database_url:
+            progress("database (pg_dump)")
+            _pg("pg_dump", s, ["--format=custom", "--no-owner", f"--file={Path(tmp) / 'jupyterhub.pgdump'}"])
+            tar.add(Path(tmp) / "jupyterhub.pgdump", arcname="hub/jupyterhub.pgdump")
+            manifest["contents"]["hub/jupyterhub.pgdump"] = 1
         snapshot = s.hub_dir / "profiles.last-good.json"
         if snapshot.is_file():
             tar.add(snapshot, arcname="hub/profiles.last-good.json")
@@ -99,6 +107,28 @@ def backup(settings: Settings, target: Path, homes: bool = False,
         tar.addfile(info, io.BytesIO(data))
     progress(f"written {target}")
     return manifest
+
+
+def _pg(tool: str, s: Settings, args: list[str]) -> None:
+    """pg_dump / pg_restore against the hub's database, the password from its file (libpq's)."""
+    import glob
+    from urllib.parse import urlparse
+
+    from .hubconfig import write_pgpass
+
+    binary = shutil.which(tool) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"), reverse=True)), None)
+    if binary is None:
+        raise BackupError(f"{tool} is not installed (Debian: apt-get install postgresql-client)")
+    url = urlparse(s.database_url or "")
+    env = dict(os.environ)
+    if s.database_password_file:
+        s.secrets_dir.mkdir(parents=True, exist_ok=True)
+        env["PGPASSFILE"] = str(write_pgpass(s.database_url or "", s.database_password_file, s.secrets_dir))
+    conn = [f"--host={url.hostname}", f"--port={url.port or 5432}", f"--username={url.username or ''}",
+            f"--dbname={url.path.strip('/')}"]
+    r = subprocess.run([binary, *conn, *args], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise BackupError(f"{tool} failed: {r.stderr.strip()[-500:]}")
 
 
 def _safe_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
@@ -156,6 +186,14 @@ def restore(settings: Settings, source: Path, progress: Callable[[str], None] = 
                 s.profiles_dir.mkdir(parents=True, exist_ok=True)
                 for f in (staged / "profiles").iterdir():
                     shutil.move(str(f), str(s.profiles_dir / f.name))
+    dump = s.hub_dir / "jupyterhub.pgdump"
+    if dump.is_file():
+        if not s.database_url:
+            raise BackupError("the backup's hub database is a PostgreSQL dump: set database_url (and "
+                              "database_password_file) to the empty database to restore it into")
+        progress("database (pg_restore)")
+        _pg("pg_restore", s, ["--no-owner", "--exit-on-error", str(dump)])
+        dump.unlink()
     for directory, mode in ((s.hub_dir, 0o700), (s.secrets_dir, 0o700)):
         if directory.exists():
             os.chmod(directory, mode)

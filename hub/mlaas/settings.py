@@ -148,6 +148,11 @@ class Settings(BaseModel):
     )
     tls_cert_file: Path | None = Field(None, description="Serve TLS with this certificate (PEM, full chain).")
     tls_key_file: Path | None = Field(None, description="The certificate's private key (PEM).")
+    database_url: str | None = Field(
+        None, description="The hub's database: none for SQLite in state/hub (the default), or "
+        "postgresql://user@host:port/dbname (docs/operations.md \"Database\"); no password in it.",
+    )
+    database_password_file: Path | None = Field(None, description="The database user's password (mode 0600).")
     hub_port: int = 8081
     proxy_api_port: int = 8001
     oidc: OidcSettings = OidcSettings()
@@ -180,6 +185,20 @@ class Settings(BaseModel):
             raise ValueError(
                 f"public_url {self.public_url} is https: give tls_cert_file and tls_key_file to serve TLS here, "
                 "or bind_url (e.g. http://127.0.0.1:8000) for the TLS reverse proxy in front of the hub")
+        return self
+
+    @model_validator(mode="after")
+    def _database_is_supported(self) -> "Settings":
+        from urllib.parse import urlparse
+
+        if self.database_url is not None:
+            url = urlparse(self.database_url)
+            if url.scheme not in ("postgresql", "postgresql+psycopg2") or not url.hostname or not url.path.strip("/"):
+                raise ValueError(f"database_url: {self.database_url!r} is not postgresql://user@host:port/dbname "
+                                 "(leave it out for SQLite)")
+            if url.password:
+                raise ValueError("database_url: put the password in database_password_file, not in the URL "
+                                 "(the URL is logged)")
         return self
 
     @property

@@ -1,0 +1,94 @@
+"""The hub on a real PostgreSQL server (Debian's package, started here) instead of the embedded
+SQLite: users, groups, tokens and servers live there and survive a restart of the platform; the
+password comes from a file and reaches no log."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import needs_root
+from helpers import ensure_user, kernel_json, start_platform, start_server, state_root, stop_server, user_token
+from mlaas.launcher import Platform
+from mlaas.settings import Settings, load_settings
+from pg import PostgreSQL
+
+pytestmark = [pytest.mark.platform, needs_root]
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    server = PostgreSQL(state_root() / f"postgres-{os.getpid()}").start()
+    yield server
+    server.stop()
+
+
+def test_the_hub_keeps_its_state_in_postgresql_across_a_restart(postgres, tmp_path):
+    password = tmp_path / "db-password"
+    password.write_text(postgres.password + "\n")
+    password.chmod(0o600)
+    hub = start_platform("postgres", data={"enabled": False}, database_url=postgres.url,
+                         database_password_file=str(password))
+    try:
+        assert not (hub.state_dir / "hub" / "jupyterhub.sqlite").exists()  # no SQLite beside it
+        ensure_user(hub, "pg-user", ["ml-users"])
+        token = user_token(hub, "pg-user")
+        start_server(hub, "pg-user", token, {"profile": "small"})
+        assert postgres.sql("SELECT name FROM users WHERE name = 'pg-user'", "mlaas") == "pg-user"
+        stop_server(hub, "pg-user")
+        hub.platform.stop()
+
+        # the same platform again: its users and tokens are the database's
+        hub.platform = Platform(load_settings(hub.platform.config_file, environ={}),
+                                config_file=hub.platform.config_file, log_dir=hub.log_dir)
+        hub.platform.start(timeout=120)
+        model = hub.api().get(f"{hub.url}/hub/api/users/pg-user").json()
+        assert "ml-users" in model["groups"]
+        start_server(hub, "pg-user", token, {"profile": "small"})  # the token made before the restart
+        assert kernel_json(hub, "pg-user", token, "import json; print(json.dumps(1 + 1))") == 2
+        stop_server(hub, "pg-user")
+        assert postgres.password not in hub.hub_log()
+    finally:
+        hub.platform.stop()
+
+
+def test_a_platform_on_postgresql_is_backed_up_and_restored_into_a_new_database(postgres, tmp_path):
+    """`mlaas backup` takes a pg_dump of the hub's database with the rest; `mlaas restore` loads it
+    into another, empty database, and the restored platform knows the users and their tokens."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    password = tmp_path / "db-password"
+    password.write_text(postgres.password)
+    password.chmod(0o600)
+    a = start_platform("pg-backup-a", data={"enabled": False}, database_url=postgres.url,
+                       database_password_file=str(password))
+    archive = tmp_path / "backup.tar.gz"
+    try:
+        ensure_user(a, "pg-kept", ["ml-users"])
+        token = user_token(a, "pg-kept")
+        r = subprocess.run([str(Path(sys.prefix) / "bin" / "mlaas"), "backup", str(archive)], capture_output=True,
+                           text=True, env={**os.environ, "MLAAS_CONFIG": str(a.platform.config_file)}, timeout=300)
+        assert r.returncode == 0 and "database (pg_dump)" in r.stdout, r.stdout + r.stderr
+    finally:
+        a.platform.stop()
+    postgres.sql("CREATE DATABASE mlaas_restored OWNER mlaas")
+    idp = a.platform.settings
+    b = start_platform("pg-backup-b", data={"enabled": False}, restore_from=archive,
+                       database_url=postgres.url.rsplit("/", 1)[0] + "/mlaas_restored",
+                       database_password_file=str(password), oidc={"issuer": idp.oidc.issuer},
+                       dev_idp={"port": idp.dev_idp.port, "users_file": str(idp.dev_idp.users_file)})
+    try:
+        assert postgres.sql("SELECT name FROM users WHERE name = 'pg-kept'", "mlaas_restored") == "pg-kept"
+        assert b.api(token).get(f"{b.url}/hub/api/user").json()["name"] == "pg-kept"  # her token still works
+    finally:
+        b.platform.stop()
+
+
+def test_database_settings_name_the_mistake():
+    with pytest.raises(ValueError, match="put the password in database_password_file"):
+        Settings(database_url="postgresql://mlaas:secret@db:5432/mlaas")
+    with pytest.raises(ValueError, match="is not postgresql://user@host:port/dbname"):
+        Settings(database_url="mysql://mlaas@db/mlaas")
