@@ -164,3 +164,29 @@ print(json.dumps(importlib.util.find_spec("ria_tools") is None))
     finally:
         stop_server(hub, "pkg-ria")
         stop_server(hub, "pkg-ben")
+
+
+def test_a_researcher_sees_memory_use_and_the_dask_sidebar_in_jupyterlab(hub, browser):
+    """What a person sees (Chromium): JupyterLab's status bar shows the server's memory against
+    its profile's limit, and the left sidebar has the Dask panel, which lists the clusters the
+    gateway gives her."""
+    from conftest import browser_login
+
+    ensure_user(hub, "carol", ["ml-users"])
+    token = user_token(hub, "carol")
+    start_server(hub, "carol", token, {"profile": "small"})
+    page = browser.new_page()
+    try:
+        browser_login(page, hub.url, "carol", hub.password("carol"))
+        page.goto(f"{hub.url}/user/carol/lab")
+        status = page.locator("#jp-main-statusbar", has_text="Mem:")
+        status.wait_for(timeout=60_000)
+        limit_mib = kernel_json(hub, "carol", token, "import json, os; print(json.dumps(int(os.environ['MEM_LIMIT']) // 2**20))")
+        text = status.inner_text()
+        # e.g. "CPU: 26.40 % | Mem: 141.75 / 512.00 MB" (the extension's MB are MiB)
+        assert "CPU:" in text and f"/ {limit_mib:.2f} MB" in text, text
+        page.click("li[data-id=dask-dashboard-launcher]")
+        page.get_by_text("NEW", exact=False).first.wait_for(timeout=30_000)  # the panel's "+ NEW" cluster button
+    finally:
+        page.close()
+        stop_server(hub, "carol")
