@@ -8,10 +8,10 @@ nothing else."""
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 from pathlib import Path
-from urllib.parse import urlparse
+
+from .netaddr import is_loopback_url
 
 CA_ENV = "MLAAS_TLS_CA"  # the certificate the platform's programs trust for internal_url
 
@@ -25,20 +25,10 @@ def client_context(cert_file: str | Path | None) -> ssl.SSLContext:
     return context
 
 
-def loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def forwarded_header_notice(public_url: str, bind_url: str | None) -> str | None:
     """Behind a reverse proxy the hub trusts the X-Forwarded-* headers it is given: our proxy must
     then be reachable by that reverse proxy only."""
-    if bind_url and bind_url.rstrip("/") != public_url.rstrip("/") and not loopback(bind_url):
+    if bind_url and bind_url.rstrip("/") != public_url.rstrip("/") and not is_loopback_url(bind_url):
         return (f"WARNING: the hub's proxy listens at {bind_url}, not on loopback, behind {public_url}: anyone who "
                 "reaches it directly bypasses your TLS proxy and can set X-Forwarded-* headers; bind it to "
                 "127.0.0.1 or firewall it to the reverse proxy")
