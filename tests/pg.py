@@ -9,13 +9,14 @@ import subprocess
 from pathlib import Path
 
 from helpers import free_port
+from mlaas.backup import postgresql_tool
 
 
 def pg_bin(name: str) -> str:
-    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-    if not found:
+    found = postgresql_tool(name)
+    if found is None:
         raise RuntimeError("PostgreSQL is not installed (Debian: apt-get install postgresql); .ci/run installs it")
-    return str(found[-1])
+    return found
 
 
 class PostgreSQL:

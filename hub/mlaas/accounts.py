@@ -59,6 +59,14 @@ def _comment(username: str) -> str:
     return (COMMENT_PREFIX + username)[:60]
 
 
+def system_account_of(account: str, username: str) -> bool:
+    """An existing system account that an MLaaS hub made for this hub user."""
+    try:
+        return pwd.getpwnam(account).pw_gecos == _comment(username)
+    except KeyError:
+        return False
+
+
 def _system_account_of_other(account: str, username: str) -> bool:
     """An existing system account that an MLaaS hub made for a different hub user."""
     try:
@@ -121,6 +129,11 @@ class AccountRegistry:
         with self._connect() as db:
             row = db.execute("SELECT account FROM accounts WHERE username = ?", (username,)).fetchone()
         return row[0] if row else None
+
+    def all_accounts(self) -> list[tuple[str, str]]:
+        """Every (hub user, account) on record."""
+        with self._connect() as db:
+            return db.execute("SELECT username, account FROM accounts ORDER BY username").fetchall()
 
     def forget_account(self, username: str) -> None:
         """Drop the hub user's account from the record (the user was removed). Their AAI identity

@@ -109,14 +109,21 @@ def backup(settings: Settings, target: Path, homes: bool = False,
     return manifest
 
 
+def postgresql_tool(name: str) -> str | None:
+    """A PostgreSQL program: the newest of Debian's /usr/lib/postgresql/<major>/bin (the server's
+    programs are there only, and its `pg_wrapper` on the PATH picks a version by local clusters),
+    else the one on the PATH."""
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
+    return str(found[-1]) if found else shutil.which(name)
+
+
 def _pg(tool: str, s: Settings, args: list[str]) -> None:
     """pg_dump / pg_restore against the hub's database, the password from its file (libpq's)."""
-    import glob
     from urllib.parse import urlparse
 
     from .hubconfig import write_pgpass
 
-    binary = shutil.which(tool) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"), reverse=True)), None)
+    binary = postgresql_tool(tool)
     if binary is None:
         raise BackupError(f"{tool} is not installed (Debian: apt-get install postgresql-client)")
     url = urlparse(s.database_url or "")
@@ -207,21 +214,13 @@ def restore(settings: Settings, source: Path, progress: Callable[[str], None] = 
 
 def _give_homes_to_their_accounts(s: Settings, progress: Callable[[str], None]) -> None:
     """Each restored home to its user's system account here (made now, as the hub would)."""
-    from .accounts import ensure_account
+    from .accounts import AccountRegistry, ensure_account
 
-    db = sqlite3.connect(s.accounts_db)
-    try:
-        rows = db.execute("SELECT username, account FROM accounts").fetchall()
-    finally:
-        db.close()
-    for username, account in rows:
+    for username, account in AccountRegistry(s.accounts_db).all_accounts():
         home = s.homes_dir / account
         if not home.is_dir():
             continue
         acct = ensure_account(account, username, home)
         for path in [home, *home.rglob("*")]:
-            if not path.is_symlink():
-                os.chown(path, acct.uid, acct.gid)
-            else:
-                os.lchown(path, acct.uid, acct.gid)
+            os.lchown(path, acct.uid, acct.gid)  # a link itself, never what it points to
         progress(f"home of {username}: {account}")

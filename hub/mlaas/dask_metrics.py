@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from .capacity.base import combined_use
+
 METRICS_PATH = "/api/mlaas/metrics"
 METRICS_SERVICE = "mlaas-metrics"  # the hub's scrape service (mlaas.hubconfig.METRICS_ROLE)
 
@@ -87,10 +89,10 @@ class DaskCollector:
             devices = self.gpu.get(c.name)
             if not devices:
                 continue
-            known = [d["utilization"] for d in devices if d.get("utilization") is not None]
-            if known:
-                util.add_metric([c.user, c.name], sum(known) / len(known))
-            memory.add_metric([c.user, c.name], sum(d.get("memory_used", 0) for d in devices))
+            utilization, used = combined_use(devices)
+            if utilization is not None:
+                util.add_metric([c.user, c.name], utilization)
+            memory.add_metric([c.user, c.name], used)
         yield from (util, memory)
 
 

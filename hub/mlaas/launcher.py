@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from .capacity.process_owner import stat_fields
 from .settings import REPO_ROOT, Settings, ensure_secret, prepare_state
 from .tls import client_context, forwarded_header_notice
 from .user_site import install_hook
@@ -132,19 +133,13 @@ def _reap(pids: list[int], grace: float = 5.0) -> None:
 
 def _process_tag(pid: int) -> str:
     """"<pid>@<start time>": names one process, never a later one given the same PID."""
-    try:
-        started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-    return f"{pid}@{started}"
+    fields = stat_fields(pid)
+    return f"{pid}@{fields[19]}" if fields and len(fields) > 19 else ""
 
 
 def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    fields = stat_fields(pid)
+    return bool(fields) and fields[0] != "Z"
 
 
 @dataclass

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily
 
+from .capacity.base import combined_use
 from .profiles import Profile
 from .quotas import _amounts, report
 from .spawners.common import usage_ledger
@@ -116,10 +117,10 @@ class PlatformCollector:
         held, outside = use if isinstance(use, tuple) else (use, [])
         for key, devices in sorted(held.items()):
             user, _, server = key.partition("/")
-            known = [d["utilization"] for d in devices if d.get("utilization") is not None]
-            if known:
-                util.add_metric([user, server], sum(known) / len(known))
-            memory.add_metric([user, server], sum(d.get("memory_used", 0) for d in devices))
+            utilization, used = combined_use(devices)
+            if utilization is not None:
+                util.add_metric([user, server], utilization)
+            memory.add_metric([user, server], used)
         yield from (util, memory)
 
         stray = GaugeMetricFamily("mlaas_gpu_processes_outside_assignment", "Processes on a GPU or MIG instance "

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .capacity.base import combined_use
 from .profiles.loader import ProfileSet
 from .profiles.model import GroupQuota, Profile
 from .profiles.quantities import format_bytes
@@ -214,6 +215,6 @@ def usage(holdings: Iterable[Holding], devices: dict[str, list[dict]] | None = N
 def _gpu_use(devices: list[dict]) -> dict:
     """The use of these devices together: mean utilisation of those whose use is known (None if
     none is), memory used in bytes."""
-    known = [d["utilization"] for d in devices if d.get("utilization") is not None]
-    return {"devices": len(devices), "utilization": round(sum(known) / len(known)) if known else None,
-            "memory_used": sum(d.get("memory_used", 0) for d in devices)}
+    utilization, memory = combined_use(devices)
+    return {"devices": len(devices), "utilization": round(utilization) if utilization is not None else None,
+            "memory_used": memory}

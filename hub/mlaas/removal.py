@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
-import pwd
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .accounts import AccountRegistry, _comment, admin_tool
+from .accounts import AccountRegistry, admin_tool, system_account_of
 
 log = logging.getLogger("JupyterHub.mlaas.removal")
 
@@ -55,11 +54,7 @@ def remove_user_account(registry: AccountRegistry, username: str, homes_dir: Pat
     if home.is_dir() and not home.is_symlink():
         kept = removed_dir(homes_dir) / f"{account}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
         shutil.move(str(home), str(kept))
-    try:
-        ours = pwd.getpwnam(account).pw_gecos == _comment(username)[:60]
-    except KeyError:
-        ours = False
-    if ours:
+    if system_account_of(account, username):
         r = subprocess.run([admin_tool("userdel"), account], capture_output=True, text=True)
         if r.returncode != 0:  # e.g. processes still running under it: the record stays for a retry
             log.warning("Could not delete the account %s of removed user %s: %s", account, username, r.stderr.strip())

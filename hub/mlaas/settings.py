@@ -290,13 +290,6 @@ class Settings(BaseModel):
     def callback_url(self) -> str:
         return self.public_url.rstrip("/") + "/hub/oauth_callback"
 
-    @property
-    def port(self) -> int:
-        from urllib.parse import urlparse
-
-        url = urlparse(self.proxy_url)
-        return url.port or (443 if url.scheme == "https" else 80)
-
 
 class SettingsError(Exception):
     pass

@@ -97,15 +97,11 @@ class DeviceAllocator:
     def held(self) -> dict[str, str]:
         return dict(self._owners)
 
-    def held_with_use(self, servers: dict[int, str] | None = None) -> dict[str, list[dict]]:
-        """Server ("user/server") -> the devices it holds, with their use now (NVML: blocking, call
-        it off the event loop)."""
-        return self.use_report(servers)[0]
-
     def use_report(self, servers: dict[int, str] | None = None) -> tuple[dict[str, list[dict]], list[dict]]:
-        """(server -> the devices it holds with their use and their processes' servers, the GPU
-        processes outside their server's assignment). `servers`: each running server's process
-        ID -> "user/server" (process_owner); without it processes are not attributed."""
+        """(server "user/server" -> the devices it holds with their use now and their processes'
+        servers, the GPU processes outside their server's assignment). `servers`: each running
+        server's process ID -> "user/server" (process_owner); without it processes are not
+        attributed. NVML: blocking, call it off the event loop."""
         inventory = {d.uuid: d for d in self.inventory().devices}
         use = self.source.usage()
         holders = self.held()

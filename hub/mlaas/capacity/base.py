@@ -32,6 +32,14 @@ class DeviceUse:
     pids: tuple[int, ...] = ()  # the compute processes on it (this machine's PIDs)
 
 
+def combined_use(devices: list[dict]) -> tuple[float | None, int]:
+    """The use of these devices together (dicts with `utilization` and `memory_used`, as the
+    usage view, NVML and DCGM give them): the mean utilisation of those whose use is known (None
+    if none is), and the memory used in bytes."""
+    known = [d["utilization"] for d in devices if d.get("utilization") is not None]
+    return (sum(known) / len(known) if known else None), sum(d.get("memory_used", 0) for d in devices)
+
+
 @dataclass(frozen=True)
 class Inventory:
     devices: tuple[Device, ...] = ()

@@ -11,16 +11,20 @@ from pathlib import Path
 MAX_DEPTH = 256  # a chain of parents longer than this is not followed to its end
 
 
-def parent_of(pid: int, proc: Path = Path("/proc")) -> int | None:
-    """The parent PID from /proc/<pid>/stat (the field after the command name, which may itself
-    hold spaces and parentheses); None when the process is gone."""
+def stat_fields(pid: int, proc: Path = Path("/proc")) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (which may itself hold spaces and
+    parentheses): state, parent PID, …, start time at [19]; None when the process is gone."""
     try:
-        stat = (proc / str(pid) / "stat").read_text()
+        return (proc / str(pid) / "stat").read_text().rpartition(")")[2].split()
     except (OSError, ValueError):
         return None
-    fields = stat.rpartition(")")[2].split()
+
+
+def parent_of(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """The parent PID; None when the process is gone."""
+    fields = stat_fields(pid, proc)
     try:
-        return int(fields[1])
+        return int(fields[1]) if fields else None
     except (IndexError, ValueError):
         return None
 
