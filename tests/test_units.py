@@ -61,6 +61,47 @@ def test_allocator_gives_each_device_once_and_frees_on_release():
     assert alloc.claim("dave/", mig)[0].uuid == first[0].uuid
 
 
+def test_a_request_during_a_reload_gets_the_reloaded_profiles(tmp_path: Path, monkeypatch):
+    """The hub's watcher thread may be parsing an edit when a request asks the store for fresh
+    profiles: the request waits for that reload, never answers with the profiles before the edit
+    (an admin disabled a profile and the user's next request still offered it)."""
+    import asyncio
+    import threading
+
+    import mlaas.profiles.store as store_module
+
+    directory = tmp_path / "profiles"
+    shutil.copytree(FIXTURES / "profiles", directory)
+    store = ProfileStore(directory, tmp_path / "snapshot.json", logging.getLogger("test-store"))
+    assert "atlas-cpu" in store.current().slugs
+    text = (directory / "cpu.yaml").read_text()
+    (directory / "cpu.yaml").write_text(text.replace("- slug: atlas-cpu", "- slug: atlas-cpu\n    enabled: false", 1))
+
+    parsing, release = threading.Event(), threading.Event()
+    real_load = store_module.load_profile_dir
+
+    def slow_load(path):  # the watcher's parse, held while the request comes
+        parsing.set()
+        release.wait(10)
+        return real_load(path)
+
+    monkeypatch.setattr(store_module, "load_profile_dir", slow_load)
+    watcher = threading.Thread(target=store.refresh)
+    watcher.start()
+    assert parsing.wait(10)
+
+    async def request():
+        answer = asyncio.ensure_future(store.fresh())
+        await asyncio.sleep(0.2)
+        assert not answer.done(), "answered before the reload in progress finished"
+        release.set()
+        return await answer
+
+    pset = asyncio.run(request())
+    watcher.join(10)
+    assert pset.get("atlas-cpu").enabled is False
+
+
 def test_store_keeps_last_good_profiles_when_an_edit_is_broken(tmp_path: Path, caplog):
     directory = tmp_path / "profiles"
     shutil.copytree(FIXTURES / "profiles", directory)

@@ -60,7 +60,8 @@ class ProfileStore:
         signature = self._read_signature()
         if signature == self._signature:
             return False
-        self._signature = signature
+        # `fresh()` compares signatures without the lock: the new one is recorded only once the
+        # profiles read with it are in force, or a request during a reload got the old profiles
         try:
             fresh = load_profile_dir(self.directory)
             problems = self._entry_problems(fresh)
@@ -70,6 +71,7 @@ class ProfileStore:
             self.errors = e.errors
             kept = self._good if self._loaded_once else self._restore_snapshot()
             self._good, self._loaded_once = kept, True
+            self._signature = signature
             self.log.error(
                 "Profile files in %s are invalid; keeping the last good profiles (%s):\n  %s",
                 self.directory,
@@ -82,6 +84,7 @@ class ProfileStore:
         ) or not self._loaded_once
         self.errors = []
         self._good, self._loaded_once = fresh, True
+        self._signature = signature
         if changed:
             self.log.info("Profiles in force: %s", ", ".join(fresh.slugs) or "none")
             self._save_snapshot(fresh)
