@@ -177,7 +177,10 @@ def test_gpu_use_per_server_user_and_group_and_an_unused_gpu_is_freed_even_from_
         assert {d["uuid"]: d["held_by"] for d in capacity["devices"]}[gpu] is None  # freed
         home = next(gpu_hub.state_dir.glob("homes/*/" + notices[0].replace("[", "?")))  # the notice stays, telling why
         assert "unless a GPU is used again" in home.read_text()
-        assert "GPU culler: stopped gpu-idler, its GPUs idle for" in (gpu_hub.log_dir / "hub.log").read_text()
+        deadline = time.monotonic() + 30  # the culler logs once the hub answered its stop call
+        while "GPU culler: stopped gpu-idler, its GPUs idle for" not in gpu_hub.hub_log() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "GPU culler: stopped gpu-idler, its GPUs idle for" in gpu_hub.hub_log()
     finally:
         set_gpu_use(gpu_hub, gpu, 0)
         stop_server(gpu_hub, "gpu-idler")

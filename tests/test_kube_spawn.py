@@ -349,7 +349,9 @@ def test_a_pods_gpu_use_comes_from_dcgm_and_an_unused_slice_is_freed_while_the_u
         assert warned and stopped, (warned, stopped)
         assert wait_until(lambda: not cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods?labelSelector="
                                                      f"hub.jupyter.org%2Fusername%3Dkube-idler")["items"], 60)
-        assert "GPU culler: stopped kube-idler, its GPUs idle for" in hub.hub_log()
+        # the culler logs once the hub answered its stop call, which may come just after the pod went
+        assert wait_until(lambda: "GPU culler: stopped kube-idler, its GPUs idle for" in hub.hub_log(), 30), \
+            [line for line in hub.hub_log().splitlines() if "GPU culler" in line]
     finally:
         dcgm.series.clear()
         stop_server(hub, "kube-idler")
