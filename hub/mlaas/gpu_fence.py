@@ -102,15 +102,20 @@ class GpuFence:
         return [os.fsencode(p) for p in hidden_nodes(self.dev_root, given)]
 
     def apply(self, hide: list[bytes]) -> None:
-        """In the child, as root, before it drops to the user's account: a private mount namespace
-        with /dev/null over each hidden node. Raises (and so fails the start) if that fails."""
+        """In the child, as root, before it drops to the user's account (see `hide_nodes`)."""
         if self._libc is None:
             return
-        libc = self._libc
-        if libc.unshare(CLONE_NEWNS) != 0:
-            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) for the GPU fence")
-        if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-            raise OSError(ctypes.get_errno(), "making the server's mounts private for the GPU fence")
-        for path in hide:
-            if libc.mount(b"/dev/null", path, None, MS_BIND, None) != 0:
-                raise OSError(ctypes.get_errno(), f"hiding {os.fsdecode(path)} for the GPU fence")
+        hide_nodes(hide)
+
+
+def hide_nodes(hide: list[bytes]) -> None:
+    """A private mount namespace for the calling process with /dev/null over each of `hide`.
+    Raises (and so fails the server's start) if any step fails. Root only."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) for the GPU fence")
+    if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        raise OSError(ctypes.get_errno(), "making the server's mounts private for the GPU fence")
+    for path in hide:
+        if libc.mount(b"/dev/null", path, None, MS_BIND, None) != 0:
+            raise OSError(ctypes.get_errno(), f"hiding {os.fsdecode(path)} for the GPU fence")

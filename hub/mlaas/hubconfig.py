@@ -432,6 +432,7 @@ def configure(c, settings: Settings) -> None:
     sp.disk_quota = parse_bytes(s.disk_quota)
     sp.isolation = s.isolation
     sp.max_concurrent_starts = s.max_concurrent_starts
+    sp.preforked = s.preforked_servers
     c.Spawner.default_url = "/lab"
     c.Spawner.start_timeout = s.spawn_timeout
     c.Spawner.http_timeout = 30
@@ -493,6 +494,10 @@ def configure(c, settings: Settings) -> None:
         from .spawners.local import disk_quota_support, limit_backend
 
         limit_backend(str(s.homes_dir.resolve()), s.max_processes)
+        if s.preforked_servers:  # from the hub's main thread, so it warms up while the hub starts
+            from .spawners.local import zygote_for
+
+            zygote_for(str(s.homes_dir.resolve()), str(s.hub_dir.resolve())).start()
         disk_quota_support(str(s.homes_dir.resolve()), str(s.hub_dir.resolve()), parse_bytes(s.disk_quota))
 
     running_as_root = os.geteuid() == 0

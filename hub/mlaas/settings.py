@@ -255,6 +255,10 @@ class Settings(BaseModel):
     max_concurrent_starts: int = Field(
         0, ge=0, description="Local servers starting at once (0: one per CPU core, at least 2); others queue."
     )
+    preforked_servers: bool = Field(
+        True, description="Local servers fork from a pre-started server process (mlaas.zygote): ready in a "
+        "fraction of a second; off: each starts by exec.",
+    )
 
     # --- derived paths --------------------------------------------------------------------
     @property
