@@ -295,7 +295,7 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
         return env
 
     def get_args(self) -> list[str]:
-        args = super().get_args()
+        args = list(super().get_args())  # JupyterHub's is Spawner.args itself: never extend that
         if os.geteuid() == 0 and not self.uses_accounts:
             args.append("--ServerApp.allow_root=True")
         if self.socket_path:  # instead of the TCP port: see the module's doc

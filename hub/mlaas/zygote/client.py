@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..server_entry import ServerEntry
 from .process import RUNNING, SPAWN, STATUS, UNKNOWN
+from .process_image import room_argument, room_environment
 
 log = logging.getLogger("JupyterHub.mlaas.zygote")
 
@@ -104,8 +105,9 @@ class Zygote:
             os.chmod(self.path, 0o600)
             listener.listen(128)  # starts queue here while the zygote still imports
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlaas.zygote", f"--fd={listener.fileno()}"],
-                pass_fds=(listener.fileno(),), env=zygote_env(self.home, self.jupyter_config, self.search_path),
+                [sys.executable, "-m", "mlaas.zygote", f"--fd={listener.fileno()}", room_argument()],
+                pass_fds=(listener.fileno(),),
+                env={**zygote_env(self.home, self.jupyter_config, self.search_path), **room_environment()},
                 cwd=str(Path(sys.prefix) / "bin"), stdin=subprocess.DEVNULL,
             )
         finally:

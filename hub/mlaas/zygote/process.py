@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import PurePath
 
+from .process_image import ROOM_VARIABLE
+
 SPAWN, STATUS = b"S", b"W"
 RUNNING, UNKNOWN = 2**31 - 1, -(2**31)
 MAX_ENTRY = 1 << 20  # bytes: an entry is a few KiB
@@ -88,14 +90,19 @@ class EnvironmentReads:
                 return code.co_name in LOOKUPS
             return True
 
-        def __getitem__(env, key):  # type: ignore[no-untyped-def]
-            if env is os.environ and looked_up(sys._getframe(1)):
+        def note(env, key) -> None:  # type: ignore[no-untyped-def]
+            if env is os.environ:
                 reads.keys.add(key)
+            elif env is getattr(os, "environb", None):
+                reads.keys.add(os.fsdecode(key))
+
+        def __getitem__(env, key):  # type: ignore[no-untyped-def]
+            if looked_up(sys._getframe(1)):
+                note(env, key)
             return getitem(env, key)
 
         def __contains__(env, key):  # type: ignore[no-untyped-def]
-            if env is os.environ:
-                reads.keys.add(key)
+            note(env, key)
             return contains(env, key)
 
         cls.__getitem__, cls.__contains__ = __getitem__, __contains__  # type: ignore[method-assign]
@@ -146,11 +153,14 @@ class StandIns:
         self.places: list[tuple[object, str]] = []  # (a namespace dict, a class or an object; name)
         self.traits: list[object] = []  # trait objects whose default_value holds one
         seen: set[int] = set()
+        environments = (os.environ, getattr(os, "environb", None))
         for module in list(sys.modules.values()):
             namespace = getattr(module, "__dict__", None)
-            if not isinstance(namespace, dict):
+            if not isinstance(namespace, dict) or module.__name__ in ("os", "posix"):  # the environment itself
                 continue
             for name, value in list(namespace.items()):
+                if any(value is e for e in environments):
+                    continue
                 if self._holds(value):
                     self.places.append((namespace, name))
                 if id(value) in seen or isinstance(value, (type(sys), int, float, str, bytes)):
@@ -182,14 +192,19 @@ class StandIns:
                 self.traits.append(attribute)
 
     def _anywhere(self, stand_in: str) -> bool:
-        return any(stand_in in str(self._value(owner, name)) for owner, name in self.places) or any(
-            stand_in in str(getattr(t, "default_value", "")) for t in self.traits)
+        def has(value: object) -> bool:
+            return stand_in in (os.fsdecode(value) if isinstance(value, bytes) else str(value))
+
+        return any(has(self._value(owner, name)) for owner, name in self.places) or any(
+            has(getattr(t, "default_value", "")) for t in self.traits)
 
     def _holds(self, value: object, depth: int = 2) -> bool:
         if isinstance(value, (list, tuple)):
             return depth > 0 and any(self._holds(v, depth - 1) for v in value)
         if isinstance(value, dict):  # e.g. traitlets' per-class cache of static defaults
             return depth > 0 and any(self._holds(v, depth - 1) for v in list(value.values()))
+        if isinstance(value, bytes):
+            return any(os.fsencode(v) in value for v in self.planted.values())
         return isinstance(value, (str, PurePath)) and any(v in str(value) for v in self.planted.values())
 
     @staticmethod
@@ -202,6 +217,10 @@ class StandIns:
             return type(value)(self._replaced(v, env) for v in value)
         if isinstance(value, dict):
             return {k: self._replaced(v, env) for k, v in value.items()}
+        if isinstance(value, bytes):
+            for name, stand_in in self.planted.items():
+                value = value.replace(os.fsencode(stand_in), os.fsencode(env.get(name, "")))
+            return value
         if isinstance(value, (str, PurePath)):
             text = str(value)
             for name, stand_in in self.planted.items():
@@ -387,11 +406,22 @@ class Zygote:
         return self.exited[pid]
 
 
+def interpreter_of(script: str) -> str:
+    """The interpreter a script's #! line names (the kernel runs a script through it)."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return sys.executable
+    return os.fsdecode(first[2:].split()[0]) if first.startswith(b"#!") and first[2:].split() else sys.executable
+
+
 def become_server(conn: socket.socket, stand_ins: StandIns) -> None:
     """In the forked child: tell the hub who we are, take the entry it sends, become that server.
     Any failure ends the child, with the reason sent. Answers `exec` (and ends) where the user's
     environment differs from the zygote's in a variable an import read: only an exec honours it."""
     from ..server_entry import ServerEntry
+    from .process_image import present_as
 
     conn.settimeout(60)
     answer: dict[str, object]
@@ -405,10 +435,14 @@ def become_server(conn: socket.socket, stand_ins: StandIns) -> None:
         if differ:
             answer = {"exec": f"its environment differs in {', '.join(differ)}, which the server reads at import"}
         else:
-            entry.enter()
             os.environ.clear()  # the user's environment, nothing else (the zygote's is gone with it)
+            ctypes.CDLL(None).clearenv()
             os.environ.update(entry.env)
             stand_ins.put_in_place(entry.env)
+            shown = [interpreter_of(entry.argv[0]), *entry.argv]  # what an exec of the script shows
+            if not present_as(os.path.basename(entry.argv[0]), shown, entry.env):  # as root: before enter()
+                log.warning("a server's command line or environment is larger than the room for it in /proc")
+            entry.enter()
             answer = {"ok": True}
     except Exception as e:  # told to the hub, which fails the start with it
         answer = {"error": f"{type(e).__name__}: {e}"}
@@ -422,13 +456,14 @@ def become_server(conn: socket.socket, stand_ins: StandIns) -> None:
     if "ok" not in answer:
         os._exit(1)
     sys.argv = list(entry.argv)
-    sys.orig_argv = [sys.executable, *entry.argv]
+    sys.orig_argv = shown
     sys.path[0] = os.path.dirname(entry.argv[0])  # as for the console script itself
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m mlaas.zygote")
     parser.add_argument("--fd", type=int, required=True, help="the listening socket, inherited from the hub")
+    parser.add_argument("--room", default="", help="space for the servers' command lines (process_image)")
     args = parser.parse_args()
     setup_logging()
     parent = os.getppid()
@@ -438,6 +473,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     listener = socket.socket(fileno=args.fd)
+    os.environ.pop(ROOM_VARIABLE, None)  # (its memory stays, for the servers' environment: process_image)
     planted = plant_stand_ins()
     import_env = warm_up()
     hazards = fork_hazards({0, 1, 2, args.fd})
