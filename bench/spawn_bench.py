@@ -1,12 +1,16 @@
 """Spawn benchmark (numbers, not pass/fail): `make bench`.
 
-1. Time from the REST API's start-server call to a ready server with LocalProfileSpawner,
-   against a bare `jupyterhub-singleuser` started by hand (same machine, same run, same
-   environment variables), and their ratio. Rounds alternate to share background noise.
-   With the hub as root, our servers run under per-user accounts, so the bare server runs
-   under a user account too: starting as root is ~0.1 s faster by itself (measured), which
-   would be a root-vs-user difference, not the spawner's.
-2. 20 users asking for a server at once: p50/p95 of each one's time to ready.
+1. Time from the REST API's start-server call to a ready server with LocalProfileSpawner (servers
+   forked from the pre-started server process, mlaas.zygote), against a bare
+   `jupyterhub-singleuser` started by hand (same machine, same run, same environment variables),
+   and their ratio (issue #17: target <= 0.25). Rounds alternate to share background noise. With
+   the hub as root, our servers run under per-user accounts, so the bare server runs under a user
+   account too.
+2. 20 users asking for a server at once: p50/p95 of each one's time to ready, and p95 against a
+   single start (target <= 3).
+3. Memory: PSS of each server process while 21 run (shared pages are split between the servers
+   that share them), against the PSS of one exec'd server alone.
+4. For reference, the same single start by exec (preforked servers off: the previous path).
 """
 
 from __future__ import annotations
@@ -132,7 +136,8 @@ def wait_ready_by_events(hub, name: str, token: str) -> None:
     wait_ready(hub, name, timeout=60)  # the stream ended: the spawn finished in between
 
 
-def concurrent_spawns(hub, n: int) -> list[float]:
+def concurrent_spawns(hub, n: int, keep: bool = False) -> list[float]:
+    """`keep`: leave the servers running (the caller measures them and stops them)."""
     names = [f"load-{i:02d}" for i in range(n)]
     tokens = {}
     for name in names:
@@ -156,18 +161,47 @@ def concurrent_spawns(hub, n: int) -> list[float]:
         t.start()
     for t in threads:
         t.join()
-    for name in names:
-        stop_server(hub, name, timeout=120)
+    if not keep:
+        for name in names:
+            stop_server(hub, name, timeout=120)
     if len(times) != n:
         raise RuntimeError(f"only {len(times)} of {n} servers became ready")
     return list(times.values())
+
+
+def server_pss(prefix: str) -> dict[str, int]:
+    """PSS in bytes of each running server process whose user's name starts with `prefix`."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            if len(cmdline) < 2 or not cmdline[1].endswith(b"/jupyterhub-singleuser"):
+                continue
+            env = dict(item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0") if b"=" in item)
+            user = env.get(b"JUPYTERHUB_USER", b"").decode()
+            if not user.startswith(prefix):
+                continue
+            for line in (entry / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    out[user] = int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return out
+
+
+PREVIOUS = {  # issue #17, measured on main before the zygote (2 cores, one run)
+    "single_ratio": 0.98, "burst_p95_over_single": 45.5 / 3.17, "bare_s": 3.24, "ours_s": 3.17,
+}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrent", type=int, default=20)
-    parser.add_argument("--no-compare", action="store_true", help="skip the burst without the start queue")
+    parser.add_argument("--with-culler-comparison", action="store_true",
+                        help="also time single starts on a platform with both cullers and the scraper off")
     args = parser.parse_args()
     token_file = ARTIFACTS / "bench-metrics-token"
     ARTIFACTS.mkdir(exist_ok=True)
@@ -191,33 +225,53 @@ def main() -> int:
     finally:
         stop.set()
         hub.platform.stop()
-    if not args.no_compare:
-        print(f"\nThe same burst with the start queue off (all {args.concurrent} start at once)…", flush=True)
-        unqueued = start_platform(
-            "bench-noqueue", profiles=REPO / "spawner_profiles", spawn_timeout=600,
-            max_concurrent_starts=args.concurrent,
-        )
-        try:
-            times = concurrent_spawns(unqueued, args.concurrent)
-        finally:
-            unqueued.platform.stop()
-        print(f"  p50 {percentile(times, 0.5):.2f} s   p95 {percentile(times, 0.95):.2f} s   max {max(times):.2f} s")
-        results["concurrent_without_queue"] = {"p50_s": percentile(times, 0.5), "p95_s": percentile(times, 0.95)}
-    print("\nSingle spawns with the idle culler and GPU culler off and no metrics scraper (the run above had them)…",
-          flush=True)
-    plain = start_platform("bench-noculler", profiles=REPO / "spawner_profiles", spawn_timeout=600,
-                           culling={"enabled": False})
+
+    print("\nThe same single start by exec (preforked servers off: the path before the zygote)…", flush=True)
+    by_exec = start_platform("bench-exec", profiles=REPO / "spawner_profiles", spawn_timeout=600,
+                             preforked_servers=False)
     try:
-        ensure_user(plain, "bench-ours", ["ml-users"])
-        token = user_token(plain, "bench-ours")
-        time_our_spawn(plain, "bench-ours", token)  # warm-up
-        without = [time_our_spawn(plain, "bench-ours", token) for _ in range(args.rounds)]
+        ensure_user(by_exec, "bench-ours", ["ml-users"])
+        token = user_token(by_exec, "bench-ours")
+        time_our_spawn(by_exec, "bench-ours", token)  # warm-up
+        execs = [time_our_spawn(by_exec, "bench-ours", token) for _ in range(max(2, args.rounds // 2))]
+        request_server(by_exec, "bench-ours", token, {"profile": "cpu-small"})
+        wait_ready(by_exec, "bench-ours", timeout=300)
+        exec_pss = server_pss("bench-ours").get("bench-ours", 0)
+        stop_server(by_exec, "bench-ours")
     finally:
-        plain.platform.stop()
-    ratio = statistics.median(results["ours_s"]) / statistics.median(without)
-    print(f"  without: {statistics.median(without):.2f} s   with culler, GPU culler and a 1 s metrics scrape: "
-          f"{statistics.median(results['ours_s']):.2f} s   ratio {ratio:.2f}")
-    results["culler_and_metrics"] = {"without_s": without, "ratio_median": ratio}
+        by_exec.platform.stop()
+    results["exec_s"] = execs
+    results["exec_pss_bytes"] = exec_pss
+    print(f"  by exec: {statistics.median(execs):.2f} s (median of {len(execs)}); one server alone: PSS "
+          f"{exec_pss / 2**20:.0f} MiB")
+
+    if args.with_culler_comparison:
+        print("\nSingle spawns with the idle culler and GPU culler off and no metrics scraper…", flush=True)
+        plain = start_platform("bench-noculler", profiles=REPO / "spawner_profiles", spawn_timeout=600,
+                               culling={"enabled": False})
+        try:
+            ensure_user(plain, "bench-ours", ["ml-users"])
+            token = user_token(plain, "bench-ours")
+            time_our_spawn(plain, "bench-ours", token)  # warm-up
+            without = [time_our_spawn(plain, "bench-ours", token) for _ in range(args.rounds)]
+        finally:
+            plain.platform.stop()
+        ratio = statistics.median(results["ours_s"]) / statistics.median(without)
+        print(f"  without: {statistics.median(without):.2f} s   with culler, GPU culler and a 1 s metrics scrape: "
+              f"{statistics.median(results['ours_s']):.2f} s   ratio {ratio:.2f}")
+        results["culler_and_metrics"] = {"without_s": without, "ratio_median": ratio}
+
+    single, bare = statistics.median(results["ours_s"]), statistics.median(results["bare_s"])
+    burst = results["concurrent"]
+    pss = results["pss_bytes"]
+    print("\nIssue #17, goal 1 (figure / target / before the zygote):")
+    print(f"  one start, ours / bare jupyterhub-singleuser : {single / bare:.3f} / <= 0.25 / "
+          f"{PREVIOUS['single_ratio']:.2f}   ({single:.2f} s vs {bare:.2f} s)")
+    print(f"  {burst['n']} at once, p95 / one start            : {burst['p95_s'] / single:.2f} / <= 3 / "
+          f"{PREVIOUS['burst_p95_over_single']:.1f}   (p95 {burst['p95_s']:.2f} s)")
+    print(f"  PSS per server, {len(pss)} running (mean)         : {statistics.mean(pss.values()) / 2**20:.0f} MiB "
+          f"(first {results['pss_first_bytes'] / 2**20:.0f} MiB, last {results['pss_last_bytes'] / 2**20:.0f} MiB) vs "
+          f"{exec_pss / 2**20:.0f} MiB for one exec'd server alone" if pss else "  PSS: not measured")
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "bench-spawn.json").write_text(json.dumps(results, indent=2))
     return 0
@@ -239,24 +293,27 @@ def measure(hub, args) -> dict:
     print(f"\nSingle spawn, API call -> ready server ({args.rounds} rounds, median):")
     print(f"  bare jupyterhub-singleuser : {statistics.median(bare):.2f} s")
     print(f"  LocalProfileSpawner        : {statistics.median(ours):.2f} s")
-    print(f"  ratio                      : {ratio:.3f}  (target <= 1.05)")
-    # the previous turn's figures, before JupyterLab gained resource usage, the Dask sidebar, the
-    # server proxy, widgets and the scikit-hep stack (#16): what those extensions cost a start
-    print(f"  last turn (no extensions)  : bare 3.85 s, ours 3.88 s; now ours {statistics.median(ours):.2f} s "
-          f"({statistics.median(ours) / 3.88:.2f}x)")
+    print(f"  ratio                      : {ratio:.3f}  (target <= 0.25)")
 
     print(f"\n{args.concurrent} users spawning at once…", flush=True)
     t0 = time.perf_counter()
-    times = concurrent_spawns(hub, args.concurrent)
+    times = concurrent_spawns(hub, args.concurrent, keep=True)
     wall = time.perf_counter() - t0
     print(f"  p50 {percentile(times, 0.5):.2f} s   p95 {percentile(times, 0.95):.2f} s   "
-          f"max {max(times):.2f} s   all ready+stopped in {wall:.1f} s  ({os.cpu_count()} CPUs)")
+          f"max {max(times):.2f} s   all ready in {wall:.1f} s  ({os.cpu_count()} CPUs)")
+    # one more: the 21st server, while the 20 run
+    request_server(hub, "bench-ours", ours_token, {"profile": "cpu-small"})
+    wait_ready(hub, "bench-ours", timeout=300)
+    time.sleep(2)  # the servers' start-up work is over
+    per_server = server_pss("load-") | server_pss("bench-ours")
+    first, last = per_server.get("load-00", 0), per_server.get("bench-ours", 0)
+    print(f"  PSS with {len(per_server)} servers running: mean {statistics.mean(per_server.values()) / 2**20:.0f} MiB, "
+          f"total {sum(per_server.values()) / 2**20:.0f} MiB", flush=True)
+    for name in [f"load-{i:02d}" for i in range(args.concurrent)] + ["bench-ours"]:
+        stop_server(hub, name, timeout=120)
     return {
         "bare_s": bare, "ours_s": ours, "ratio_median": ratio,
         "concurrent": {"n": args.concurrent, "p50_s": percentile(times, 0.5),
                        "p95_s": percentile(times, 0.95), "times_s": sorted(times)},
+        "pss_bytes": per_server, "pss_first_bytes": first, "pss_last_bytes": last,
     }
-
-
-if __name__ == "__main__":
-    sys.exit(main())

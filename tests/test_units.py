@@ -369,3 +369,38 @@ def test_dask_worker_pods_gpu_use_is_their_clusters_and_the_counts_add_up_per_us
     assert samples[("mlaas_group_dask_worker_gpus", (("group", "cms"),))] == 1
     assert samples[("mlaas_dask_worker_cores", (("user", "ben"),))] == 2
     assert samples[("mlaas_dask_clusters", (("user", "ann"),))] == 1
+
+
+def test_the_zygote_starts_by_exec_what_it_cannot_serve_and_names_a_failed_step(tmp_path):
+    """A real zygote (mlaas.zygote): interpreter variables and other commands are refused before
+    it is asked; a variable its imports read with another value makes it answer "exec" (naming
+    the variable); an entry that cannot be entered fails with the step's error."""
+    import asyncio
+    import os
+
+    from mlaas.limits import Placement
+    from mlaas.server_entry import ServerEntry
+    from mlaas.spawners.local import USER_JUPYTER_CONFIG, server_path
+    from mlaas.zygote.client import ServerEntryFailed, Zygote, ZygoteUnavailable, server_command
+
+    assert "PYTHONPATH" in Zygote.cannot_serve([server_command(), "--x"], {"PYTHONPATH": "/tmp"})
+    assert "/bin/sh" in Zygote.cannot_serve(["/bin/sh"], {})
+    assert Zygote.cannot_serve([server_command()], {"HOME": "/home/x"}) is None
+    zygote = Zygote(tmp_path / "z", tmp_path / "zygote-home", USER_JUPYTER_CONFIG, server_path(tmp_path / "zygote-home"))
+    zygote.start()
+    home = tmp_path / "user"
+    home.mkdir()
+    env = {"PATH": server_path(home), "HOME": str(home), "JUPYTER_CONFIG_PATH": str(USER_JUPYTER_CONFIG),
+           **{k: os.environ[k] for k in ("LANG", "LC_ALL") if k in os.environ}}
+    try:
+        moved = ServerEntry([server_command()], {**env, "JUPYTERLAB_SETTINGS_DIR": str(home / "s")}, str(home),
+                            Placement("t"))
+        with pytest.raises(ZygoteUnavailable, match="JUPYTERLAB_SETTINGS_DIR"):
+            asyncio.run(zygote.spawn(moved, timeout=60))
+        nowhere = ServerEntry([server_command()], env, str(tmp_path / "no-such-home"), Placement("t"))
+        with pytest.raises(ServerEntryFailed, match="no-such-home"):
+            asyncio.run(zygote.spawn(nowhere, timeout=60))
+        assert zygote.running()  # a failed child is the child's end, not the zygote's
+    finally:
+        zygote.stop()
+    assert not zygote.running()
