@@ -35,9 +35,13 @@ def test_browser_login_form_progress_and_jupyterlab(hub: RunningPlatform, browse
         assert "Unavailable: no NVIDIA GPU driver" in page.inner_text("[data-profile=gpu-one]")
 
         page.click("form#spawn_form input[type=submit], form#spawn_form button[type=submit]")
-        page.wait_for_url("**/hub/spawn-pending/alice*")
-        page.wait_for_selector("#progress-bar")
-        page.screenshot(path=str(ARTIFACTS / "02-progress.png"))
+        # JupyterHub waits a second for the start before it shows the progress page; a server forked
+        # from the pre-started one (mlaas.zygote) is often ready by then, and the user lands in
+        # JupyterLab directly. The progress events themselves: test_spawn_api.
+        page.wait_for_url(lambda url: "/hub/spawn-pending/alice" in url or "/user/alice/lab" in url)
+        if "/hub/spawn-pending/" in page.url:
+            page.wait_for_selector("#progress-bar")
+            page.screenshot(path=str(ARTIFACTS / "02-progress.png"))
         page.wait_for_url(f"{hub.url}/user/alice/lab*", timeout=60_000)
         page.wait_for_selector(".jp-Launcher", timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "03-jupyterlab.png"))
