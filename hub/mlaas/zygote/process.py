@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import PurePath
 
+from . import import_loop
 from .process_image import ROOM_VARIABLE
 
 SPAWN, STATUS = b"S", b"W"
@@ -47,17 +48,19 @@ def setup_logging() -> None:
     log.propagate = False  # the servers configure logging of their own; nothing of ours reaches it
 
 
-# What the zygote imports: the server's own modules and its extensions. Left out: what reads files
-# of the home directory or sizes itself from the environment when imported (dask's configuration
-# and logging, numpy's thread pools from OMP_NUM_THREADS): each server imports those itself.
+# What the zygote imports: the server's own modules and its extensions (dask_labextension brings
+# dask, distributed and numpy: a forked server re-reads dask's configuration for its own user, and
+# its numpy has one BLAS thread, the zygote's, whatever OMP_NUM_THREADS says: the server process
+# computes nothing, its kernels are started by exec and size theirs).
 WARM_MODULES = (
     "jupyterhub.singleuser", "jupyter_server.serverapp", "jupyterlab.labapp",
     "jupyter_server_ydoc", "jupyter_server_fileid", "jupyter_lsp", "jupyter_server_terminals",
     "jupyter_resource_usage", "jupyterlab_nvdashboard", "jupyter_server_proxy", "notebook_shim",
     "pycrdt", "jupyter_ydoc", "anyio", "terminado", "ptyprocess", "psutil", "aiohttp", "simpervisor",
     "cloudpickle", "toolz", "tblib", "sortedcontainers", "lz4", "multiprocessing", "concurrent.futures",
+    "dask_labextension",
 )
-NEVER_WARM = ("numpy", "dask", "distributed", "dask_labextension")
+ONE_THREAD = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # no BLAS threads at import
 HOME_VARIABLE = "HOME"
 # Variables that differ from server to server and that imports may read. The zygote imports with a
 # unique stand-in value for each (its home directory for HOME); where a stand-in ends up in module
@@ -263,16 +266,18 @@ class StandIns:
 
 
 def fork_hazards(allowed_fds: set[int]) -> list[str]:
-    """What would make a forked server share something with another: a thread (its locks), a
-    descriptor (a kernel object all servers would share, such as an event loop's epoll), a module
-    that sizes itself from this process's environment."""
+    """What would make a forked server share something with another: a thread (a lock held while
+    forking), a descriptor (a kernel object all servers would share; an import-time event loop's
+    are renewed in each child, see import_loop)."""
     hazards = []
-    if threading.active_count() != 1:
-        hazards.append("threads " + ", ".join(t.name for t in threading.enumerate() if t is not threading.main_thread()))
+    tasks = os.listdir("/proc/self/task")
+    if len(tasks) != 1:
+        hazards.append(f"{len(tasks) - 1} more thread(s) ("
+                       + (", ".join(t.name for t in threading.enumerate() if t is not threading.main_thread())
+                          or "started by a library") + ")")
     extra = [fd for fd in sorted(int(fd) for fd in os.listdir("/proc/self/fd")) if fd not in allowed_fds and _is_open(fd)]
     if extra:
         hazards.append("open descriptors " + ", ".join(f"{fd} ({_target(fd)})" for fd in extra))
-    hazards += [f"module {name} (imported by another)" for name in NEVER_WARM if name in sys.modules]
     return hazards
 
 
@@ -372,11 +377,19 @@ class Zygote:
         self.listener.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
-        keep = conn.detach()
-        os.closerange(3, keep)
-        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+        own = conn.detach()  # (the zygote's `with conn` must not close the child's copy)
+        keep = {own}
+        loop = import_loop.current()
+        if loop is not None:
+            keep |= import_loop.renew(loop)
+        for fd in [int(fd) for fd in os.listdir("/proc/self/fd")]:
+            if fd > 2 and fd not in keep:  # (the listing's own descriptor is gone by now)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         self.exited.clear()
-        return socket.socket(fileno=keep)
+        return socket.socket(fileno=own)
 
     def reap(self) -> None:
         while True:
@@ -439,6 +452,8 @@ def become_server(conn: socket.socket, stand_ins: StandIns) -> None:
             ctypes.CDLL(None).clearenv()
             os.environ.update(entry.env)
             stand_ins.put_in_place(entry.env)
+            if "dask.config" in sys.modules:  # the user's own dask configuration (~/.config/dask, DASK_*)
+                sys.modules["dask.config"].refresh()
             shown = [interpreter_of(entry.argv[0]), *entry.argv]  # what an exec of the script shows
             if not present_as(os.path.basename(entry.argv[0]), shown, entry.env):  # as root: before enter()
                 log.warning("a server's command line or environment is larger than the room for it in /proc")
@@ -475,8 +490,15 @@ def main() -> None:
     listener = socket.socket(fileno=args.fd)
     os.environ.pop(ROOM_VARIABLE, None)  # (its memory stays, for the servers' environment: process_image)
     planted = plant_stand_ins()
+    os.environ.update({name: "1" for name in ONE_THREAD})
     import_env = warm_up()
-    hazards = fork_hazards({0, 1, 2, args.fd})
+    loop = import_loop.current()
+    try:
+        loop_fds = import_loop.descriptors(loop) if loop is not None else set()
+    except RuntimeError as e:
+        log.error("not serving: %s", e)
+        sys.exit(3)
+    hazards = fork_hazards({0, 1, 2, args.fd} | loop_fds)
     if hazards:  # the hub starts servers by exec instead, and says so
         log.error("not serving: forked servers would inherit %s", "; ".join(hazards))
         sys.exit(3)
