@@ -317,3 +317,7 @@ def measure(hub, args) -> dict:
                        "p95_s": percentile(times, 0.95), "times_s": sorted(times)},
         "pss_bytes": per_server, "pss_first_bytes": first, "pss_last_bytes": last,
     }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -472,6 +472,9 @@ class LocalProfileSpawner(ProfileSpawnerMixin, LocalProcessSpawner):
                 raise web.HTTPError(
                     500, f"The server exited with status {status} before it answered; the hub log has its output."
                 )
+            if not os.path.exists(socket_path):  # not bound yet: a stat, not a connection (cheap in a burst)
+                await asyncio.sleep(self.listen_poll_interval)
+                continue
             try:
                 reader, writer = await asyncio.open_unix_connection(socket_path)
                 try:

@@ -58,7 +58,7 @@ WARM_MODULES = (
     "jupyter_resource_usage", "jupyterlab_nvdashboard", "jupyter_server_proxy", "notebook_shim",
     "pycrdt", "jupyter_ydoc", "anyio", "terminado", "ptyprocess", "psutil", "aiohttp", "simpervisor",
     "cloudpickle", "toolz", "tblib", "sortedcontainers", "lz4", "multiprocessing", "concurrent.futures",
-    "dask_labextension",
+    "dask_labextension", "IPython",
 )
 ONE_THREAD = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # no BLAS threads at import
 HOME_VARIABLE = "HOME"
