@@ -47,7 +47,8 @@ class DeviceAllocator:
     def inventory(self) -> Inventory:
         return self.source.inventory()
 
-    def availability(self, profile: Profile) -> Availability:
+    def availability(self, profile: Profile, exact: bool = False) -> Availability:
+        """(Always exact: a count over this machine's devices.)"""
         if not profile.needs_accelerator:
             return Availability(1, 1, None)
         inv = self.inventory()

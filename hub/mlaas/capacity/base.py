@@ -77,7 +77,9 @@ class Availability:
 class CapacitySource(Protocol):
     """What the form and the submit-time check ask: the local allocator or the Kubernetes cache."""
 
-    def availability(self, profile: "Profile") -> Availability: ...
+    def availability(self, profile: "Profile", exact: bool = False) -> Availability:
+        """What is free for the profile; `exact`: computed now, not a view that may lag a second."""
+        ...
 
 
 class InventorySource(Protocol):

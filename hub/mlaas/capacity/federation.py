@@ -47,15 +47,16 @@ class Federation:
         a few seconds after an API server restarts, until its RBAC caches are filled."""
         return {name: cache.forbidden for name, cache in self.sites.items() if cache.forbidden}
 
-    def breakdown(self, profile: Profile) -> list[SiteAvailability]:
-        return [SiteAvailability(name, self.sites[name].availability(profile), self.sites[name].unreachable)
+    def breakdown(self, profile: Profile, exact: bool = False) -> list[SiteAvailability]:
+        return [SiteAvailability(name, self.sites[name].availability(profile, exact), self.sites[name].unreachable)
                 for name in self.allowed(profile)]
 
-    def availability(self, profile: Profile) -> Availability:
-        """Summed over the allowed sites, with the per-site detail in `where` (one pass over the sites)."""
+    def availability(self, profile: Profile, exact: bool = False) -> Availability:
+        """Summed over the allowed sites, with the per-site detail in `where` (one pass over the sites).
+        `exact`: computed now rather than the sites' views (KubeCapacity.availability)."""
         if not self.federated:
-            return next(iter(self.sites.values())).availability(profile)
-        per_site = self.breakdown(profile)
+            return next(iter(self.sites.values())).availability(profile, exact)
+        per_site = self.breakdown(profile, exact)
         if not per_site:
             wanted = ", ".join(profile.sites or [])
             return Availability(0, 0, f"it runs only at {wanted}, which this hub does not serve")
@@ -74,7 +75,7 @@ class Federation:
     def place(self, profile: Profile) -> str | None:
         """The allowed, reachable site with the most room for one more server of the profile."""
         best, best_free = None, 0
-        for s in self.breakdown(profile):
+        for s in self.breakdown(profile, exact=True):
             if not s.unreachable and s.availability.free > best_free:
                 best, best_free = s.site, s.availability.free
         return best

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,6 +99,16 @@ def demand_of(profile: Profile, mig_strategy: MigStrategy = "mixed") -> Demand:
     return Demand(requests, profile.node_pool, products, profile.needs_accelerator, what)
 
 
+@dataclass
+class _View:
+    profile: Profile
+    version: int
+    state: tuple[str | None, str | None, bool]
+    at: float  # when it was computed
+    asked: float  # when it was last asked for
+    availability: Availability
+
+
 class KubeCapacity:
     def __init__(self, mig_strategy: MigStrategy = "mixed", log: logging.Logger | None = None):
         self.mig_strategy = mig_strategy
@@ -110,10 +121,14 @@ class KubeCapacity:
         self.unreachable: str | None = None
         self.refused: dict[str, int] = {}  # kind -> HTTP status: the API server answered, RBAC refused the hub
         self._on_gone: dict[str, list[Callable[[], None]]] = {}  # pod key -> what to do once it is gone
+        self.version = 0  # counts changes of what availability is computed from
+        self._views: dict[int, _View] = {}  # id(profile) -> the last availability computed for it
+        self._refreshing = False  # a refresher keeps the views current (then they may lag, briefly)
 
     # --- feeding the cache ----------------------------------------------------------------------
     def apply(self, kind: Literal["node", "pod"], event: str, obj: dict[str, Any]) -> None:
         """Apply one list item or watch event (ADDED, MODIFIED, DELETED) of a Node or Pod."""
+        self.version += 1
         meta = obj.get("metadata") or {}
         if kind == "node":
             name = meta["name"]
@@ -190,9 +205,11 @@ class KubeCapacity:
     # --- reservations for spawns in flight ------------------------------------------------------
     def reserve(self, pod_name: str, profile: Profile) -> None:
         self.reservations[pod_name] = profile
+        self.version += 1
 
     def release(self, pod_name: str) -> None:
-        self.reservations.pop(pod_name, None)
+        if self.reservations.pop(pod_name, None) is not None:
+            self.version += 1
 
     # --- the question the form asks ---------------------------------------------------------------
     def _eligible(self, node: NodeInfo, demand: Demand, even_if_unschedulable: bool = False) -> bool:
@@ -227,7 +244,52 @@ class KubeCapacity:
         return (f"the hub may not list {kinds} (RBAC, HTTP {status}): bind its ServiceAccount to the ClusterRole "
                 "mlaas-hub-capacity of charts/mlaas-hub (docs/deploy.md)")
 
-    def availability(self, profile: Profile) -> Availability:
+    # --- what the form shows: a view kept off the request path ----------------------------------
+    VIEW_MAX_AGE = 1.0  # seconds a view may lag the cluster while it changes (never at rest)
+
+    def availability(self, profile: Profile, exact: bool = False) -> Availability:
+        """What the form, the profiles API and the metrics show: the last computed view of this
+        profile while nothing changed; where the refresher (`refresh_views`) runs, also while the
+        view is younger than VIEW_MAX_AGE, so requests during a burst of spawns do not compute over
+        every node. `exact`: computed now (the checks before a spawn)."""
+        if exact:
+            return self.exact_availability(profile)
+        view = self._views.get(id(profile))
+        now = time.monotonic()
+        state = self._state()
+        if view is not None and view.profile is profile and view.state == state[1:] and (
+                view.version == state[0] or (self._refreshing and now - view.at < self.VIEW_MAX_AGE)):
+            view.asked = now
+            return view.availability
+        return self._compute_view(profile, now)
+
+    def _state(self) -> tuple[int, str | None, str | None, bool]:
+        return self.version, self.forbidden, self.unreachable, "node" in self.synced
+
+    def _compute_view(self, profile: Profile, now: float) -> Availability:
+        state = self._state()
+        availability = self.exact_availability(profile)
+        self._views[id(profile)] = _View(profile, state[0], state[1:], now, now, availability)
+        return availability
+
+    async def refresh_views(self, every: float | None = None, forget_after: float = 600.0) -> None:
+        """Recompute the views that were asked for, whenever the cluster changed, at most every
+        `every` seconds (half of VIEW_MAX_AGE), one profile per turn of the event loop; forget
+        those nobody asked for in `forget_after` seconds (profiles an edit replaced)."""
+        every = every or self.VIEW_MAX_AGE / 2
+        self._refreshing = True
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            for key, view in list(self._views.items()):
+                if now - view.asked > forget_after:
+                    self._views.pop(key, None)
+                elif view.version != self.version or view.state != self._state()[1:]:
+                    self._compute_view(view.profile, time.monotonic())
+                    self._views[key].asked = view.asked
+                    await asyncio.sleep(0)
+
+    def exact_availability(self, profile: Profile) -> Availability:
         if self.forbidden:
             return Availability(0, 0, self.forbidden)
         if self.unreachable:
@@ -279,6 +341,7 @@ class KubeCapacity:
         await asyncio.gather(
             self._reflect("node", v1.list_node, api_client, retry_seconds),
             self._reflect("pod", v1.list_pod_for_all_namespaces, api_client, retry_seconds),
+            self.refresh_views(),
         )
 
     async def _reflect(self, kind: Literal["node", "pod"], list_fn: Any, api_client: Any, retry: float) -> None:

@@ -206,7 +206,7 @@ class ProfileSpawnerMixin(LoggingConfigurable):
         if not may_use(profile, groups):
             self.log.warning("Refused profile %s for %s (groups: %s)", slug, self.user.name, groups)
             raise web.HTTPError(403, refusal(profile, groups))
-        availability = self.capacity.availability(profile)
+        availability = self.capacity.availability(profile, exact=True)
         if availability.free == 0:
             raise web.HTTPError(409, f"Profile {slug!r} cannot start now: {availability.reason}.")
         return profile

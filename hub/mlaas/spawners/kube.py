@@ -310,7 +310,7 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
         site = federation.place(profile) if federation.federated else ""
         if site is None:  # resolve_profile saw room a moment ago; a watch event took it since
             self.release_holding()
-            raise web.HTTPError(409, f"Profile {profile.slug!r} cannot start now: {federation.availability(profile).reason}.")
+            raise web.HTTPError(409, f"Profile {profile.slug!r} cannot start now: {federation.availability(profile, exact=True).reason}.")
         self._use_site(site)
         self.hold(profile)  # again, now with its site (for the admins' usage view)
         federation.sites[site].reserve(self.pod_name, profile)  # until the pod shows up in the watch cache
