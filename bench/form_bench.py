@@ -91,7 +91,59 @@ async def main() -> int:
     for entry in spawner.form_entries():
         print(f"  {entry.profile.slug:14} {entry.capacity or '-':22} {entry.unavailable or ''}")
     metrics_figures(spawner, statistics.median(times))
+    await under_spawn_load(spawner, cache)
     return 0
+
+
+async def under_spawn_load(spawner, cache, seconds: float = 20.0, rate: float = 5.0) -> None:
+    """The form while spawns change the cluster (issue #17, goal 3): `rate` spawns a second, each a
+    reservation, its pod pending, then scheduled (three changes), on the same event loop as the
+    form views (one every 50 ms). Once as the hub runs it (views a refresher keeps current), once
+    computing each view now (the path before)."""
+
+    profiles = [e.profile for e in spawner.form_entries()]
+    node_names = [n for n in cache.nodes if n.startswith("gpu")]
+
+    async def spawns(stop: asyncio.Event) -> None:
+        i = 0
+        while not stop.is_set():
+            name = f"jupyter-load-{i}"
+            cache.reserve(name, profiles[i % len(profiles)])
+            cache.apply("pod", "ADDED", pod(name, None, {"cpu": "2", "memory": "8Gi"}, phase="Pending", validate=False))
+            await asyncio.sleep(0.3 / rate)
+            cache.apply("pod", "MODIFIED", pod(name, node_names[i % len(node_names)],
+                                               {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}, validate=False))
+            cache.release(name)
+            i += 1
+            await asyncio.sleep(0.7 / rate)
+
+    async def views() -> list[float]:
+        times = []
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            spawner.render_options_form()
+            times.append((time.perf_counter() - t) * 1000)
+            await asyncio.sleep(0.05)
+        return sorted(times)
+
+    results = {}
+    for label, refresher in (("views kept by the refresher (now)", True), ("computed per view (before)", False)):
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(spawns(stop))]
+        if refresher:
+            tasks.append(asyncio.create_task(cache.refresh_views()))
+        times = await views()
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        cache._refreshing = False
+        results[label] = times
+        print(f"form render while {rate:g} spawns/s change the cache, {label}: p50 {statistics.median(times):.2f} ms   "
+              f"p95 {times[int(0.95 * (len(times) - 1))]:.2f} ms   ({len(times)} views)")
+    print("  (issue #17, goal 3: p95 <= 50 ms while spawning; the hub-level figure with real control planes: "
+          "make bench-k8s)")
 
 
 def metrics_figures(spawner, form_p50_ms: float) -> None:
