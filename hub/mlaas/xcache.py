@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .netaddr import is_loopback_host
+from .subprocesses import end_process
 
 # The cache's own client: fail fast when the origin is down, recover soon after it returns
 # (measured: defaults hang > 60 s and stay broken for 30 min; ../shared/README.md).
@@ -196,13 +197,7 @@ class XRootDProcess:
             return ""
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc)
 
 
 def _service_user() -> pwd.struct_passwd | None:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..server_entry import ServerEntry
+from ..subprocesses import end_process
 from .process import RUNNING, SPAWN, STATUS, UNKNOWN
 from .process_image import room_argument, room_environment
 
@@ -130,14 +131,7 @@ class Zygote:
         self.start()
 
     def stop(self) -> None:
-        if self.running():
-            assert self.proc is not None
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc)
 
     # --- what it may serve ----------------------------------------------------------------------
     @staticmethod
