@@ -380,18 +380,19 @@ def test_the_zygote_starts_by_exec_what_it_cannot_serve_and_names_a_failed_step(
 
     from mlaas.limits import Placement
     from mlaas.server_entry import ServerEntry
-    from mlaas.spawners.local import USER_JUPYTER_CONFIG, server_path
+    from mlaas.spawners.local import SERVER_ENV_KEEP, USER_JUPYTER_CONFIG, server_path
     from mlaas.zygote.client import ServerEntryFailed, Zygote, ZygoteUnavailable, server_command
 
     assert "PYTHONPATH" in Zygote.cannot_serve([server_command(), "--x"], {"PYTHONPATH": "/tmp"})
     assert "/bin/sh" in Zygote.cannot_serve(["/bin/sh"], {})
     assert Zygote.cannot_serve([server_command()], {"HOME": "/home/x"}) is None
-    zygote = Zygote(tmp_path / "z", tmp_path / "zygote-home", USER_JUPYTER_CONFIG, server_path(tmp_path / "zygote-home"))
+    zygote = Zygote(tmp_path / "z", tmp_path / "zygote-home", USER_JUPYTER_CONFIG, server_path(tmp_path / "zygote-home"),
+                    SERVER_ENV_KEEP)
     zygote.start()
     home = tmp_path / "user"
     home.mkdir()
     env = {"PATH": server_path(home), "HOME": str(home), "JUPYTER_CONFIG_PATH": str(USER_JUPYTER_CONFIG),
-           **{k: os.environ[k] for k in ("LANG", "LC_ALL") if k in os.environ}}
+           **{k: os.environ[k] for k in SERVER_ENV_KEEP if k in os.environ}}
     try:
         moved = ServerEntry([server_command()], {**env, "JUPYTERLAB_SETTINGS_DIR": str(home / "s")}, str(home),
                             Placement("t"))

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import needs_root
+from mlaas.capacity.process_owner import parent_of
 from helpers import RunningPlatform, ensure_user, kernel_json, start_server, stop_server, user_token
 
 pytestmark = needs_root
@@ -29,10 +30,6 @@ def zygote_pid(hub: RunningPlatform) -> int:
 def status_fields(pid: int) -> dict[str, str]:
     lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
-
-
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def environment_of(pid: int) -> dict[str, str]:

@@ -75,7 +75,6 @@ class GpuFence:
     def __init__(self, dev_root: Path = Path("/dev")):
         self.dev_root = dev_root
         self.unavailable = self._why_not()
-        self._libc = ctypes.CDLL(None, use_errno=True) if self.unavailable is None else None
 
     def _why_not(self) -> str | None:
         if os.geteuid() != 0:
@@ -103,7 +102,7 @@ class GpuFence:
 
     def apply(self, hide: list[bytes]) -> None:
         """In the child, as root, before it drops to the user's account (see `hide_nodes`)."""
-        if self._libc is None:
+        if self.unavailable:
             return
         hide_nodes(hide)
 

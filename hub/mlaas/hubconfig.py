@@ -28,7 +28,7 @@ from .projects import project_role_specs
 from .projects.home import template_var as project_servers_var
 from .projects.sync import keep_in_sync
 from .spawners.common import profile_store
-from .spawners.local import LocalProfileSpawner
+from .spawners.local import SERVER_ENV_KEEP, LocalProfileSpawner
 from .xcache import client_env
 
 log = logging.getLogger("JupyterHub.mlaas")  # under the hub's logger: same handlers and format
@@ -436,7 +436,7 @@ def configure(c, settings: Settings) -> None:
     c.Spawner.default_url = "/lab"
     c.Spawner.start_timeout = s.spawn_timeout
     c.Spawner.http_timeout = 30
-    c.Spawner.env_keep = ["LANG", "LC_ALL"]
+    c.Spawner.env_keep = list(SERVER_ENV_KEEP)
     sp.projects_dir = str(s.projects_dir)
     if s.spawner == "kubernetes":
         configure_kube_spawner(c, s)

@@ -22,6 +22,7 @@ import ctypes
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .gpu_fence import hide_nodes
@@ -52,8 +53,6 @@ class ServerEntry:
     def from_json(cls, raw: bytes) -> "ServerEntry":
         data: dict[str, Any] = json.loads(raw)
         p = data.pop("placement")
-        from pathlib import Path
-
         placement = Placement(key=p["key"], cgroup_procs=[Path(x) for x in p["cgroup_procs"]], cpus=set(p["cpus"]),
                               address_space=p["address_space"], nproc=p["nproc"])
         return cls(placement=placement, **data)

@@ -47,6 +47,7 @@ from .common import ProfileSpawnerMixin
 from .refusals import count_refusal
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SERVER_ENV_KEEP = ("LANG", "LC_ALL")  # the hub's variables every server keeps (Spawner.env_keep)
 SOCKET_MODE_PORT = 8888  # jupyter_server's default port, which it requires alongside --sock
 USER_JUPYTER_CONFIG = Path(__file__).resolve().parents[2] / "user_env" / "jupyter"
 
@@ -125,7 +126,7 @@ def zygote_for(instance: str, hub_dir: str) -> Zygote:
     """The pre-started server process of a platform (mlaas.zygote); `start()` it from the hub's
     main thread."""
     home = Path(hub_dir) / "zygote-home"
-    return Zygote(socket_root(instance) / "zygote", home, USER_JUPYTER_CONFIG, server_path(home))
+    return Zygote(socket_root(instance) / "zygote", home, USER_JUPYTER_CONFIG, server_path(home), SERVER_ENV_KEEP)
 
 
 def server_path(home: Path) -> str:

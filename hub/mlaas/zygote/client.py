@@ -40,12 +40,12 @@ def server_command() -> str:
     return str(Path(sys.prefix) / "bin" / "jupyterhub-singleuser")
 
 
-def zygote_env(home: Path, jupyter_config: Path, path: str) -> dict[str, str]:
+def zygote_env(home: Path, jupyter_config: Path, path: str, keep: tuple[str, ...]) -> dict[str, str]:
     """All the zygote's environment: what every server has alike (PATH as a server's, with the
-    zygote's home in place of the user's), the locale, and the launch marker (mlaas.launcher:
-    `mlaas down` stops it with the rest). Nothing else of the hub's."""
+    zygote's home in place of the user's; the hub's variables that servers keep, `keep`), and the
+    launch marker (mlaas.launcher: `mlaas down` stops it with the rest). Nothing else of the hub's."""
     env = {"PATH": path, "HOME": str(home), "JUPYTER_CONFIG_PATH": str(jupyter_config)}
-    env.update({k: os.environ[k] for k in ("LANG", "LC_ALL", "MLAAS_LAUNCH") if k in os.environ})
+    env.update({k: os.environ[k] for k in (*keep, "MLAAS_LAUNCH") if k in os.environ})
     return env
 
 
@@ -84,9 +84,10 @@ class Zygote:
     """One per platform in the hub process; started from the hub's main thread (the zygote ends
     with the thread that started it)."""
 
-    def __init__(self, socket_dir: Path, home: Path, jupyter_config: Path, path: str):
-        """`path`: the PATH of a server whose home is `home`."""
+    def __init__(self, socket_dir: Path, home: Path, jupyter_config: Path, path: str, keep: tuple[str, ...] = ()):
+        """`path`: the PATH of a server whose home is `home`; `keep`: the hub's variables servers keep."""
         self.socket_dir, self.home, self.jupyter_config, self.search_path = socket_dir, home, jupyter_config, path
+        self.keep = keep
         self.path = socket_dir / "spawn.sock"
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
@@ -108,7 +109,7 @@ class Zygote:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mlaas.zygote", f"--fd={listener.fileno()}", room_argument()],
                 pass_fds=(listener.fileno(),),
-                env={**zygote_env(self.home, self.jupyter_config, self.search_path), **room_environment()},
+                env={**zygote_env(self.home, self.jupyter_config, self.search_path, self.keep), **room_environment()},
                 cwd=str(Path(sys.prefix) / "bin"), stdin=subprocess.DEVNULL,
             )
         finally:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from ..capacity.process_owner import stat_fields
+
 PR_SET_NAME = 15
 PR_SET_MM = 35
 PR_SET_MM_ARG_START, PR_SET_MM_ARG_END, PR_SET_MM_ENV_START, PR_SET_MM_ENV_END = 8, 9, 10, 11
@@ -34,8 +36,8 @@ def room_environment() -> dict[str, str]:
 
 def _areas() -> tuple[int, int, int, int]:
     """arg_start, arg_end, env_start, env_end (fields 48-51 of /proc/self/stat)."""
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    fields = stat_fields(os.getpid())
+    assert fields is not None  # this process is running
     return int(fields[45]), int(fields[46]), int(fields[47]), int(fields[48])
 
 
