@@ -4,15 +4,27 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 
+from conftest import needs_root
 from helpers import free_port, kernel_json, start_server, stop_server, ensure_user, user_token, state_root
 from mlaas import data
-from mlaas.xcache import DataSettings, OriginSettings, cache_process, client_env, origin_process, xrootd_binary
+from mlaas.xcache import (
+    DataSettings,
+    OriginSettings,
+    cache_process,
+    client_env,
+    client_map,
+    origin_process,
+    render_cache_config,
+    xrootd_binary,
+)
 
 pytestmark = pytest.mark.skipif(
     xrootd_binary() is None and not os.environ.get("CI"),
@@ -39,6 +51,7 @@ def site():
         (store / name).mkdir()
         (store / name / "big.bin").write_bytes(os.urandom(8 * 2**20))
         (store / name / "cold.bin").write_bytes(os.urandom(2**20))
+        (store / name / "huge.bin").write_bytes(os.urandom(96 * 2**20))
         server.start()
         origins[name] = (port, server)
     settings = DataSettings(
@@ -50,7 +63,7 @@ def site():
     caches = [cache_process(o, settings, root) for o in settings.origins]
     for c in caches:
         c.start()
-    env = client_env(settings)
+    env = client_env(settings, root)
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield {"root": root, "settings": settings, "origins": origins, "caches": caches}
@@ -75,6 +88,71 @@ def test_read_through_the_cache_is_byte_identical_and_then_cached(site):
     assert sha(data.read_bytes(origin_url(site, "alpha", "/store/alpha/big.bin"))) == sha(original)  # origin URL
     cached = site["root"] / "xcache" / "alpha" / "data" / "store" / "alpha"
     assert (cached / "big.bin").exists() and (cached / "big.bin.cinfo").exists()
+
+
+def _local_target(f) -> str | None:
+    """Where a file object returned by `mlaas.data.open` reads from, if it is a local file."""
+    try:
+        return os.readlink(f"/proc/self/fd/{f.fileno()}")
+    except (OSError, ValueError, AttributeError, NotImplementedError, io.UnsupportedOperation):
+        return None
+
+
+def test_a_file_the_cache_holds_completely_is_read_from_its_copy_with_the_same_bytes(site):
+    original = (site["origins"]["beta"][1].base_dir / "data" / "store" / "beta" / "cold.bin").read_bytes()
+    with data.open("/store/beta/cold.bin") as f:  # first read: streamed by the cache from the origin
+        assert _local_target(f) is None
+        assert sha(f.read()) == sha(original)
+    copy = site["root"] / "xcache" / "beta" / "data" / "store" / "beta" / "cold.bin"
+    with data.open("/store/beta/cold.bin") as f:  # the cache holds it all now and hands it over
+        assert _local_target(f) == str(copy)
+        assert sha(f.read()) == sha(original)
+    with data.open(origin_url(site, "beta", "/store/beta/cold.bin"), "r", encoding="latin-1", newline="") as f:  # text too
+        assert _local_target(f) == str(copy)
+        assert f.read() == original.decode("latin-1")
+
+
+def test_a_file_the_cache_holds_only_in_part_is_never_handed_out(site):
+    """The cache's copy of a file read only in part has holes: reading it directly would give
+    wrong bytes, so the cache streams it instead (and completes it on the way)."""
+    import fsspec
+
+    original = (site["origins"]["alpha"][1].base_dir / "data" / "store" / "alpha" / "huge.bin").read_bytes()
+    with fsspec.open(data.url("/store/alpha/huge.bin"), "rb", block_size=2**16) as f:
+        assert f.read(4096) == original[:4096]
+    copy = site["root"] / "xcache" / "alpha" / "data" / "store" / "alpha" / "huge.bin"
+    assert copy.exists() and sha(copy.read_bytes()) != sha(original)  # in part: handing it out would be wrong
+    with data.open("/store/alpha/huge.bin") as f:
+        assert _local_target(f) is None
+        assert sha(f.read()) == sha(original)
+
+
+def test_a_file_in_the_caches_directory_that_the_cache_did_not_fetch_is_never_handed_out(site):
+    """Only the cache's own record (its .cinfo) makes a copy complete: a file that appears in its
+    directory otherwise (planted, left from another installation) is not served, and a file the
+    origin does not have stays missing."""
+    planted = site["root"] / "xcache" / "beta" / "data" / "store" / "beta" / "planted.bin"
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_bytes(b"not from the origin\n")
+    planted.chmod(0o644)
+    with pytest.raises(data.DataAccessError, match=r"/store/beta/planted.bin does not exist at origin"):
+        data.read_bytes("/store/beta/planted.bin")
+
+
+def test_direct_access_only_for_caches_that_serve_this_machine_alone():
+    """XRootD hands every client the local path of a complete file: a cache that other hosts use
+    must not, or their reads would fail. So direct access needs a loopback cache host."""
+    local = DataSettings()
+    shared = DataSettings(cache_host="10.0.0.5")
+    origin = local.origins[0]
+    assert "pss.dca world" in render_cache_config(origin, Path("/c"), Path("/a"), "1g", True, local.direct)
+    assert client_map(local, Path("/state"))["direct"] == {"root://127.0.0.1:1095": "/state/xcache/demo/data"}
+    assert not shared.direct and "direct" not in client_map(shared, Path("/state"))
+    assert "pss.dca" not in render_cache_config(origin, Path("/c"), Path("/a"), "1g", False, shared.direct)
+    with pytest.raises(ValueError, match="serves this machine only"):
+        render_cache_config(origin, Path("/c"), Path("/a"), "1g", False, True)
+    remote = OriginSettings(name="far", url="root://origin.example.org:1094", cache_port=1096)
+    assert "pfc.cschk off" not in render_cache_config(remote, Path("/c"), Path("/a"), "1g", True, True)
 
 
 def test_two_origins_with_the_same_path_never_share_bytes(site):
@@ -157,6 +235,55 @@ print(json.dumps({"rows": len(df), "columns": sorted(df.columns), "url": data.ur
     assert facts["columns"] == ["eta", "label", "mass", "njets", "pt"]
     cache_port = hub.platform.settings.data.origins[0].cache_port
     assert facts["url"] == f"root://127.0.0.1:{cache_port}//store/demo/events.parquet"
+
+
+@needs_root
+def test_a_users_server_reads_the_caches_copy_but_cannot_change_it(hub):
+    """The cache's copies are readable by this machine's accounts, as the cache serves them, and
+    writable by the cache alone: no user can change what the next reader gets (poisoning), plant
+    a file, or read the cache's records, logs and admin files."""
+    ensure_user(hub, "cachereader", ["ml-users"])
+    token = user_token(hub, "cachereader")
+    start_server(hub, "cachereader", token, {"profile": "small"})
+    base = hub.platform.settings.state_dir / "xcache" / "demo"
+    try:
+        facts = kernel_json(
+            hub, "cachereader", token,
+            f"""
+import hashlib, json, os
+from mlaas import data
+first = data.read_bytes("/store/demo/events.parquet")
+f = data.open("/store/demo/events.parquet")
+where = os.readlink(f"/proc/self/fd/{{f.fileno()}}")
+second = f.read()
+
+def attempt(action):
+    try:
+        action()
+        return "done"
+    except PermissionError:
+        return "refused"
+
+base = {str(base)!r}
+print(json.dumps({{
+    "uid": os.getuid(), "where": where, "same": hashlib.sha256(first).hexdigest() == hashlib.sha256(second).hexdigest(),
+    "size": len(second),
+    "write": attempt(lambda: open(where, "r+b").write(b"x")),
+    "unlink": attempt(lambda: os.unlink(where)),
+    "plant": attempt(lambda: open(os.path.join(os.path.dirname(where), "planted.parquet"), "wb")),
+    "record": attempt(lambda: open(where + ".cinfo", "rb").read()),
+    "logs": attempt(lambda: os.listdir(os.path.join(base, "logs"))),
+    "admin": attempt(lambda: os.listdir(os.path.join(base, "admin"))),
+}}))
+""",
+        )
+    finally:
+        stop_server(hub, "cachereader")
+    assert facts["uid"] != 0
+    assert facts["where"] == str(base / "data" / "store" / "demo" / "events.parquet")
+    assert facts["same"] and facts["size"] == (base / "data" / "store" / "demo" / "events.parquet").stat().st_size
+    assert {k: facts[k] for k in ("write", "unlink", "plant", "record", "logs", "admin")} == dict.fromkeys(
+        ("write", "unlink", "plant", "record", "logs", "admin"), "refused")
 
 
 def _cache_port(site, name: str) -> int:

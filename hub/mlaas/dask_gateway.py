@@ -410,7 +410,7 @@ def configure(c: Any, settings: Any) -> None:
     from .xcache import client_env
 
     if settings.data.enabled:  # workers read through the site cache like the notebook does
-        c.ClusterConfig.environment = client_env(settings.data)
+        c.ClusterConfig.environment = client_env(settings.data, settings.state_dir)
 
 
 GATEWAY_INSTANCE = "mlaas"

@@ -8,14 +8,21 @@
 The spawner tells each server where its site's caches are (`MLAAS_XCACHE`): which origins they
 serve and which logical path prefixes (namespaces) belong to which origin. Only those origins
 can be read: the caches are not open proxies. Imports nothing of the hub.
+
+A cache on this machine with direct access (`data.direct_access`) also says where it keeps its
+files. When it holds a file completely, opening it through the cache answers with a redirect to
+that copy (XRootD's direct cache access); `open` then returns the copy as a plain local file,
+read at the speed of the local disk. The cache decides, as for any read: a file it would refuse,
+or holds only in part, is never handed out, and is streamed or refused as before.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import urlparse
 
@@ -38,6 +45,7 @@ class BadDataURL(DataAccessError, ValueError):
 class SiteCaches:
     origins: dict[str, str]  # root://origin:port -> root://cache:port
     namespaces: dict[str, str]  # /logical/prefix -> root://origin:port
+    direct: dict[str, str] = field(default_factory=dict)  # root://cache:port -> its directory on this machine
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> SiteCaches:
@@ -45,7 +53,7 @@ class SiteCaches:
         if not raw:
             raise DataAccessError(f"this server has no site cache configured (${ENV} is not set)")
         doc = json.loads(raw)
-        return cls(dict(doc.get("origins", {})), dict(doc.get("namespaces", {})))
+        return cls(dict(doc.get("origins", {})), dict(doc.get("namespaces", {})), dict(doc.get("direct", {})))
 
 
 _ORIGIN_RE = re.compile(r"^root://([^/?#]+)//(/?.*)$")
@@ -105,11 +113,45 @@ def _explain(exc: Exception, origin: str, path: str) -> DataAccessError:
     return DataAccessError(f"reading {path} from origin {origin} through the site cache failed: {text.strip()}")
 
 
+def complete_copy(cache_url: str, cache_dir: str, path: str) -> int | None:
+    """A descriptor of the cache's complete copy of `path` on this machine, when the cache hands
+    it out; None when it does not (not cached, cached in part, refused, not readable here).
+
+    The copy is opened first and the cache asked second: a cache answers with a local redirect
+    only for a file it holds completely and would serve, and a complete copy is never written
+    again (an eviction unlinks it). So if the path still names the opened file after the cache's
+    answer, the descriptor reads exactly what the cache would have streamed."""
+    local = os.path.join(cache_dir, path.lstrip("/"))
+    try:
+        fd = os.open(local, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        from XRootD import client
+
+        remote = client.File()
+        status, _ = remote.open(cache_url)
+        if status.ok:
+            handed_out = remote.get_property("DataServer") == "localhost"
+            remote.close()
+            if handed_out and os.path.samestat(os.stat(local, follow_symlinks=False), os.fstat(fd)):
+                return fd
+    except (ImportError, OSError):
+        pass
+    os.close(fd)
+    return None
+
+
 def open(target: str, mode: str = "rb", **kwargs: Any) -> IO[bytes]:  # noqa: A001 - mirrors builtins.open
     """Open a remote file through the site cache (read-only), as a file object."""
     if mode not in ("rb", "r"):
         raise DataAccessError("data through the site cache is read-only: use mode 'rb' or 'r'")
-    origin, path, cache_url = resolve(target)
+    caches = SiteCaches.from_env()
+    origin, path, cache_url = resolve(target, caches)
+    cache_dir = caches.direct.get(caches.origins[origin])
+    if cache_dir is not None and (fd := complete_copy(cache_url, cache_dir, path)) is not None:
+        text = {k: kwargs[k] for k in ("encoding", "errors", "newline") if k in kwargs and mode == "r"}
+        return io.open(fd, mode, **text)
     import fsspec
 
     try:

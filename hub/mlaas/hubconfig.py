@@ -443,7 +443,7 @@ def configure(c, settings: Settings) -> None:
 
     environment: dict[str, str] = {}
     if s.data.enabled:
-        environment.update(client_env(s.data))  # where the site's caches are, for mlaas.data
+        environment.update(client_env(s.data, s.state_dir))  # where the site's caches are, for mlaas.data
     # the admin service: admins reach it (their role has access:services); it reads usage
     settings_env = {k: v for k, v in os.environ.items() if k.startswith("MLAAS_")}  # the same settings
     services: list[dict] = [admin_service(f"http://127.0.0.1:{s.admin_service_port}", settings_env)]
