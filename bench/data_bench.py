@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,9 @@ def timed_read(open_file) -> float:
     return SIZE / (time.perf_counter() - t0) / 1e6
 
 
+ROUNDS = 3  # a fresh file each round (a cold read happens once per file); medians are reported
+
+
 def throughput() -> dict:
     root = state_root() / f"bench-data-{os.getpid()}"
     shutil.rmtree(root, ignore_errors=True)
@@ -66,9 +70,6 @@ def throughput() -> dict:
     origin = origin_process("bench", port, root / "origins" / "bench" / "data", root)
     target = origin.base_dir / "data" / "store" / "bench"
     target.mkdir(parents=True)
-    with open(target / "1g.bin", "wb") as f:
-        for _ in range(SIZE // CHUNK):
-            f.write(os.urandom(CHUNK))
     origin.start()
     settings = DataSettings(origins=[OriginSettings(name="bench", url=f"root://127.0.0.1:{port}",
                                                     namespace="/store/bench", cache_port=free_port())])
@@ -77,25 +78,32 @@ def throughput() -> dict:
     os.environ.update(client_env(settings, root))
     import fsspec
 
-    results = {}
+    rounds: dict[str, list[float]] = {}
+    dropped = True
     try:
-        dropped = drop_page_cache()
-        results["cache_cold_MBps"] = timed_read(lambda: data.open("/store/bench/1g.bin"))
-        drop_page_cache()
-        results["cache_warm_MBps"] = timed_read(lambda: data.open("/store/bench/1g.bin"))
-        drop_page_cache()
-        results["cache_warm_fsspec_MBps"] = timed_read(lambda: fsspec.open(data.url("/store/bench/1g.bin"), "rb").open())
-        drop_page_cache()
-        results["origin_direct_MBps"] = timed_read(
-            lambda: fsspec.open(f"root://127.0.0.1:{port}//store/bench/1g.bin", "rb").open())
-        drop_page_cache()
-        results["local_disk_MBps"] = timed_read(lambda: open(target / "1g.bin", "rb"))
-        results["page_cache_dropped"] = dropped
+        for i in range(ROUNDS):
+            name = f"1g-{i}.bin"
+            with open(target / name, "wb") as f:
+                for _ in range(SIZE // CHUNK):
+                    f.write(os.urandom(CHUNK))
+            reads = {
+                "cache_cold_MBps": lambda: data.open(f"/store/bench/{name}"),
+                "cache_warm_MBps": lambda: data.open(f"/store/bench/{name}"),
+                "cache_warm_fsspec_MBps": lambda: fsspec.open(data.url(f"/store/bench/{name}"), "rb").open(),
+                "origin_direct_MBps": lambda: fsspec.open(f"root://127.0.0.1:{port}//store/bench/{name}", "rb").open(),
+                "local_disk_MBps": lambda: open(target / name, "rb"),
+            }
+            for key, opener in reads.items():
+                dropped = drop_page_cache() and dropped
+                rounds.setdefault(key, []).append(timed_read(opener))
+            print(f"  round {i + 1}: " + "  ".join(f"{k.removesuffix('_MBps')} {v[-1]:.0f}" for k, v in rounds.items()),
+                  flush=True)
+            (target / name).unlink()
     finally:
         cache.stop()
         origin.stop()
         shutil.rmtree(root, ignore_errors=True)
-    return results
+    return {**{k: statistics.median(v) for k, v in rounds.items()}, "rounds": rounds, "page_cache_dropped": dropped}
 
 
 def dask_cluster_start() -> float:
@@ -127,7 +135,8 @@ BEFORE = {"warm_vs_local": 0.34, "cold_vs_origin": 0.61}
 
 
 def main() -> int:
-    print(f"Reading one {SIZE >> 20} MiB file in {CHUNK >> 20} MiB chunks…", flush=True)
+    print(f"Reading a {SIZE >> 20} MiB file in {CHUNK >> 20} MiB chunks, a fresh file in each of {ROUNDS} rounds "
+          "(medians below)…", flush=True)
     r = throughput()
     local = r["local_disk_MBps"]
     note = "" if r["page_cache_dropped"] else "  (page cache could not be dropped: reads may be from memory)"
