@@ -19,6 +19,7 @@ planes and the hub share the machine's cores.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import os
 import shutil
@@ -291,6 +292,13 @@ def main() -> None:
             "quota_violations": violations,
         }
         print(json.dumps(result, indent=1))
+        stalls = [line.split("event loop blocked ", 1)[1] for line in hub.kubelet_log("hub").splitlines()
+                  if "event loop blocked " in line]
+        places = Counter(s.split(" in ", 1)[1] for s in stalls)
+        print(f"\nhub event-loop stalls over 50 ms during the run (mlaas.loop_watch): {len(stalls)}, "
+              f"{sum(int(s.split(' ms', 1)[0]) for s in stalls) / 1000:.1f} s in all; most frequent places:")
+        for place, n in places.most_common(12):
+            print(f"  {n:4}  {place}")
     finally:
         hub.stop()
         for runner in [*runners, *provisioners]:

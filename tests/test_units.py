@@ -405,3 +405,36 @@ def test_the_zygote_starts_by_exec_what_it_cannot_serve_and_names_a_failed_step(
     finally:
         zygote.stop()
     assert not zygote.running()
+
+
+def test_a_blocked_hub_event_loop_is_logged_with_the_code_that_blocked_it(caplog):
+    """An operator sees which code held the hub's event loop, and for how long (mlaas.loop_watch);
+    short steps are not reported."""
+    import asyncio
+    import time
+
+    from mlaas.loop_watch import STALLS, watch_running_loop
+
+    def parse_everything_at_once() -> None:  # stands for any synchronous step inside a handler
+        time.sleep(0.15)
+
+    async def hub() -> dict:
+        watch = watch_running_loop()
+        await asyncio.sleep(0.1)
+        for _ in range(5):
+            time.sleep(0.005)  # short steps: nothing to report
+            await asyncio.sleep(0.02)
+        parse_everything_at_once()
+        await asyncio.sleep(0.1)
+        watch.stop()
+        return dict(watch.places)
+
+    with caplog.at_level(logging.WARNING, logger="JupyterHub.mlaas.loop"):
+        places = asyncio.run(hub())
+    assert list(places) and all("parse_everything_at_once" in p for p in places), places
+    assert len(places) == 1 and sum(places.values()) == 1
+    blocked = [r.getMessage() for r in caplog.records if "event loop blocked" in r.getMessage()]
+    assert len(blocked) == 1 and "parse_everything_at_once" in blocked[0]
+    assert 100 <= int(blocked[0].split("blocked ")[1].split(" ms")[0]) < 1000  # late by the stall, less a beat
+    where = next(iter(places)).split(" (", 1)[0]
+    assert STALLS.labels(where)._value.get() == 1

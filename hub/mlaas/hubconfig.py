@@ -63,10 +63,13 @@ def pod_gpu_use(gpu_metrics_url: str | None):
 
 
 def register_platform_metrics(store: ProfileStore, availability, devices=None) -> None:
-    """The platform's own metrics next to JupyterHub's at /hub/metrics (mlaas.metrics)."""
+    """The platform's own metrics next to JupyterHub's at /hub/metrics (mlaas.metrics), and the
+    watch on the hub's event loop (mlaas.loop_watch: stalls logged with their place, and counted)."""
+    from .loop_watch import watch_running_loop
     from .metrics import PlatformCollector, register
 
     register(PlatformCollector(store, availability, devices))
+    watch_running_loop()
 
 
 def start_profile_watcher(store: ProfileStore, interval: float = 2.0) -> None:

@@ -1,0 +1,120 @@
+"""Notice when the hub's event loop is blocked, and say by what.
+
+Everything the hub serves (the spawn form, the API, the proxy's checks, spawns) shares one event
+loop: any synchronous step that takes long delays every request behind it. A heartbeat on the
+loop marks each turn; a watcher thread sees a heartbeat overdue by `threshold`, samples what the
+loop's thread is executing at that moment (the innermost frames of the hub's own code and of
+JupyterHub) and, when the loop is back, logs the stall with its length and that place:
+
+    event loop blocked 84 ms in jupyterhub/apihandlers/users.py:123 get (… < tornado/web.py:1790)
+
+Metrics: `mlaas_hub_event_loop_stalls_total{where}` (stalls over the threshold, by place) and
+`mlaas_hub_event_loop_lag_seconds` (a histogram of how late each heartbeat ran).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import time
+import traceback
+from collections import Counter as Tally
+from pathlib import Path
+
+from prometheus_client import Counter, Histogram
+
+log = logging.getLogger("JupyterHub.mlaas.loop")
+
+STALLS = Counter("mlaas_hub_event_loop_stalls_total", "Event-loop stalls over the threshold, by the place sampled",
+                 ["where"])
+LAG = Histogram("mlaas_hub_event_loop_lag_seconds", "How late the hub's event-loop heartbeat ran",
+                buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+
+# frames below these are the machinery around the code that blocks, not the code itself
+_MACHINERY = ("/asyncio/", "/tornado/ioloop.py", "/tornado/platform/", "/threading.py", "/selectors.py")
+
+
+def _short(filename: str) -> str:
+    parts = Path(filename).parts
+    for anchor in ("site-packages", "mlaas", "lib"):
+        if anchor in parts:
+            index = len(parts) - 1 - parts[::-1].index(anchor)
+            return "/".join(parts[index + 1:] if anchor != "mlaas" else parts[index:])
+    return "/".join(parts[-2:])
+
+
+def describe(frame) -> str:
+    """The innermost frame and the two that called it, skipping the event loop's own frames."""
+    stack = [f for f in traceback.extract_stack(frame) if not any(m in f.filename for m in _MACHINERY)]
+    if not stack:
+        return "the event loop itself"
+    inner, *callers = stack[::-1]
+    where = f"{_short(inner.filename)}:{inner.lineno} {inner.name}"
+    if callers:
+        where += " (… < " + " < ".join(f"{_short(f.filename)}:{f.lineno} {f.name}" for f in callers[:2]) + ")"
+    return where
+
+
+class LoopWatch:
+    """A heartbeat every `interval` on `loop`, and a thread that samples a loop late by `threshold`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, threshold: float = 0.05, interval: float = 0.02):
+        self.loop, self.threshold, self.interval = loop, threshold, interval
+        self.beat_at = time.monotonic()
+        self.places: Tally[str] = Tally()  # this process's stalls by place, for tests and the bench
+        self._loop_thread: int | None = None
+        self._sampled: str | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> LoopWatch:
+        self.loop.call_soon_threadsafe(self._first_beat)
+        threading.Thread(target=self._watch, name="mlaas-loop-watch", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _first_beat(self) -> None:
+        self._loop_thread = threading.get_ident()
+        self._beat(time.monotonic())
+
+    def _beat(self, due: float) -> None:
+        now = time.monotonic()
+        LAG.observe(max(0.0, now - due))
+        blocked, sampled = now - self.beat_at - self.interval, self._sampled
+        self._sampled = None
+        if sampled is not None and blocked >= self.threshold:
+            STALLS.labels(sampled.split(" (", 1)[0]).inc()
+            self.places[sampled] += 1
+            log.warning("event loop blocked %.0f ms in %s", blocked * 1000, sampled)
+        self.beat_at = now
+        if not self._stop.is_set():
+            self.loop.call_later(self.interval, self._beat, now + self.interval)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.loop.is_closed():
+                return
+            late = time.monotonic() - self.beat_at - self.interval
+            if late >= self.threshold and self._sampled is None and self._loop_thread is not None:
+                frame = sys._current_frames().get(self._loop_thread)
+                self._sampled = describe(frame) if frame is not None else "unknown"
+
+
+_watches: list[LoopWatch] = []
+
+
+def watch_running_loop(threshold: float = 0.05) -> LoopWatch | None:
+    """Start watching the running event loop (once per process); None outside a running loop."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    if _watches and _watches[0].loop is loop:
+        return _watches[0]
+    for old in _watches:
+        old.stop()
+    _watches[:] = [LoopWatch(loop, threshold).start()]
+    return _watches[0]
