@@ -15,6 +15,7 @@ Metrics: `mlaas_hub_event_loop_stalls_total{where}` (stalls over the threshold, 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 import threading
@@ -45,15 +46,26 @@ def _short(filename: str) -> str:
     return "/".join(parts[-2:])
 
 
+# the code a stall is charged to: the innermost frame of the hub's own code, its spawners or
+# JupyterHub (a library frame below it, e.g. SQLAlchemy's, says what that code was waiting for)
+_APPLICATION = ("/mlaas/", "/jupyterhub/", "/kubespawner/", "/oauthenticator/")
+
+
+def _frame(f: traceback.FrameSummary) -> str:
+    return f"{_short(f.filename)}:{f.lineno} {f.name}"
+
+
 def describe(frame) -> str:
-    """The innermost frame and the two that called it, skipping the event loop's own frames."""
+    """The innermost frame, and the innermost frames of application code that led to it."""
     stack = [f for f in traceback.extract_stack(frame) if not any(m in f.filename for m in _MACHINERY)]
     if not stack:
         return "the event loop itself"
-    inner, *callers = stack[::-1]
-    where = f"{_short(inner.filename)}:{inner.lineno} {inner.name}"
+    inner = stack[-1]
+    application = [f for f in stack if any(a in f.filename for a in _APPLICATION)]
+    callers = [f for f in application[::-1] if f is not inner][:2]
+    where = _frame(inner)
     if callers:
-        where += " (… < " + " < ".join(f"{_short(f.filename)}:{f.lineno} {f.name}" for f in callers[:2]) + ")"
+        where += " (… < " + " < ".join(_frame(f) for f in callers) + ")"
     return where
 
 
@@ -66,15 +78,28 @@ class LoopWatch:
         self.places: Tally[str] = Tally()  # this process's stalls by place, for tests and the bench
         self._loop_thread: int | None = None
         self._sampled: str | None = None
+        self._gc_started = 0.0
         self._stop = threading.Event()
 
     def start(self) -> LoopWatch:
         self.loop.call_soon_threadsafe(self._first_beat)
         threading.Thread(target=self._watch, name="mlaas-loop-watch", daemon=True).start()
+        gc.callbacks.append(self._collection)
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        if self._collection in gc.callbacks:
+            gc.callbacks.remove(self._collection)
+
+    def _collection(self, phase: str, info: dict) -> None:
+        """Garbage collections pause whatever thread triggered them: the loop's, mostly."""
+        if phase == "start":
+            self._gc_started = time.monotonic()
+            return
+        took = time.monotonic() - self._gc_started
+        if took >= self.threshold and threading.get_ident() == self._loop_thread:
+            self._sampled = f"garbage collection (generation {info.get('generation')}, {took * 1000:.0f} ms)"
 
     def _first_beat(self) -> None:
         self._loop_thread = threading.get_ident()
