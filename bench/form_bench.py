@@ -154,7 +154,7 @@ def metrics_figures(spawner, form_p50_ms: float) -> None:
     from prometheus_client import REGISTRY, generate_latest
 
     from mlaas import quotas
-    from mlaas.hubconfig import register_platform_metrics
+    from mlaas.hubconfig import instrument_hub
     from mlaas.spawners.common import usage_ledger
     from mlaas.spawners.kube import federation_availability
 
@@ -163,7 +163,7 @@ def metrics_figures(spawner, form_p50_ms: float) -> None:
     for i in range(1000):
         usage_ledger().hold(f"u{i:04d}/", quotas.Holding(f"u{i:04d}", "", frozenset({groups[i % 4]}),
                                                          profiles[i % len(profiles)]))
-    register_platform_metrics(spawner.store, federation_availability("mixed"))
+    instrument_hub(spawner.store, federation_availability("mixed"))
     scrapes = []
     for _ in range(20):
         t = time.perf_counter()

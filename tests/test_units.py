@@ -438,3 +438,56 @@ def test_a_blocked_hub_event_loop_is_logged_with_the_code_that_blocked_it(caplog
     assert 100 <= int(blocked[0].split("blocked ")[1].split(" ms")[0]) < 1000  # late by the stall, less a beat
     where = next(iter(places)).split(" (", 1)[0]
     assert STALLS.labels(where)._value.get() == 1
+
+
+def test_the_batched_activity_update_moves_timestamps_forward_in_few_queries():
+    """The hub's activity update from the proxy's routes (mlaas.activity, replacing JupyterHub's
+    one-lookup-per-route loop) gives every user and server the proxy's last activity, never moves
+    one back, names routes of unknown users, and asks the database a few times per 200 users
+    instead of twice per route. Real JupyterHub ORM on SQLite; the routes are the proxy's format."""
+    import asyncio
+    from datetime import datetime, timedelta
+
+    from jupyterhub import orm
+    from sqlalchemy import event
+
+    from mlaas import activity
+
+    db = orm.new_session_factory("sqlite://")()
+    base = datetime(2026, 11, 28, 12, 0, 0)
+    for i in range(450):
+        user = orm.User(name=f"u{i:03d}", last_activity=base)
+        db.add(user)
+        db.add(orm.Spawner(name="", user=user, last_activity=base))
+        if i % 3 == 0:
+            db.add(orm.Spawner(name="gpu", user=user, last_activity=base))
+    db.commit()
+    later, earlier = base + timedelta(minutes=5), base - timedelta(minutes=5)
+    routes = {f"/user/u{i:03d}/": {"data": {"user": f"u{i:03d}", "server_name": "",
+                                            "last_activity": (later if i % 2 else earlier).isoformat() + "Z"}}
+              for i in range(450)}
+    routes["/user/u003/gpu/"] = {"data": {"user": "u003", "server_name": "gpu", "last_activity": later.isoformat() + "Z"}}
+    routes["/user/ghost/"] = {"data": {"user": "ghost", "server_name": "", "last_activity": later.isoformat() + "Z"}}
+    routes["/services/x/"] = {"data": {"service": "x"}}
+    statements: list[str] = []
+    event.listen(db.get_bind(), "before_cursor_execute", lambda *a: statements.append(a[2].split()[0]))
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    activity.log.addHandler(handler)
+    try:
+        found = asyncio.run(activity.apply_activity(db, activity.route_activity(routes)))
+    finally:
+        activity.log.removeHandler(handler)
+    during = list(statements)
+    assert found == 450
+    db.expire_all()
+    users = {u.name: u for u in db.query(orm.User)}
+    assert users["u001"].last_activity == later and users["u001"].orm_spawners[""].last_activity == later
+    assert users["u002"].last_activity == base and users["u002"].orm_spawners[""].last_activity == base  # never back
+    assert users["u003"].orm_spawners["gpu"].last_activity == later and users["u006"].orm_spawners["gpu"].last_activity == base
+    assert "Found no user ghost for a route" in warnings
+    # 3 batches of 200: the users with what the ORM loads with them (groups, roles, shares, servers and
+    # their OAuth clients) in a query each, plus one connection check; JupyterHub's own: 2 per route
+    assert during.count("SELECT") <= 3 * 6 + 1, during
+    assert 0 < during.count("UPDATE") <= 226 + 1 + 75, during  # the rows that changed only

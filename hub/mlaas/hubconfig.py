@@ -62,14 +62,19 @@ def pod_gpu_use(gpu_metrics_url: str | None):
     return lambda: pod_devices(dcgm, usage_ledger().holdings())
 
 
-def register_platform_metrics(store: ProfileStore, availability, devices=None) -> None:
-    """The platform's own metrics next to JupyterHub's at /hub/metrics (mlaas.metrics), and the
-    watch on the hub's event loop (mlaas.loop_watch: stalls logged with their place, and counted)."""
+def instrument_hub(store: ProfileStore, availability, devices=None) -> None:
+    """The platform's own metrics next to JupyterHub's at /hub/metrics (mlaas.metrics), the watch
+    on the hub's event loop (mlaas.loop_watch: stalls logged with their place, and counted), and
+    what keeps it from stalling: the batched activity update (mlaas.activity) and the frozen
+    startup heap (mlaas.heap)."""
+    from . import activity, heap
     from .loop_watch import watch_running_loop
     from .metrics import PlatformCollector, register
 
     register(PlatformCollector(store, availability, devices))
     watch_running_loop()
+    activity.install()
+    heap.freeze_when_started()
 
 
 def start_profile_watcher(store: ProfileStore, interval: float = 2.0) -> None:
@@ -483,11 +488,11 @@ def configure(c, settings: Settings) -> None:
         from .spawners.local import device_allocator, running_server_pids
 
         allocator = device_allocator(s.gpu_inventory)
-        register_platform_metrics(store, allocator.availability, lambda: allocator.use_report(running_server_pids()))
+        instrument_hub(store, allocator.availability, lambda: allocator.use_report(running_server_pids()))
     else:
         from .spawners.kube import federation_availability
 
-        register_platform_metrics(store, federation_availability(s.kubernetes.mig_strategy,
+        instrument_hub(store, federation_availability(s.kubernetes.mig_strategy,
                                                                  [site.name for site in s.kubernetes.sites]),
                                   pod_gpu_use(s.kubernetes.gpu_metrics_url))
     add_services(c, services)
@@ -633,5 +638,5 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
     from .spawners.kube import federation_availability
 
     strategy = c.KubeProfileSpawner.mig_strategy if "mig_strategy" in c.KubeProfileSpawner else "mixed"
-    register_platform_metrics(store, federation_availability(strategy, list(sites or {})), pod_gpu_use(gpu_metrics_url))
+    instrument_hub(store, federation_availability(strategy, list(sites or {})), pod_gpu_use(gpu_metrics_url))
     follow_profile_files(store)
