@@ -4,7 +4,9 @@ passwords, find their files, and the admins' edits and their history are there."
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -39,6 +41,11 @@ def test_a_running_platform_is_backed_up_and_restored_with_files_history_and_quo
         r = admin.put(f"{base}/quotas/quota-team", json={"item": {**quota["item"], "cpu": 3}, "version": quota["version"]})
         assert r.status_code == 200, r.text
 
+        # the hub's SQLite commits go to its write-ahead log (mlaas.sqlite_wal): the backup reads it too
+        live = a.platform.settings.hub_dir / "jupyterhub.sqlite"
+        with contextlib.closing(sqlite3.connect(f"file:{live}?mode=ro", uri=True)) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert live.with_name("jupyterhub.sqlite-wal").exists()
         done = subprocess.run([MLAAS, "backup", str(archive), "--homes"], capture_output=True, text=True,
                               env={**os.environ, "MLAAS_CONFIG": str(a.platform.config_file)}, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr  # while the hub and keeper's server run

@@ -65,9 +65,9 @@ def pod_gpu_use(gpu_metrics_url: str | None):
 def instrument_hub(store: ProfileStore, availability, devices=None) -> None:
     """The platform's own metrics next to JupyterHub's at /hub/metrics (mlaas.metrics), the watch
     on the hub's event loop (mlaas.loop_watch: stalls logged with their place, and counted), and
-    what keeps it from stalling: the batched activity update (mlaas.activity) and the frozen
-    startup heap (mlaas.heap)."""
-    from . import activity, heap
+    what keeps it from stalling: the batched activity update (mlaas.activity), the frozen startup
+    heap (mlaas.heap) and SQLite commits that do not wait for the disk (mlaas.sqlite_wal)."""
+    from . import activity, heap, sqlite_wal
     from .loop_watch import watch_running_loop
     from .metrics import PlatformCollector, register
 
@@ -75,6 +75,7 @@ def instrument_hub(store: ProfileStore, availability, devices=None) -> None:
     watch_running_loop()
     activity.install()
     heap.freeze_when_started()
+    sqlite_wal.install()
 
 
 def start_profile_watcher(store: ProfileStore, interval: float = 2.0) -> None:
