@@ -4,11 +4,13 @@ Everything the hub serves (the spawn form, the API, the proxy's checks, spawns) 
 loop: any synchronous step that takes long delays every request behind it. A heartbeat on the
 loop marks each turn; a watcher thread sees a heartbeat overdue by `threshold`, samples what the
 loop's thread is executing at that moment (the innermost frames of the hub's own code and of
-JupyterHub) and, when the loop is back, logs the stall with its length and that place:
+JupyterHub) and, when the loop is back, logs the stall with its length, how much of it the thread
+spent on a CPU and waiting for one (the kernel's schedstat), and that place:
 
-    event loop blocked 84 ms in jupyterhub/apihandlers/users.py:123 get (… < tornado/web.py:1790)
+    event loop blocked 84 ms (on a CPU 80, waiting for one 2) in sqlalchemy/…:952 do_execute (… < jupyterhub/apihandlers/users.py:204 get)
 
-Metrics: `mlaas_hub_event_loop_stalls_total{where}` (stalls over the threshold, by place) and
+A stall mostly spent waiting for a CPU is the machine's load, not the hub's work. Metrics:
+`mlaas_hub_event_loop_stalls_total{where,cause}` (cause `work` or `no-cpu`) and
 `mlaas_hub_event_loop_lag_seconds` (a histogram of how late each heartbeat ran).
 """
 
@@ -28,8 +30,10 @@ from prometheus_client import Counter, Histogram
 
 log = logging.getLogger("JupyterHub.mlaas.loop")
 
-STALLS = Counter("mlaas_hub_event_loop_stalls_total", "Event-loop stalls over the threshold, by the place sampled",
-                 ["where"])
+STALLS = Counter("mlaas_hub_event_loop_stalls_total",
+                 "Event-loop stalls over the threshold, by the place sampled and cause: no-cpu (mostly waiting "
+                 "for a CPU: the machine's load) or work (the hub's work or a blocking call)",
+                 ["where", "cause"])
 LAG = Histogram("mlaas_hub_event_loop_lag_seconds", "How late the hub's event-loop heartbeat ran",
                 buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 
@@ -79,6 +83,8 @@ class LoopWatch:
         self._loop_thread: int | None = None
         self._sampled: str | None = None
         self._gc_started = 0.0
+        self._schedstat = ""
+        self._times = (0.0, 0.0)
         self._stop = threading.Event()
 
     def start(self) -> LoopWatch:
@@ -103,18 +109,33 @@ class LoopWatch:
 
     def _first_beat(self) -> None:
         self._loop_thread = threading.get_ident()
+        self._schedstat = f"/proc/self/task/{threading.get_native_id()}/schedstat"
         self._beat(time.monotonic())
+
+    def _scheduler_times(self) -> tuple[float, float]:
+        """Seconds the loop's thread has run on a CPU, and waited for one (Linux schedstat)."""
+        try:
+            with open(self._schedstat) as f:
+                on_cpu, waiting, _ = f.read().split()
+            return int(on_cpu) / 1e9, int(waiting) / 1e9
+        except (OSError, ValueError):
+            return time.thread_time(), 0.0
 
     def _beat(self, due: float) -> None:
         now = time.monotonic()
         LAG.observe(max(0.0, now - due))
         blocked, sampled = now - self.beat_at - self.interval, self._sampled
         self._sampled = None
+        times = self._scheduler_times()
         if sampled is not None and blocked >= self.threshold:
-            STALLS.labels(sampled.split(" (", 1)[0]).inc()
+            on_cpu, waiting = (times[0] - self._times[0]) * 1000, (times[1] - self._times[1]) * 1000
+            # most of it waiting for a CPU: a machine too busy; else the hub's work or a blocking call
+            cause = "no-cpu" if waiting >= max(on_cpu, blocked * 1000 / 2) else "work"
+            STALLS.labels(sampled.split(" (", 1)[0], cause).inc()
             self.places[sampled] += 1
-            log.warning("event loop blocked %.0f ms in %s", blocked * 1000, sampled)
-        self.beat_at = now
+            log.warning("event loop blocked %.0f ms (on a CPU %.0f, waiting for one %.0f) in %s", blocked * 1000,
+                        on_cpu, waiting, sampled)
+        self.beat_at, self._times = now, times
         if not self._stop.is_set():
             self.loop.call_later(self.interval, self._beat, now + self.interval)
 
