@@ -11,7 +11,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import requests
 import websocket
 import yaml
 
+from cluster.cluster import free_port  # noqa: F401 - one way to pick a test port
 from mlaas.accounts import untraversable_ancestor
 from mlaas.launcher import Platform
 from mlaas.settings import REPO_ROOT, load_settings
@@ -38,12 +38,6 @@ def deep_merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def state_root() -> Path:

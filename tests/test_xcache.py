@@ -8,6 +8,7 @@ import io
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -98,13 +99,26 @@ def _local_target(f) -> str | None:
         return None
 
 
+def handed_over(path: str, within: float = 30):
+    """`data.open(path)` once the cache hands over its copy: it records a file complete when the
+    last block is written, mostly at once, sometimes a moment after the read that fetched it."""
+    deadline = time.monotonic() + within
+    while True:
+        f = data.open(path)
+        if _local_target(f) is not None or time.monotonic() > deadline:
+            return f
+        f.close()
+        time.sleep(0.1)
+
+
 def test_a_file_the_cache_holds_completely_is_read_from_its_copy_with_the_same_bytes(site):
     original = (site["origins"]["beta"][1].base_dir / "data" / "store" / "beta" / "cold.bin").read_bytes()
     with data.open("/store/beta/cold.bin") as f:  # first read: streamed by the cache from the origin
         assert _local_target(f) is None
         assert sha(f.read()) == sha(original)
     copy = site["root"] / "xcache" / "beta" / "data" / "store" / "beta" / "cold.bin"
-    with data.open("/store/beta/cold.bin") as f:  # the cache holds it all now and hands it over
+    f = handed_over("/store/beta/cold.bin")  # the cache holds it all now (once it has recorded that)
+    with f:
         assert _local_target(f) == str(copy)
         assert sha(f.read()) == sha(original)
     with data.open(origin_url(site, "beta", "/store/beta/cold.bin"), "r", encoding="latin-1", newline="") as f:  # text too
@@ -213,6 +227,17 @@ def test_origin_down_cached_files_still_read_uncached_fail_clearly(site):
         assert f"origin root://127.0.0.1:{port} is unreachable and /store/alpha/cold.bin is not in the site cache" in str(e.value)
     finally:
         origin.start()
+    # the cache reaches the origin again within seconds (and the next tests find the site whole)
+    deadline, last = time.monotonic() + 30, None
+    while time.monotonic() < deadline:
+        try:
+            assert len(data.read_bytes("/store/alpha/cold.bin")) == 2**20
+            break
+        except data.DataAccessError as e:
+            last = e
+            time.sleep(0.5)
+    else:
+        raise AssertionError(f"the cache did not reach the restarted origin in 30 s: {last}")
 
 
 def test_a_users_notebook_reads_the_demo_dataset_through_the_platforms_cache(hub):
@@ -250,10 +275,15 @@ def test_a_users_server_reads_the_caches_copy_but_cannot_change_it(hub):
         facts = kernel_json(
             hub, "cachereader", token,
             f"""
-import hashlib, json, os
+import hashlib, json, os, time
 from mlaas import data
 first = data.read_bytes("/store/demo/events.parquet")
-f = data.open("/store/demo/events.parquet")
+for _ in range(300):  # the cache hands its copy over once it has recorded it complete (mostly at once)
+    f = data.open("/store/demo/events.parquet")
+    if not hasattr(f, "fs"):
+        break
+    f.close()
+    time.sleep(0.1)
 where = os.readlink(f"/proc/self/fd/{{f.fileno()}}")
 second = f.read()
 

@@ -17,6 +17,7 @@ import argparse
 import ipaddress
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -37,10 +38,30 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no server of this machine listens on, below the kernel's range for outgoing
+    connections: a port from that range (what binding port 0 gives) can be taken by any client's
+    connection before the server that was meant to get it binds it (a platform failed to start so)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(10000, max(10001, low))
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def pod_range(index: int) -> str:
