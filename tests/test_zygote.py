@@ -156,6 +156,8 @@ def test_a_forked_server_has_its_own_environment_and_import_time_values(hub, for
     # settings go to bob's home (the zygote imported JupyterLab with a home of its own)
     url = f"{hub.url}/user/zy-bob/lab/api/settings/@jupyterlab/apputils-extension:themes"
     r = hub.api(tokens["zy-bob"]).put(url, json={"raw": '{"theme": "JupyterLab Dark"}'})
+    if r.status_code == 503:  # the proxy wrote to a kept-alive connection the server had just closed
+        r = hub.api(tokens["zy-bob"]).put(url, json={"raw": '{"theme": "JupyterLab Dark"}'})  # (CHP: EPIPE, once in CI)
     assert r.status_code == 204, r.text
     saved = Path(servers["zy-bob"]["home"]) / ".jupyter/lab/user-settings/@jupyterlab/apputils-extension/themes.jupyterlab-settings"
     assert "JupyterLab Dark" in saved.read_text()
