@@ -438,7 +438,7 @@ def test_a_blocked_hub_event_loop_is_logged_with_the_code_that_blocked_it(caplog
     assert 100 <= int(blocked[0].split("blocked ")[1].split(" ms")[0]) < 1000  # late by the stall, less a beat
     where = next(iter(places)).split(" (", 1)[0]
     assert STALLS.labels(where, "work")._value.get() == 1  # a blocking call: the hub's doing, not the machine's
-    assert "on a CPU" in blocked[0] and "waiting for one" in blocked[0]
+    assert "on a CPU" in blocked[0] and "waiting for one" in blocked[0] and ": work) in" in blocked[0]
 
 
 def test_the_batched_activity_update_moves_timestamps_forward_in_few_queries():

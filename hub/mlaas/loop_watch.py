@@ -7,7 +7,7 @@ loop's thread is executing at that moment (the innermost frames of the hub's own
 JupyterHub) and, when the loop is back, logs the stall with its length, how much of it the thread
 spent on a CPU and waiting for one (the kernel's schedstat), and that place:
 
-    event loop blocked 84 ms (on a CPU 80, waiting for one 2) in sqlalchemy/…:952 do_execute (… < jupyterhub/apihandlers/users.py:204 get)
+    event loop blocked 84 ms (on a CPU 80, waiting for one 2: work) in sqlalchemy/…:952 do_execute (… < jupyterhub/apihandlers/users.py:204 get)
 
 A stall mostly spent waiting for a CPU is the machine's load, not the hub's work. Metrics:
 `mlaas_hub_event_loop_stalls_total{where,cause}` (cause `work` or `no-cpu`) and
@@ -133,8 +133,8 @@ class LoopWatch:
             cause = "no-cpu" if waiting >= max(on_cpu, blocked * 1000 / 2) else "work"
             STALLS.labels(sampled.split(" (", 1)[0], cause).inc()
             self.places[sampled] += 1
-            log.warning("event loop blocked %.0f ms (on a CPU %.0f, waiting for one %.0f) in %s", blocked * 1000,
-                        on_cpu, waiting, sampled)
+            log.warning("event loop blocked %.0f ms (on a CPU %.0f, waiting for one %.0f: %s) in %s", blocked * 1000,
+                        on_cpu, waiting, cause, sampled)
         self.beat_at, self._times = now, times
         if not self._stop.is_set():
             self.loop.call_later(self.interval, self._beat, now + self.interval)

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .netaddr import is_loopback_host
+from .netaddr import is_loopback_host, is_loopback_url
 from .subprocesses import end_process
 
 # The cache's own client: fail fast when the origin is down, recover soon after it returns
@@ -127,7 +127,7 @@ def render_cache_config(origin: OriginSettings, cache_dir: Path, admin_dir: Path
     )
     if loopback_only:
         text += "# this platform's users reach the cache on this machine only (data.cache_host)\n" + LOOPBACK_ONLY
-    if is_loopback_host(urlparse(origin.url).hostname or ""):
+    if is_loopback_url(origin.url):
         text += "# the origin is on this machine: no network to guard with checksums\n" + LOOPBACK_ORIGIN
     if direct_access:
         text += "# complete files are read from the cache's disk by this machine's readers (data.direct_access)\n"
@@ -160,6 +160,11 @@ def cache_base(state_dir: Path, origin: OriginSettings) -> Path:
     return state_dir / "xcache" / origin.name
 
 
+def cache_data_dir(state_dir: Path, origin: OriginSettings) -> Path:
+    """Where the cache keeps its copies (`oss.localroot`)."""
+    return cache_base(state_dir, origin) / "data"
+
+
 def client_map(settings: DataSettings, state_dir: Path | None = None) -> dict:
     """What the notebook side (`mlaas.data`) needs: origin -> cache, namespace -> origin, and,
     with direct access, where each cache keeps its files on this machine."""
@@ -168,7 +173,7 @@ def client_map(settings: DataSettings, state_dir: Path | None = None) -> dict:
         "namespaces": {o.namespace: o.url for o in settings.origins if o.namespace},
     }
     if settings.direct and state_dir is not None:
-        doc["direct"] = {cache_url(settings, o): str(cache_base(state_dir, o) / "data") for o in settings.origins}
+        doc["direct"] = {cache_url(settings, o): str(cache_data_dir(state_dir, o)) for o in settings.origins}
     return doc
 
 
@@ -191,7 +196,6 @@ class XRootDProcess:
     config: str
     base_dir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
-    umask: int = -1  # -1: the launcher's
     readers_traverse: bool = False  # other accounts read files below base_dir (direct cache access)
     proc: subprocess.Popen | None = None
 
@@ -211,13 +215,12 @@ class XRootDProcess:
         user = _service_user()
         if user:
             args += ["-R", user.pw_name]  # xrootd refuses to run as root
-            for path in [self.base_dir, *self.base_dir.rglob("*")]:
-                if path == self.base_dir and self.readers_traverse:
-                    # xrootd sets every directory it owns on the way to its admin path to 0700; a
-                    # base it does not own stays open to readers of its data directory
-                    os.chown(path, 0, 0)
-                    path.chmod(0o755)
-                    continue
+            if self.readers_traverse:
+                # xrootd sets every directory it owns on the way to its admin path to 0700; a
+                # base it does not own stays open to readers of its data directory
+                os.chown(self.base_dir, 0, 0)
+                self.base_dir.chmod(0o755)
+            for path in [*([] if self.readers_traverse else [self.base_dir]), *self.base_dir.rglob("*")]:
                 try:
                     if not path.is_symlink() and path.stat().st_uid != user.pw_uid:
                         os.chown(path, user.pw_uid, user.pw_gid)
@@ -226,7 +229,8 @@ class XRootDProcess:
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         self.proc = subprocess.Popen(
             args, cwd=self.base_dir, env={**os.environ, **self.extra_env}, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, umask=self.umask,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            umask=0o022 if self.readers_traverse else -1,  # directories it makes stay traversable
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -264,19 +268,16 @@ def _service_user() -> pwd.struct_passwd | None:
 
 
 def cache_process(origin: OriginSettings, settings: DataSettings, state_dir: Path) -> XRootDProcess:
-    base = cache_base(state_dir, origin)
-    (base / "data").mkdir(parents=True, exist_ok=True)
+    base, data = cache_base(state_dir, origin), cache_data_dir(state_dir, origin)
+    data.mkdir(parents=True, exist_ok=True)
     (base / "admin").mkdir(parents=True, exist_ok=True)
     (base / "admin").chmod(0o700)
-    config = render_cache_config(origin, base / "data", base / "admin", settings.ram,
+    config = render_cache_config(origin, data, base / "admin", settings.ram,
                                  loopback_only=is_loopback_host(settings.cache_host), direct_access=settings.direct)
-    process = XRootDProcess(f"xcache-{origin.name}", config, base, dict(CACHE_CLIENT_ENV))
-    if settings.direct:  # readers open the cache's copies themselves: its directories are traversable
-        for directory in (base, base / "data"):
-            directory.chmod(0o755)
-        process.umask = 0o022
-        process.readers_traverse = True
-    return process
+    if settings.direct:  # readers open the cache's copies themselves
+        data.chmod(0o755)
+    return XRootDProcess(f"xcache-{origin.name}", config, base, dict(CACHE_CLIENT_ENV),
+                         readers_traverse=settings.direct)
 
 
 def origin_process(name: str, port: int, data_dir: Path, state_dir: Path) -> XRootDProcess:

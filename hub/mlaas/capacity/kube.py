@@ -347,12 +347,12 @@ class KubeCapacity:
 
         v1 = client.CoreV1Api(api_client)
         await asyncio.gather(
-            self._reflect("node", v1.list_node, api_client, retry_seconds),
-            self._reflect("pod", v1.list_pod_for_all_namespaces, api_client, retry_seconds),
+            self._reflect("node", v1.list_node, retry_seconds),
+            self._reflect("pod", v1.list_pod_for_all_namespaces, retry_seconds),
             self.refresh_views(),
         )
 
-    async def _reflect(self, kind: Literal["node", "pod"], list_fn: Any, api_client: Any, retry: float) -> None:
+    async def _reflect(self, kind: Literal["node", "pod"], list_fn: Any, retry: float) -> None:
         """List, then watch, as plain JSON: the client's model objects (built, then turned back into
         dicts) cost the hub's event loop about 2 ms per node event at 1,000 nodes, and their garbage
         long collections (measured with mlaas.loop_watch)."""
