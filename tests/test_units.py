@@ -492,3 +492,20 @@ def test_the_batched_activity_update_moves_timestamps_forward_in_few_queries():
     # their OAuth clients) in a query each, plus one connection check; JupyterHub's own: 2 per route
     assert during.count("SELECT") <= 3 * 6 + 1, during
     assert 0 < during.count("UPDATE") <= 226 + 1 + 75, during  # the rows that changed only
+
+
+def test_token_files_are_stretched_only_while_one_holds_a_short_token(caplog):
+    """A token from a file is checked at the hub's speed only where every file holds 32+ characters;
+    a short one keeps JupyterHub's password stretching and the log names its file."""
+    from traitlets.config import Config
+
+    from mlaas.hubconfig import trust_provided_tokens
+
+    strong = Config()
+    trust_provided_tokens(strong, {"admin_api_token_file": "a1" * 24, "metrics_token_file": "b2" * 16})
+    assert strong.JupyterHub.trust_user_provided_tokens is True
+    weak = Config()
+    with caplog.at_level(logging.WARNING, logger="JupyterHub.mlaas"):
+        trust_provided_tokens(weak, {"admin_api_token_file": "a1" * 24, "metrics_token_file": "short-token"})
+    assert "trust_user_provided_tokens" not in weak.JupyterHub
+    assert "metrics_token_file" in caplog.text and "admin_api_token_file" not in caplog.text

@@ -136,6 +136,25 @@ def _merged_roles(existing: list[dict], new: list[dict]) -> list[dict]:
     return merged
 
 
+STRONG_TOKEN_LENGTH = 32
+
+
+def trust_provided_tokens(c, provided: dict[str, str]) -> None:
+    """JupyterHub treats a token given in its configuration as a password: it stores it stretched
+    by 16,384 rounds of SHA-512 and repeats them for every request that carries it (1.5 ms of the
+    hub's event loop each; the operators' automation and the metrics scraper call every few
+    seconds). A token of 32 or more characters from a random source needs no stretching, like the
+    hub's own; so where every token file holds one, they are stored as the hub's own are. A
+    shorter one keeps the stretching (a stolen database must not make it guessable), and the log
+    names its file."""
+    weak = sorted(name for name, token in provided.items() if len(token) < STRONG_TOKEN_LENGTH)
+    if weak:
+        log.warning("%s: shorter than %d characters; such tokens are checked slowly (16,384 hash rounds per "
+                    "request). Use e.g. `openssl rand -hex 32`.", ", ".join(weak), STRONG_TOKEN_LENGTH)
+        return
+    c.JupyterHub.trust_user_provided_tokens = True
+
+
 def add_services(c, services: list[dict]) -> None:
     """Add ours to JupyterHub's services. Those the hub runs carry the launch's marker (only
     variables given to them reach them), so the launcher stops them after a hub crash too."""
@@ -477,12 +496,14 @@ def configure(c, settings: Settings) -> None:
     add_server_environment(c, environment, "KubeProfileSpawner" if s.spawner == "kubernetes" else "LocalProfileSpawner")
 
     # --- an admin-scoped service token for automation, if asked for ----------------------------
+    provided: dict[str, str] = {}
     if s.admin_api_token_file:
-        token = Path(s.admin_api_token_file).read_text().strip()
+        provided["admin_api_token_file"] = token = Path(s.admin_api_token_file).read_text().strip()
         services.append({"name": "mlaas-ops", "api_token": token})
         roles.append({"name": "mlaas-ops", "scopes": OPS_SCOPES, "services": ["mlaas-ops"]})
     if s.metrics_token_file:  # Prometheus scrapes /hub/metrics with this token
-        services.append({"name": METRICS_SERVICE, "api_token": Path(s.metrics_token_file).read_text().strip()})
+        provided["metrics_token_file"] = token = Path(s.metrics_token_file).read_text().strip()
+        services.append({"name": METRICS_SERVICE, "api_token": token})
         roles.append({**METRICS_ROLE, "scopes": [
             scope for scope in METRICS_ROLE["scopes"] if s.dask_gateway.enabled or not scope.startswith("access:")]})
     if s.spawner == "local":
@@ -496,6 +517,7 @@ def configure(c, settings: Settings) -> None:
         instrument_hub(store, federation_availability(s.kubernetes.mig_strategy,
                                                                  [site.name for site in s.kubernetes.sites]),
                                   pod_gpu_use(s.kubernetes.gpu_metrics_url))
+    trust_provided_tokens(c, provided)
     add_services(c, services)
     add_roles(c, roles)
 

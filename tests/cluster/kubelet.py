@@ -102,6 +102,8 @@ class Kubelet:
 
     def _reconcile(self, pods: dict[str, dict]) -> None:
         with self._lock:
+            if self._stop.is_set():  # a watch event that arrived while stop() held the lock: after it
+                return  # cleared the pods, every pod would look new and be started again (and outlive us)
             alive = {uid for uid, p in pods.items() if not p["metadata"].get("deletionTimestamp")}
             for uid in set(self.pods) - alive:  # first free what deleted pods held (KWOK reuses IPs)
                 self._stopping += 1
@@ -147,6 +149,8 @@ class PodProcesses:
             if not init.run_once(self._stop):
                 return
         self.containers = mains
+        if self._stop.is_set():  # stopped while the init containers ran
+            return
         for c in mains:
             c.start()
 
@@ -402,6 +406,9 @@ class ContainerProcess:
         while not self._stop.is_set():
             started = time.monotonic()
             self.proc = self._spawn()
+            if self._stop.is_set():  # stop() ran while this one was being started: it did not see it
+                self.stop()
+                return
             code = self.proc.wait()
             if self._stop.is_set() or self.restart == "Never" or (self.restart == "OnFailure" and code == 0):
                 return
