@@ -7,10 +7,21 @@ PYTEST_ARGS ?=
 
 PY_STAMP   := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
+# the experiment tracking server (mlaas.tracking) in an environment of its own: MLflow's server pins
+# its own SQLAlchemy, Alembic and Flask, which must not move the hub's
+MLFLOW_VENV  := $(VENV)-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
+MLFLOW_PIN   := mlflow[auth]==3.17.2
 
 .PHONY: install up down test bench bench-k8s check-profiles images deploy k8s-build k8s-up k8s-down clean
 
-install: $(PY_STAMP) $(NODE_STAMP)
+install: $(PY_STAMP) $(NODE_STAMP) $(MLFLOW_STAMP)
+
+$(MLFLOW_STAMP): Makefile
+	test -x $(MLFLOW_VENV)/bin/python || $(BASE_PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install -q --upgrade pip
+	$(MLFLOW_VENV)/bin/pip install -q '$(MLFLOW_PIN)'
+	touch $@
 
 $(PY_STAMP): pyproject.toml
 	@$(BASE_PYTHON) -c "import ensurepip" 2>/dev/null || { \
@@ -86,4 +97,4 @@ bench-k8s: install
 	$(VENV)/bin/python bench/k8s_bench.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) node_modules .test-state test-artifacts
+	rm -rf $(VENV) $(MLFLOW_VENV) node_modules .test-state test-artifacts

@@ -102,6 +102,7 @@ def start_platform(
         "admin_service_port": free_port(),
         "max_processes": 256,  # low enough for a test to reach
         "dask_gateway": {"port": free_port(), "api_port": free_port(), "tcp_port": free_port()},
+        "tracking": {"port": free_port(), "mlflow_port": free_port()},
         "data": {
             "demo_origin": {"port": origin_port},
             "origins": [{"name": "demo", "url": f"root://127.0.0.1:{origin_port}", "namespace": "/store/demo",

@@ -195,14 +195,23 @@ def configure_projects(c, store: ProfileStore) -> list[dict]:
     return project_role_specs(store.current().projects)
 
 
+SERVER_TOKEN_SCOPES = ["access:servers!server", "users:activity!user"]  # JupyterHub's own default
+
+
+def add_server_token_scopes(c, scopes: list[str]) -> None:
+    """Add to what servers' tokens may do (JupyterHub's default scopes stay)."""
+    current = c.Spawner.server_token_scopes if "server_token_scopes" in c.Spawner else SERVER_TOKEN_SCOPES
+    c.Spawner.server_token_scopes = list(dict.fromkeys([*current, *scopes]))
+
+
+def service_for_users(c, service: str) -> list[dict]:
+    """Users may use a service, and so may their servers' tokens (nothing else may)."""
+    add_server_token_scopes(c, [f"access:services!service={service}"])
+    return [{"name": "user", "scopes": ["self", f"access:services!service={service}"]}]
+
+
 def gateway_roles_and_scopes(c) -> list[dict]:
-    """Users may use the Dask Gateway, and so may their servers' tokens (nothing else may)."""
-    c.Spawner.server_token_scopes = [
-        "access:servers!server",
-        "users:activity!user",
-        f"access:services!service={gateway.SERVICE_NAME}",
-    ]
-    return [{"name": "user", "scopes": ["self", f"access:services!service={gateway.SERVICE_NAME}"]}]
+    return service_for_users(c, gateway.SERVICE_NAME)
 
 
 def follow_profile_configmaps(seed: str, directory: Path, configmap: str) -> str:
@@ -483,6 +492,16 @@ def configure(c, settings: Settings) -> None:
         if s.dask_gateway.backend == "kubernetes":
             services.append(gateway_controller_service(s))
         roles.extend(gateway_roles_and_scopes(c))
+    if s.tracking.enabled and s.spawner == "kubernetes":
+        log.warning("Experiment tracking is not yet deployed with servers on Kubernetes (issue #18); it is off")
+    elif s.tracking.enabled:
+        from .tracking.hub_config import tracking_service, tracking_url
+
+        tracking = tracking_service(s, settings_env)
+        if tracking is not None:
+            services.append(tracking)
+            roles.extend(service_for_users(c, tracking["name"]))
+            c.ProfileSpawnerMixin.tracking_url = tracking_url(s)
     cull_services, cull_roles, cull_env = configure_culling(c, s.culling)
     services += cull_services
     roles += cull_roles

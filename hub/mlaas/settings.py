@@ -93,6 +93,20 @@ class DaskGatewaySettings(BaseModel):
     )
 
 
+class TrackingSettings(BaseModel):
+    """Experiment tracking (MLflow) as a platform service: mlaas.tracking."""
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Run the MLflow tracking server behind the hub at /services/mlflow/ "
+                          "(it starts where the MLflow server is installed: `make install` does it).")
+    port: int = Field(8006, description="The tracking service (the hub's proxy forwards /services/mlflow/ to it), on 127.0.0.1.")
+    mlflow_port: int = Field(8007, description="The MLflow server itself, on 127.0.0.1; only the service talks to it.")
+    mlflow_command: Path | None = Field(
+        None, description="The `mlflow` program (default: the one in the virtual environment beside the hub's, "
+        "<hub venv>-mlflow, that `make install` makes, else the PATH's).")
+    account: str = Field("mlaas-mlflow", description="System account of the tracking service and MLflow when the hub is root.")
+
+
 class ClusterSite(SiteConnection):
     """One cluster of a federation: the hub starts servers there through its API server, and
     reaches them as the site exposes them (docs/deploy.md §8)."""
@@ -159,6 +173,7 @@ class Settings(BaseModel):
     dev_idp: DevIdpSettings = DevIdpSettings()
     data: DataSettings = DataSettings()
     dask_gateway: DaskGatewaySettings = DaskGatewaySettings()
+    tracking: TrackingSettings = Field(TrackingSettings(), description="Experiment tracking (MLflow), per group.")
     isolation: Literal["auto", "accounts", "single-account"] = Field(
         "auto", description="auto: per-user system accounts when the hub runs as root, else one account."
     )

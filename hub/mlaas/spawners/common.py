@@ -36,6 +36,20 @@ def usage_ledger() -> quotas.UsageLedger:
     return quotas.UsageLedger()
 
 
+def tracking_env(url: str, token: str, groups: list[str], sizes: dict[str, int]) -> dict[str, str]:
+    """`import mlflow` works in every server with nothing to set: the platform's tracking service,
+    the server's own hub token (the mlflow client sends it as a bearer token), and the workspace
+    of the server's group: a project's; else the user's smallest group (their team rather than a
+    group everyone is in), by name among equals. MLFLOW_WORKSPACE or mlflow.set_workspace()
+    picks another of the user's groups."""
+    from ..tracking.sync import workspace_name
+
+    env = {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_TOKEN": token}
+    if groups:
+        env["MLFLOW_WORKSPACE"] = workspace_name(min(groups, key=lambda g: (sizes.get(g, 0), g)))
+    return env
+
+
 class ProfileSpawnerMixin(LoggingConfigurable):
     """Mixed into a JupyterHub Spawner subclass (a configurable, so its traits take config)."""
 
@@ -45,6 +59,14 @@ class ProfileSpawnerMixin(LoggingConfigurable):
     )
 
     profile: Profile | None = None
+    tracking_url = Unicode("", config=True, help="The tracking service's address for servers (mlaas.tracking); empty: none.")
+
+    def get_env(self) -> dict[str, str]:
+        env = super().get_env()
+        if self.tracking_url:
+            sizes = {g.name: len(g.users) for g in self.user.groups}
+            env.update(tracking_env(self.tracking_url, self.api_token, self.user_groups(), sizes))
+        return env
 
     @default("options_form")
     def _options_form_default(self):

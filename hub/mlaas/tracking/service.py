@@ -1,0 +1,358 @@
+"""The tracking service (`python -m mlaas.tracking`): /services/mlflow/ with the hub's identities.
+
+It runs the MLflow server as its child and forwards each request to it as the MLflow user of
+the asking hub user, once `sync` has made that user's MLflow roles match their hub groups.
+Nobody else ever reaches MLflow with a name: the users' MLflow passwords live in this service's
+private state, and MLflow itself refuses a request without one (basic-auth app).
+
+Who is asking: the hub's OAuth cookie (a browser) or a hub token in the Authorization header
+(`token …` or `Bearer …`: the `mlflow` client sends `MLFLOW_TRACKING_TOKEN` so), checked by
+JupyterHub's own HubOAuth. A cookie-authenticated request that changes something must come from
+the same site (the browser's Sec-Fetch-Site, or an Origin of this host): another site's page
+cannot act for a signed-in user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+from jupyterhub.utils import url_path_join
+from tornado import httpclient, ioloop, web
+
+from ..profiles import ProfileStore
+from ..projects.identity import acting_groups
+from ..settings import load_settings
+from . import server
+from .mlflow_api import MLflowAdmin, MLflowError, basic_auth
+from .sync import GroupSync, Identity, workspace_name
+
+log = logging.getLogger("mlaas.tracking")
+MAX_BODY = 4 * 2**30  # an artifact upload (a model) may be large; MLflow stores it as it arrives
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+              "transfer-encoding", "upgrade", "content-length", "host", "authorization", "cookie"}
+IDENTITY_MAX_AGE = 10  # seconds: a change of the hub's groups reaches MLflow within this
+STARTUP_WAIT = 120  # seconds a request waits for a starting MLflow server
+
+
+class Tracking:
+    """What every request needs: MLflow's address, the sync, the passwords, the groups of projects."""
+
+    def __init__(self, base_url: str, keys: server.Secrets, sync: GroupSync, store: ProfileStore):
+        self.base_url, self.keys, self.sync, self.store = base_url, keys, sync, store
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.up = asyncio.Event()  # MLflow answers (requests wait for it while it starts)
+
+    async def identity(self, user: dict[str, Any]) -> Identity:
+        name = str(user["name"])
+        groups = acting_groups(name, user.get("groups") or [], (await self.store.fresh()).projects)
+        return Identity(name, bool(user.get("admin")), tuple(groups))
+
+    async def ready(self, who: Identity) -> str:
+        """The user's MLflow password, after their roles were made to match the hub's groups."""
+        lock = self.locks.setdefault(who.name, asyncio.Lock())
+        async with lock:
+            password, new = self.keys.password(who.name)
+            await self.sync.sync(who, password, new)
+            return password
+
+
+class ProxyHandler(HubOAuthenticated, web.RequestHandler):
+    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+    def initialize(self, tracking: Tracking) -> None:
+        self.tracking = tracking
+        self._status_set = False
+
+    def check_xsrf_cookie(self) -> None:
+        """Cookie-authenticated requests that change something: same site only (Fetch Metadata,
+        else Origin); token-authenticated ones carry their proof in the header."""
+        headers = self.request.headers
+        if self.request.method in ("GET", "HEAD", "OPTIONS"):
+            return
+        site = headers.get("Sec-Fetch-Site")
+        if site in ("same-origin", "none"):
+            return
+        origin = headers.get("Origin")
+        if site is None and origin and urlparse(origin).netloc == self.request.host:
+            return
+        raise web.HTTPError(403, "A request from another site cannot use your sign-in here.")
+
+    def wants_json(self) -> bool:
+        path = self.request.path
+        return "/api/" in path or "/ajax-api/" in path or "Authorization" in self.request.headers
+
+    def refuse(self, status: int, message: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish({"error_code": "PERMISSION_DENIED" if status == 403 else "UNAUTHENTICATED", "message": message})
+
+    async def prepare(self) -> None:
+        user = self.current_user
+        if user is None:
+            if self.wants_json():
+                self.refuse(401, "Sign in to the hub, or send a hub token (MLFLOW_TRACKING_TOKEN) with the request.")
+                return
+            self.redirect(self.get_login_url() + "?next=" + self.request.uri)
+            return
+        if user.get("name") == server.ADMIN_USER:  # MLflow's own admin: never a hub user's name there
+            self.refuse(403, f"The hub user name {server.ADMIN_USER!r} is reserved by the tracking service.")
+
+    async def _forward(self) -> None:
+        if self._finished:
+            return
+        who = await self.tracking.identity(self.current_user)
+        try:
+            await asyncio.wait_for(self.tracking.up.wait(), STARTUP_WAIT)
+        except asyncio.TimeoutError:
+            self.refuse(503, f"The tracking server has not answered for {STARTUP_WAIT} s; the admins can see why "
+                             "in the hub's log.")
+            return
+        try:
+            password = await self.tracking.ready(who)
+        except MLflowError as e:
+            log.error("Could not make MLflow's roles of %s match the hub's groups: %s", who.name, e)
+            self.refuse(503, "The tracking server is not ready; try again in a minute.")
+            return
+        headers = {k: v for k, v in self.request.headers.get_all() if k.lower() not in HOP_BY_HOP
+                   and not k.lower().startswith("x-forwarded")}
+        headers["Authorization"] = basic_auth(who.name, password)
+        url = self.tracking.base_url.rstrip("/") + self.request.uri[len(server.PREFIX):] \
+            if self.request.uri.startswith(server.PREFIX) else self.tracking.base_url + self.request.uri
+        body = self.request.body if self.request.method in ("POST", "PUT", "PATCH", "DELETE") else None
+        request = httpclient.HTTPRequest(
+            url, method=self.request.method, headers=headers, body=body, allow_nonstandard_methods=True,
+            follow_redirects=False, request_timeout=3600, decompress_response=False,
+            header_callback=self._on_header, streaming_callback=self._on_chunk)
+        try:
+            response = await httpclient.AsyncHTTPClient().fetch(request, raise_error=False)
+        except Exception as e:  # the connection itself failed
+            self.refuse(502, f"The MLflow server did not answer: {e}")
+            return
+        if response.code == 599 and not self._status_set:
+            self.refuse(502, f"The MLflow server did not answer: {response.error}")
+            return
+        if response.code == 403 and not self._wrote:
+            self.finish({"error_code": "PERMISSION_DENIED", "message": self._denied(who)})
+            return
+        self.finish()
+
+    def _denied(self, who: Identity) -> str:
+        asked = self.request.headers.get("X-MLFLOW-WORKSPACE")
+        mine = ", ".join(f"{ws} (group {g})" for ws, g in sorted(who.workspaces.items())) or "none"
+        where = f" in the workspace {asked!r}" if asked else ""
+        return (f"Permission denied{where}: {who.name} may see and change the runs of the workspaces of "
+                f"their hub groups: {mine}. Experiments of other groups are theirs alone.")
+
+    _wrote = False
+
+    def _on_header(self, line: str) -> None:
+        line = line.rstrip("\r\n")
+        if line.startswith("HTTP/"):
+            parts = line.split(" ", 2)
+            self._upstream_status = int(parts[1])
+            self._headers_to_copy: list[tuple[str, str]] = []
+            return
+        if not line:  # the end of the headers
+            if self._upstream_status == 403:  # answered by us, naming the groups
+                self.set_status(403)
+                self.set_header("Content-Type", "application/json")
+                self._status_set = True
+                return
+            self.set_status(self._upstream_status)
+            for name, value in self._headers_to_copy:
+                self.add_header(name, value)
+            self._status_set = True
+            return
+        name, _, value = line.partition(":")
+        if name.lower() not in HOP_BY_HOP and name.lower() != "server":
+            self._headers_to_copy.append((name.strip(), value.strip()))
+
+    def _on_chunk(self, chunk: bytes) -> None:
+        if getattr(self, "_upstream_status", 0) == 403:
+            return
+        self._wrote = True
+        self.write(chunk)
+        self.flush()
+
+    async def get(self, *_: str) -> None:
+        await self._forward()
+
+    async def post(self, *_: str) -> None:
+        await self._forward()
+
+    async def put(self, *_: str) -> None:
+        await self._forward()
+
+    async def patch(self, *_: str) -> None:
+        await self._forward()
+
+    async def delete(self, *_: str) -> None:
+        await self._forward()
+
+    async def head(self, *_: str) -> None:
+        await self._forward()
+
+    async def options(self, *_: str) -> None:
+        await self._forward()
+
+    def clear_header(self, name: str) -> None:  # (tornado's defaults, e.g. Content-Type, give way to MLflow's)
+        super().clear_header(name)
+
+
+class HealthHandler(web.RequestHandler):
+    """`health`: 200 once MLflow answers, 503 while it starts (no sign-in: it says nothing else)."""
+
+    def initialize(self, tracking: Tracking) -> None:
+        self.tracking = tracking
+
+    def get(self) -> None:
+        self.set_status(200 if self.tracking.up.is_set() else 503)
+        self.finish({"mlflow": "up" if self.tracking.up.is_set() else "starting"})
+
+
+def make_app(tracking: Tracking, prefix: str) -> web.Application:
+    app = web.Application(
+        [
+            (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler),
+            (url_path_join(prefix, "health"), HealthHandler, {"tracking": tracking}),
+            (prefix.rstrip("/") + r"(/.*)?", ProxyHandler, {"tracking": tracking}),
+        ],
+        cookie_secret=os.urandom(32),
+    )
+    return app
+
+
+def start_mlflow(program: Path, data: Path, port: int, keys: server.Secrets, account: str) -> subprocess.Popen:
+    """MLflow under its own system account where the hub is root (its data directory is that
+    account's alone; this service keeps the secrets in the directory above, root's)."""
+    data.mkdir(exist_ok=True)
+    (data / "artifacts").mkdir(exist_ok=True)
+    (data / "auth.ini").write_text(server.auth_config(data))
+    user: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        from ..accounts import ensure_system_account
+
+        who = ensure_system_account(account, data, "MLaaS Hub experiment tracking")
+        for path in [data, *data.rglob("*")]:
+            os.lchown(path, who.uid, who.gid)
+        user = {"user": who.uid, "group": who.gid, "extra_groups": []}
+    os.chmod(data, 0o700)
+    log_file = open(data / "mlflow.log", "ab")
+    return subprocess.Popen(server.command(program, data, port), env=server.environment(program, data, keys),
+                            cwd=data, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, preexec_fn=_end_with_the_service, **user)
+
+
+def _end_with_the_service() -> None:
+    """In the child before exec: it gets SIGTERM when this service ends, however it ends."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class MLflowChild:
+    """The MLflow server, kept running: started again (after 5 s, then up to a minute) when it
+    ends. The service itself never ends with it (the hub would take a managed service's end at
+    start-up for its own failure); meanwhile requests get 503 with the reason."""
+
+    def __init__(self, program: Path, data: Path, port: int, keys: server.Secrets, account: str, up: asyncio.Event):
+        self.args = (program, data, port, keys, account)
+        self.up = up
+        self.proc: subprocess.Popen | None = None
+        self.delay = 5.0
+
+    def start(self) -> None:
+        self.proc = start_mlflow(*self.args)
+        self.started = time.monotonic()
+
+    async def supervise(self) -> None:
+        while True:
+            await asyncio.sleep(1)
+            if self.proc is not None and self.proc.poll() is not None:
+                self.up.clear()
+                log.error("The MLflow server ended with status %s (its log: %s); starting it again in %.0f s",
+                          self.proc.returncode, self.args[1] / "mlflow.log", self.delay)
+                await asyncio.sleep(self.delay)
+                self.delay = 5.0 if time.monotonic() - self.started > 300 else min(self.delay * 2, 60.0)
+                self.start()
+
+    async def watch_ready(self, admin: MLflowAdmin) -> None:
+        """Set `up` whenever a started server answers."""
+        while True:
+            if self.up.is_set():
+                await asyncio.sleep(1)
+                continue
+            try:
+                await admin.workspaces()
+            except MLflowError:
+                await asyncio.sleep(0.25)
+                continue
+            log.info("MLflow (%s) answers, %.1f s after its start", self.args[0], time.monotonic() - self.started)
+            self.up.set()
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main() -> None:
+    from ..logscrub import install
+
+    install()
+    logging.basicConfig(level=logging.INFO, format="[%(levelname).1s %(asctime)s mlaas-tracking] %(message)s")
+    settings = load_settings()
+    program = server.mlflow_program(settings)
+    if program is None:
+        log.error("No MLflow server is installed (`make install` installs it beside the hub's environment; "
+                  "or set tracking.mlflow_command)")
+        sys.exit(2)
+    state = server.state_dir(settings)
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o711)  # MLflow's account passes through to its own directory, and sees nothing else
+    keys = server.Secrets(state / "secrets.json")
+    port = settings.tracking.mlflow_port
+    base_url = f"http://127.0.0.1:{port}{server.PREFIX}"
+    up = asyncio.Event()
+    child = MLflowChild(program, state / "mlflow", port, keys, settings.tracking.account, up)
+    child.start()
+
+    def stop(*_: Any) -> None:
+        child.stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    HubOAuth.instance(cache_max_age=IDENTITY_MAX_AGE)  # the hub's answer (groups, admin) is at most this old
+    admin = MLflowAdmin(base_url, server.ADMIN_USER, keys.data["admin_password"])
+    store = ProfileStore(settings.profiles_dir)
+    tracking = Tracking(base_url, keys, GroupSync(admin), store)
+    tracking.up = up
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", server.PREFIX + "/")
+    url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", f"http://127.0.0.1:{settings.tracking.port}"))
+    app = make_app(tracking, prefix)
+    app.listen(url.port or 80, url.hostname or "127.0.0.1", max_body_size=MAX_BODY)
+    log.info("Tracking at %s: MLflow on 127.0.0.1:%d, state in %s; a hub group's runs are in its workspace "
+             "(e.g. atlas-ml -> %s)", prefix, port, state, workspace_name("atlas-ml"))
+    loop = ioloop.IOLoop.current()
+    loop.add_callback(child.supervise)
+    loop.add_callback(child.watch_ready, admin)
+    try:
+        loop.start()
+    finally:
+        child.stop()

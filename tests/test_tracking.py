@@ -1,0 +1,162 @@
+"""Experiment tracking per group (issue #18): the real MLflow server behind the platform's tracking
+service (mlaas.tracking), the real `mlflow` client in users' kernels, with nothing set by hand.
+
+trk-alice and trk-dave are in the group trk-atlas, trk-bob in trk-cms; alice and bob are also in
+ml-users, the group everyone is in (their servers log to their smaller group by default)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from helpers import ensure_user, kernel_json, oidc_login, run_in_kernel, start_server, stop_server, user_token
+
+EXPERIMENT = "higgs-search"
+
+LOG_A_RUN = f"""
+import json, os, mlflow
+mlflow.set_experiment({EXPERIMENT!r})
+with mlflow.start_run() as run:
+    mlflow.log_param("learning_rate", 0.01)
+    for step in range(5):
+        mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
+    mlflow.log_text("signal region: 125 GeV", "notes/region.txt")
+print(json.dumps({{"run": run.info.run_id, "experiment": run.info.experiment_id,
+                  "workspace": os.environ.get("MLFLOW_WORKSPACE"),
+                  "set_by_hand": [k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD") if k in os.environ]}}))
+"""
+
+
+def read_run(run_id: str, workspace: str | None = None) -> str:
+    choose = f"os.environ['MLFLOW_WORKSPACE'] = {workspace!r}\n" if workspace else ""
+    return f"""
+import json, os
+{choose}from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+client = MlflowClient()
+out = {{"listed": [e.name for e in client.search_experiments()]}}
+try:
+    run = client.get_run({run_id!r})
+    out["params"] = run.data.params
+    out["loss"] = [m.value for m in client.get_metric_history({run_id!r}, "loss")]
+    out["notes"] = open(client.download_artifacts({run_id!r}, "notes/region.txt", "/tmp")).read()
+except MlflowException as e:
+    out["read_error"] = str(e)
+try:
+    client.log_metric({run_id!r}, "loss", 0.0, step=99)
+    out["wrote"] = True
+except MlflowException as e:
+    out["write_error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def trackers(hub):
+    groups = {"trk-alice": ["ml-users", "trk-atlas"], "trk-dave": ["trk-atlas"], "trk-bob": ["ml-users", "trk-cms"]}
+    ensure_user(hub, "trk-carol", ["ml-users"])  # (ml-users: everyone; here at least three)
+    tokens = {}
+    for name, member_of in groups.items():
+        ensure_user(hub, name, member_of)
+        tokens[name] = user_token(hub, name)
+    for name in groups:
+        start_server(hub, name, tokens[name], {"profile": "small"})
+    deadline = time.monotonic() + 120  # the MLflow server starts with the hub, in a few seconds
+    while requests.get(f"{hub.url}/services/mlflow/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the tracking service did not come up in 2 minutes"
+        time.sleep(0.5)
+    yield tokens
+    for name in tokens:
+        stop_server(hub, name)
+
+
+@pytest.fixture(scope="module")
+def alices_run(hub, trackers):
+    logged = kernel_json(hub, "trk-alice", trackers["trk-alice"], LOG_A_RUN)
+    assert logged["workspace"] == "trk-atlas"  # her team, not the group everyone is in
+    assert logged["set_by_hand"] == []
+    return logged
+
+
+def test_a_run_logged_with_no_settings_is_seen_and_extended_by_the_groups_other_member(hub, trackers, alices_run):
+    seen = kernel_json(hub, "trk-dave", trackers["trk-dave"], read_run(alices_run["run"]))
+    assert EXPERIMENT in seen["listed"]
+    assert seen["params"] == {"learning_rate": "0.01"}
+    assert seen["loss"] == [1.0, 0.5, 1.0 / 3, 0.25, 0.2]
+    assert seen["notes"] == "signal region: 125 GeV"
+    assert seen.get("wrote") is True, seen
+
+
+def test_another_group_neither_lists_nor_reads_nor_writes_the_run(hub, trackers, alices_run):
+    for workspace in (None, "trk-atlas"):  # its own default, and the other group's named by hand
+        seen = kernel_json(hub, "trk-bob", trackers["trk-bob"], read_run(alices_run["run"], workspace))
+        assert EXPERIMENT not in seen["listed"]
+        assert "params" not in seen and "wrote" not in seen, seen
+        for error in (seen["read_error"], seen["write_error"]):
+            assert "PERMISSION_DENIED" in error and "trk-cms" in error, error  # names the groups bob may use
+
+
+def test_the_hubs_admin_sees_every_groups_runs(hub, trackers, alices_run):
+    _, login = oidc_login(hub, "admin")  # the AAI's admin (group mlaas-admins), in neither group
+    assert login.status_code == 200
+    token = user_token(hub, "admin")
+    r = requests.get(f"{hub.url}/services/mlflow/api/2.0/mlflow/runs/get", params={"run_id": alices_run["run"]},
+                     headers={"Authorization": f"Bearer {token}", "X-MLFLOW-WORKSPACE": "trk-atlas"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["run"]["data"]["params"] == [{"key": "learning_rate", "value": "0.01"}]
+
+
+def test_no_one_reaches_mlflow_without_a_hub_identity_or_around_the_service(hub, trackers, alices_run):
+    url = f"{hub.url}/services/mlflow/api/2.0/mlflow/experiments/search"
+    assert requests.post(url, json={"max_results": 10}, timeout=30).status_code == 401
+    assert requests.post(url, json={"max_results": 10}, headers={"Authorization": "Bearer not-a-token"},
+                         timeout=30).status_code == 401
+    # a token of the user's that does not carry the service's scope
+    limited = hub.api().post(f"{hub.url}/hub/api/users/trk-alice/tokens",
+                             json={"scopes": ["read:users:name!user"], "expires_in": 600}).json()["token"]
+    r = requests.post(url, json={"max_results": 10}, headers={"Authorization": f"Bearer {limited}"}, timeout=30)
+    assert r.status_code in (401, 403), r.text
+    # from a user's server, straight to the MLflow server's own port: it wants a password no user has
+    port = hub.platform.settings.tracking.mlflow_port
+    out = run_in_kernel(hub, "trk-bob", trackers["trk-bob"], f"""
+import urllib.request, urllib.error
+try:
+    urllib.request.urlopen("http://127.0.0.1:{port}/services/mlflow/api/2.0/mlflow/experiments/search?max_results=5")
+    print("open")
+except urllib.error.HTTPError as e:
+    print(e.code)
+try:
+    open({str(hub.platform.settings.state_dir / "tracking" / "secrets.json")!r}).read()
+    print("secrets read")
+except PermissionError:
+    print("secrets refused")
+""")
+    assert out["error"] is None, out["error"]
+    assert out["stdout"].splitlines() == ["401", "secrets refused"]
+
+
+def test_a_change_of_the_hubs_groups_reaches_mlflow(hub, trackers, alices_run):
+    api = hub.api()
+    token = trackers["trk-dave"]
+    url = f"{hub.url}/services/mlflow/api/2.0/mlflow/runs/get"
+
+    def status() -> int:
+        return requests.get(url, params={"run_id": alices_run["run"]}, timeout=30,
+                            headers={"Authorization": f"Bearer {token}", "X-MLFLOW-WORKSPACE": "trk-atlas"}).status_code
+
+    assert status() == 200
+    api.delete(f"{hub.url}/hub/api/groups/trk-atlas/users", json={"users": ["trk-dave"]}).raise_for_status()
+    try:
+        deadline = time.monotonic() + 60
+        while status() != 403:
+            assert time.monotonic() < deadline, "dave still reads the group's run a minute after leaving it"
+            time.sleep(2)
+    finally:
+        api.post(f"{hub.url}/hub/api/groups/trk-atlas/users", json={"users": ["trk-dave"]}).raise_for_status()
+    deadline = time.monotonic() + 60
+    while status() != 200:
+        assert time.monotonic() < deadline, "dave does not read the group's run a minute after rejoining"
+        time.sleep(2)
+
