@@ -160,3 +160,66 @@ def test_a_change_of_the_hubs_groups_reaches_mlflow(hub, trackers, alices_run):
         assert time.monotonic() < deadline, "dave does not read the group's run a minute after rejoining"
         time.sleep(2)
 
+
+
+def log_through_the_api(hub, token: str, workspace: str, experiment: str, run_name: str) -> str:
+    """A run logged with MLflow's REST API through the service, as the `mlflow` client does."""
+    api = requests.Session()
+    api.headers.update({"Authorization": f"Bearer {token}", "X-MLFLOW-WORKSPACE": workspace})
+    base = f"{hub.url}/services/mlflow/api/2.0/mlflow"
+    r = api.get(f"{base}/experiments/get-by-name", params={"experiment_name": experiment}, timeout=30)
+    if r.status_code == 200:
+        experiment_id = r.json()["experiment"]["experiment_id"]
+    else:
+        r = api.post(f"{base}/experiments/create", json={"name": experiment}, timeout=30)
+        assert r.status_code == 200, r.text
+        experiment_id = r.json()["experiment_id"]
+    r = api.post(f"{base}/runs/create", json={"experiment_id": experiment_id, "run_name": run_name,
+                                              "start_time": int(time.time() * 1000)}, timeout=30)
+    assert r.status_code == 200, r.text
+    run_id = r.json()["run"]["info"]["run_id"]
+    r = api.post(f"{base}/runs/log-metric", json={"run_id": run_id, "key": "auc", "value": 0.91,
+                                                   "timestamp": int(time.time() * 1000), "step": 0}, timeout=30)
+    assert r.status_code == 200, r.text
+    return experiment_id
+
+
+@pytest.mark.browser
+def test_browser_the_groups_runs_in_mlflows_ui_through_the_hub(hub, trackers, browser):
+    """alice (atlas-ml) sees her group's experiment and run in MLflow's own UI, signed in through
+    the hub; bob (not in atlas-ml) signed in the same way does not see it."""
+    from conftest import browser_login
+    from helpers import ARTIFACTS
+
+    people = {}
+    for name in ("alice", "bob"):
+        _, login = oidc_login(hub, name)
+        assert login.status_code == 200
+        people[name] = user_token(hub, name)
+    experiment_id = log_through_the_api(hub, people["alice"], "atlas-ml", "jet-tagging", "gnn-baseline")
+    for name, sees in (("alice", True), ("bob", False)):
+        context = browser.new_context(viewport={"width": 1400, "height": 900})
+        try:
+            page = context.new_page()
+            console: list[str] = []
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+            page.on("pageerror", lambda e: console.append(f"page error: {e}"))
+            browser_login(page, hub.url, name, hub.password(name))
+            page.goto(f"{hub.url}/services/mlflow/#/experiments/{experiment_id}/runs?workspace=atlas-ml")
+            if sees:
+                try:  # the run, in the group's experiment
+                    page.wait_for_selector("text=gnn-baseline", timeout=60_000)
+                except Exception:
+                    page.screenshot(path=str(ARTIFACTS / f"40-mlflow-{name}-failed.png"), full_page=True)
+                    raise AssertionError("the run did not appear; the page's console: " + "\n".join(console[-20:]))
+                assert "jet-tagging" in page.content()
+            else:
+                page.wait_for_selector("text=Experiments", timeout=60_000)  # MLflow's own page, signed in
+                page.wait_for_timeout(5000)  # (what it shows once its requests are answered)
+                assert "Permission denied" in page.content()  # MLflow's own answer to another group's experiment
+                assert "gnn-baseline" not in page.content()
+                assert "jet-tagging" not in page.content()
+            page.screenshot(path=str(ARTIFACTS / f"40-mlflow-{name}.png"), full_page=True)
+            assert page.url.startswith(f"{hub.url}/services/mlflow/")  # signed in by the hub, not sent away
+        finally:
+            context.close()

@@ -102,7 +102,7 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
             if self.wants_json():
                 self.refuse(401, "Sign in to the hub, or send a hub token (MLFLOW_TRACKING_TOKEN) with the request.")
                 return
-            self.redirect(self.get_login_url() + "?next=" + self.request.uri)
+            self.redirect(self.get_login_url())  # the hub's sign-in; its state brings the browser back here
             return
         if user.get("name") == server.ADMIN_USER:  # MLflow's own admin: never a hub user's name there
             self.refuse(403, f"The hub user name {server.ADMIN_USER!r} is reserved by the tracking service.")
@@ -169,8 +169,11 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
                 self._status_set = True
                 return
             self.set_status(self._upstream_status)
-            for name, value in self._headers_to_copy:
-                self.add_header(name, value)
+            for name, value in self._headers_to_copy:  # (replacing tornado's defaults, e.g. its Content-Type)
+                if name.lower() == "set-cookie":
+                    self.add_header(name, value)
+                else:
+                    self.set_header(name, value)
             self._status_set = True
             return
         name, _, value = line.partition(":")
@@ -204,9 +207,6 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
 
     async def options(self, *_: str) -> None:
         await self._forward()
-
-    def clear_header(self, name: str) -> None:  # (tornado's defaults, e.g. Content-Type, give way to MLflow's)
-        super().clear_header(name)
 
 
 class HealthHandler(web.RequestHandler):
