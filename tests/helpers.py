@@ -258,3 +258,35 @@ def kernel_json(hub: RunningPlatform, name: str, token: str, code: str, keep: bo
     out = run_in_kernel(hub, name, token, code, keep=keep)
     assert out["error"] is None, out["error"]
     return json.loads(out["stdout"].strip().splitlines()[-1])
+
+
+# --- experiment tracking (mlaas.tracking) --------------------------------------------------------
+def wait_for_tracking(hub: RunningPlatform, timeout: float = 120) -> None:
+    """The MLflow server starts with the hub (a few seconds): wait for the service's health."""
+    deadline = time.monotonic() + timeout
+    while requests.get(f"{hub.url}/services/mlflow/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, f"the tracking service did not come up in {timeout:.0f} s"
+        time.sleep(0.5)
+
+
+def log_mlflow_run(hub, token: str, workspace: str, experiment: str, run_name: str) -> dict[str, str]:
+    """A run logged with MLflow's REST API through the service, as the `mlflow` client does;
+    returns its experiment's and its own id."""
+    api = requests.Session()
+    api.headers.update({"Authorization": f"Bearer {token}", "X-MLFLOW-WORKSPACE": workspace})
+    base = f"{hub.url}/services/mlflow/api/2.0/mlflow"
+    r = api.get(f"{base}/experiments/get-by-name", params={"experiment_name": experiment}, timeout=30)
+    if r.status_code == 200:
+        experiment_id = r.json()["experiment"]["experiment_id"]
+    else:
+        r = api.post(f"{base}/experiments/create", json={"name": experiment}, timeout=30)
+        assert r.status_code == 200, r.text
+        experiment_id = r.json()["experiment_id"]
+    r = api.post(f"{base}/runs/create", json={"experiment_id": experiment_id, "run_name": run_name,
+                                              "start_time": int(time.time() * 1000)}, timeout=30)
+    assert r.status_code == 200, r.text
+    run_id = r.json()["run"]["info"]["run_id"]
+    r = api.post(f"{base}/runs/log-metric", json={"run_id": run_id, "key": "auc", "value": 0.91,
+                                                   "timestamp": int(time.time() * 1000), "step": 0}, timeout=30)
+    assert r.status_code == 200, r.text
+    return {"experiment": experiment_id, "run": run_id}

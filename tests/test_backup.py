@@ -14,10 +14,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import requests
 
 from conftest import needs_root
-from helpers import (ensure_user, oidc_login, start_platform, start_server, state_root, stop_server,
-                     user_token)
+from helpers import (ensure_user, log_mlflow_run, oidc_login, start_platform, start_server, state_root,
+                     stop_server, user_token, wait_for_tracking)
 
 pytestmark = [pytest.mark.platform, needs_root]
 MLAAS = str(Path(sys.prefix) / "bin" / "mlaas")
@@ -41,6 +42,8 @@ def test_a_running_platform_is_backed_up_and_restored_with_files_history_and_quo
         r = admin.put(f"{base}/quotas/quota-team", json={"item": {**quota["item"], "cpu": 3}, "version": quota["version"]})
         assert r.status_code == 200, r.text
 
+        wait_for_tracking(a)  # a run of keeper's group in the experiment tracking
+        logged = log_mlflow_run(a, token, "quota-team", "thesis-fits", "fit-1")
         # the hub's SQLite commits go to its write-ahead log (mlaas.sqlite_wal): the backup reads it too
         live = a.platform.settings.hub_dir / "jupyterhub.sqlite"
         with contextlib.closing(sqlite3.connect(f"file:{live}?mode=ro", uri=True)) as db:
@@ -84,6 +87,11 @@ def test_a_running_platform_is_backed_up_and_restored_with_files_history_and_quo
         start_server(b, "keeper", token, {"profile": "small"})
         thesis = b.api(token).get(f"{b.url}/user/keeper/api/contents/thesis.md").json()
         assert thesis["content"] == "chapter 1"
+        wait_for_tracking(b)  # the group's run is there, through the new platform's tracking service
+        r = requests.get(f"{b.url}/services/mlflow/api/2.0/mlflow/runs/get", params={"run_id": logged["run"]},
+                         headers={"Authorization": f"Bearer {token}", "X-MLFLOW-WORKSPACE": "quota-team"}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["run"]["data"]["metrics"][0]["value"] == 0.91
         r = b.api(token).put(f"{b.url}/user/keeper/api/contents/thesis.md",  # still hers to write
                              json={"type": "file", "format": "text", "content": "chapter 1, revised"})
         assert r.status_code == 200, r.text

@@ -4,6 +4,7 @@ cluster with data read through the site cache, and users' clusters stay theirs."
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -226,6 +227,19 @@ print(json.dumps({"stdout": text}))
     printed = json.loads(out["stdout"].strip().splitlines()[-1])["stdout"]
     assert "//store/demo/events.parquet" in printed and "test accuracy: 0." in printed
     assert gateway_api(hub, dask_users["dask-ben"]).json() == {}  # the notebook shut its cluster down
+    # the run it recorded, in dask-ben's group's workspace: its parameters, accuracy and model
+    logged = re.search(r"logged run (\w+) in the workspace (\S+)", printed)
+    assert logged and logged.group(2) == "dask-testers", printed
+    mlflow_api = requests.Session()
+    mlflow_api.headers.update({"Authorization": f"Bearer {dask_users['dask-ben']}", "X-MLFLOW-WORKSPACE": "dask-testers"})
+    run = mlflow_api.get(f"{hub.url}/services/mlflow/api/2.0/mlflow/runs/get", params={"run_id": logged.group(1)},
+                         timeout=30).json()["run"]
+    assert {p["key"]: p["value"] for p in run["data"]["params"]}["n_estimators"] == "50"
+    assert run["data"]["metrics"][0]["key"] == "test_accuracy" and run["data"]["metrics"][0]["value"] > 0.8
+    models = mlflow_api.post(f"{hub.url}/services/mlflow/api/2.0/mlflow/logged-models/search", timeout=30,
+                             json={"experiment_ids": [run["info"]["experiment_id"]]})
+    assert models.status_code == 200, models.text
+    assert [(m["info"]["name"], m["info"]["source_run_id"]) for m in models.json()["models"]] == [("model", logged.group(1))]
 
 
 def _gateway_pid(hub) -> int:

@@ -11,7 +11,8 @@ import time
 import pytest
 import requests
 
-from helpers import ensure_user, kernel_json, oidc_login, run_in_kernel, start_server, stop_server, user_token
+from helpers import (ensure_user, kernel_json, log_mlflow_run, oidc_login, run_in_kernel, start_server, stop_server,
+                     user_token, wait_for_tracking)
 
 EXPERIMENT = "higgs-search"
 
@@ -63,10 +64,7 @@ def trackers(hub):
         tokens[name] = user_token(hub, name)
     for name in groups:
         start_server(hub, name, tokens[name], {"profile": "small"})
-    deadline = time.monotonic() + 120  # the MLflow server starts with the hub, in a few seconds
-    while requests.get(f"{hub.url}/services/mlflow/health", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, "the tracking service did not come up in 2 minutes"
-        time.sleep(0.5)
+    wait_for_tracking(hub)
     yield tokens
     for name in tokens:
         stop_server(hub, name)
@@ -162,28 +160,6 @@ def test_a_change_of_the_hubs_groups_reaches_mlflow(hub, trackers, alices_run):
 
 
 
-def log_through_the_api(hub, token: str, workspace: str, experiment: str, run_name: str) -> str:
-    """A run logged with MLflow's REST API through the service, as the `mlflow` client does."""
-    api = requests.Session()
-    api.headers.update({"Authorization": f"Bearer {token}", "X-MLFLOW-WORKSPACE": workspace})
-    base = f"{hub.url}/services/mlflow/api/2.0/mlflow"
-    r = api.get(f"{base}/experiments/get-by-name", params={"experiment_name": experiment}, timeout=30)
-    if r.status_code == 200:
-        experiment_id = r.json()["experiment"]["experiment_id"]
-    else:
-        r = api.post(f"{base}/experiments/create", json={"name": experiment}, timeout=30)
-        assert r.status_code == 200, r.text
-        experiment_id = r.json()["experiment_id"]
-    r = api.post(f"{base}/runs/create", json={"experiment_id": experiment_id, "run_name": run_name,
-                                              "start_time": int(time.time() * 1000)}, timeout=30)
-    assert r.status_code == 200, r.text
-    run_id = r.json()["run"]["info"]["run_id"]
-    r = api.post(f"{base}/runs/log-metric", json={"run_id": run_id, "key": "auc", "value": 0.91,
-                                                   "timestamp": int(time.time() * 1000), "step": 0}, timeout=30)
-    assert r.status_code == 200, r.text
-    return experiment_id
-
-
 @pytest.mark.browser
 def test_browser_the_groups_runs_in_mlflows_ui_through_the_hub(hub, trackers, browser):
     """alice (atlas-ml) sees her group's experiment and run in MLflow's own UI, signed in through
@@ -196,7 +172,7 @@ def test_browser_the_groups_runs_in_mlflows_ui_through_the_hub(hub, trackers, br
         _, login = oidc_login(hub, name)
         assert login.status_code == 200
         people[name] = user_token(hub, name)
-    experiment_id = log_through_the_api(hub, people["alice"], "atlas-ml", "jet-tagging", "gnn-baseline")
+    experiment_id = log_mlflow_run(hub, people["alice"], "atlas-ml", "jet-tagging", "gnn-baseline")["experiment"]
     for name, sees in (("alice", True), ("bob", False)):
         context = browser.new_context(viewport={"width": 1400, "height": 900})
         try:

@@ -10,6 +10,8 @@ A backup is one tar archive (mode 0600: it holds the platform's secrets) with:
 - `secrets/`: the cookie secret (sessions survive a restore), the OIDC client secret, the
   development IdP's passwords;
 - `admin/`: the history of every admin edit;
+- `tracking/`: experiment tracking (mlaas.tracking): MLflow's databases (online backup copies),
+  its artifacts, and the service's secrets.json (the users' MLflow passwords);
 - `profiles/`: the profile files in force (`profiles_dir`);
 - with `--homes`: `homes/` and `projects/`, users' and groups' files with their modes;
 - `manifest.json`: what is inside, when and from where it was made.
@@ -38,6 +40,7 @@ from .settings import Settings
 
 FORMAT = 1
 DATABASES = ("jupyterhub.sqlite", "accounts.sqlite")
+TRACKING_DATABASES = ("mlflow.db", "auth.db")  # in <state>/tracking/mlflow (mlaas.tracking.server)
 
 
 class BackupError(Exception):
@@ -64,6 +67,25 @@ def _add_tree(tar: tarfile.TarFile, directory: Path, name: str) -> int:
         if path.is_socket() or path.is_fifo():
             continue
         tar.add(path, arcname=f"{name}/{path.relative_to(directory)}", recursive=False)
+        count += path.is_file()
+    return count
+
+
+def _add_tracking(tar: tarfile.TarFile, state: Path, tmp: Path, progress: Callable[[str], None]) -> int:
+    """The tracking service's state: its databases copied while MLflow may write them, the rest as is."""
+    if not state.is_dir():
+        return 0
+    progress("tracking")
+    count = 0
+    for path in sorted(state.rglob("*")):
+        relative = path.relative_to(state)
+        if path.is_socket() or path.is_fifo() or path.name.endswith(("-wal", "-shm", "-journal")):
+            continue
+        if path.parent == state / "mlflow" and path.name in TRACKING_DATABASES:
+            _sqlite_copy(path, tmp / path.name)
+            tar.add(tmp / path.name, arcname=f"tracking/{relative}")
+        else:
+            tar.add(path, arcname=f"tracking/{relative}", recursive=False)
         count += path.is_file()
     return count
 
@@ -96,6 +118,7 @@ def backup(settings: Settings, target: Path, homes: bool = False,
         snapshot = s.hub_dir / "profiles.last-good.json"
         if snapshot.is_file():
             tar.add(snapshot, arcname="hub/profiles.last-good.json")
+        manifest["contents"]["tracking"] = _add_tracking(tar, s.state_dir / "tracking", Path(tmp), progress)
         for name, directory in [("secrets", s.secrets_dir), ("admin", s.state_dir / "admin"),
                                 ("profiles", s.profiles_dir)] + ([("homes", s.homes_dir), ("projects", s.projects_dir)]
                                                                   if homes else []):
@@ -141,7 +164,7 @@ def _pg(tool: str, s: Settings, args: list[str]) -> None:
 def _safe_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
     """The archive's entries, refusing anything that could write outside the restored tree: absolute
     or `..` paths, devices, hard links, and entries below a symbolic link of the archive."""
-    known = ("hub/", "secrets/", "admin/", "profiles/", "homes/", "projects/", "manifest.json")
+    known = ("hub/", "secrets/", "admin/", "tracking/", "profiles/", "homes/", "projects/", "manifest.json")
     members, links = [], set()
     for m in tar.getmembers():
         parts = Path(m.name).parts
@@ -182,7 +205,7 @@ def restore(settings: Settings, source: Path, progress: Callable[[str], None] = 
         staged = Path(tmp)
         s.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(s.state_dir, 0o711)
-        for name in ("hub", "secrets", "admin", "homes", "projects"):
+        for name in ("hub", "secrets", "admin", "tracking", "homes", "projects"):
             if (staged / name).exists():
                 progress(name)
                 shutil.move(str(staged / name), str(s.state_dir / name))
@@ -203,7 +226,8 @@ def restore(settings: Settings, source: Path, progress: Callable[[str], None] = 
         progress("database (pg_restore)")
         _pg("pg_restore", s, ["--no-owner", "--exit-on-error", str(dump)])
         dump.unlink()
-    for directory, mode in ((s.hub_dir, 0o700), (s.secrets_dir, 0o700)):
+    for directory, mode in ((s.hub_dir, 0o700), (s.secrets_dir, 0o700), (s.state_dir / "tracking", 0o711),
+                            (s.state_dir / "tracking" / "mlflow", 0o700)):
         if directory.exists():
             os.chmod(directory, mode)
     if give_homes and os.geteuid() == 0 and s.homes_dir.is_dir():
