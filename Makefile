@@ -54,6 +54,7 @@ bench: install
 	$(VENV)/bin/python bench/data_bench.py
 	$(VENV)/bin/python bench/spawn_bench.py
 	$(VENV)/bin/python bench/backup_bench.py
+	$(VENV)/bin/python bench/tracking_bench.py
 
 # --- Kubernetes deployment (docs/deploy.md) ----------------------------------------------------
 IMAGE_PREFIX ?= ghcr.io/mlaas-hub
