@@ -199,3 +199,30 @@ def test_browser_the_groups_runs_in_mlflows_ui_through_the_hub(hub, trackers, br
             assert page.url.startswith(f"{hub.url}/services/mlflow/")  # signed in by the hub, not sent away
         finally:
             context.close()
+
+
+def test_a_groups_artifact_limit_refuses_the_upload_past_it_and_admins_see_the_use(hub, trackers):
+    """trk-cms may keep 64 KiB of artifacts (tests/fixtures/profiles/quotas.yaml)."""
+    out = kernel_json(hub, "trk-bob", trackers["trk-bob"], """
+import json, mlflow
+mlflow.set_experiment("limits")
+result = {}
+with mlflow.start_run():
+    mlflow.log_text("x" * 40_000, "first.txt")
+    try:
+        mlflow.log_text("y" * 40_000, "second.txt")
+        result["second"] = "stored"
+    except Exception as e:
+        result["second"] = str(e)
+    mlflow.log_text("z" * 1_000, "small.txt")  # what still fits
+    result["listed"] = sorted(a.path for a in mlflow.MlflowClient().list_artifacts(mlflow.active_run().info.run_id))
+print(json.dumps(result))
+""")
+    assert "trk-cms" in out["second"] and "64 KiB" in out["second"] and "limit" in out["second"], out
+    assert out["listed"] == ["first.txt", "small.txt"]
+    _, login = oidc_login(hub, "admin")
+    assert login.status_code == 200
+    usage = hub.api(user_token(hub, "admin")).get(f"{hub.url}/hub/api/mlaas/usage", timeout=30).json()["tracking"]
+    cms = next(t for t in usage if t["workspace"] == "trk-cms")
+    assert cms["group"] == "trk-cms" and cms["limit_bytes"] == 64 * 1024
+    assert 41_000 <= cms["artifact_bytes"] < 64 * 1024

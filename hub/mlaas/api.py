@@ -6,7 +6,8 @@
 - `GET /hub/api/mlaas/capacity`: this machine's GPUs and MIG instances and which server holds
   each (admins).
 - `GET /hub/api/mlaas/usage`: which servers run which profile, per user and per group, with the
-  GPUs and MIG slices they hold (scope `read:servers`: admins and the admin service).
+  GPUs and MIG slices they hold, and each group's experiment-tracking artifacts against its limit
+  (scope `read:servers`: admins and the admin service).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 
+from jupyterhub import orm
 from jupyterhub.apihandlers.base import APIHandler
 from jupyterhub.scopes import needs_scope
 from tornado import web
@@ -98,8 +101,9 @@ class UsageAPIHandler(APIHandler):
     MIG slices, and the site they run at."""
 
     def initialize(self, profiles_dir: str, snapshot: str, gpu_inventory: str | None = None,
-                   gpu_metrics_url: str | None = None) -> None:
+                   gpu_metrics_url: str | None = None, tracking_artifacts: str | None = None) -> None:
         self.store = profile_store(profiles_dir, snapshot)
+        self.tracking_artifacts = tracking_artifacts
         self.allocator = None
         self.dcgm = None
         if gpu_inventory is not None:
@@ -126,8 +130,21 @@ class UsageAPIHandler(APIHandler):
             inventory_view = self.allocator.inventory().as_dict(held=self.allocator.held())
         elif self.dcgm is not None:
             devices = await asyncio.to_thread(pod_devices, self.dcgm, holdings)
+        tracking = await asyncio.to_thread(self.tracking_use, pset) if self.tracking_artifacts else None
         self.set_header("Content-Type", "application/json")
         self.write(json.dumps(
             quotas.usage(holdings, devices) | {"quotas": quotas.report(pset, holdings), "devices": inventory_view,
-                                               "gpu_processes_outside_assignment": outside}
+                                               "gpu_processes_outside_assignment": outside, "tracking": tracking}
         ))
+
+    def tracking_use(self, pset) -> list[dict]:
+        """Each group's experiment-tracking artifacts on disk, against its limit (mlaas.tracking)."""
+        from .tracking.storage import ArtifactUsage
+        from .tracking.sync import workspace_name
+
+        sizes = ArtifactUsage(Path(self.tracking_artifacts or "")).all()
+        limits = {q.group: q.tracking_artifacts for q in pset.quotas if q.tracking_artifacts is not None}
+        groups = {workspace_name(g.name): g.name for g in self.db.query(orm.Group)} | \
+            {workspace_name(g): g for g in limits}
+        return [{"group": groups.get(ws), "workspace": ws, "artifact_bytes": size,
+                 "limit_bytes": limits.get(groups.get(ws, ""))} for ws, size in sizes.items()]

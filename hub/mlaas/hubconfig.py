@@ -94,17 +94,18 @@ def start_profile_watcher(store: ProfileStore, interval: float = 2.0) -> None:
 
 
 def profile_api_handlers(profiles_dir: str, snapshot: str, gpu_inventory: str | None = None,
-                         gpu_metrics_url: str | None = None) -> list[tuple]:
+                         gpu_metrics_url: str | None = None, tracking_artifacts: str | None = None) -> list[tuple]:
     """The REST endpoints every hub of the platform has (one machine or Kubernetes); with local
     servers (`gpu_inventory`), also this machine's GPU inventory and which server holds what; on
     Kubernetes with `gpu_metrics_url` (a Prometheus scraping NVIDIA's DCGM exporter), the GPU use
-    of the servers' pods."""
+    of the servers' pods; with `tracking_artifacts` (the tracking server's artifact directory),
+    each group's artifact storage."""
     handlers: list[tuple] = [
         (r"/api/mlaas/profiles", ProfilesAPIHandler),
         (r"/api/mlaas/quotas", QuotasAPIHandler, {"profiles_dir": profiles_dir, "snapshot": snapshot}),
         (r"/api/mlaas/usage", UsageAPIHandler,
          {"profiles_dir": profiles_dir, "snapshot": snapshot, "gpu_inventory": gpu_inventory,
-          "gpu_metrics_url": gpu_metrics_url}),
+          "gpu_metrics_url": gpu_metrics_url, "tracking_artifacts": tracking_artifacts}),
     ]
     if gpu_inventory is not None:
         handlers.append((r"/api/mlaas/capacity", CapacityAPIHandler, {"gpu_inventory": gpu_inventory}))
@@ -196,6 +197,13 @@ def configure_projects(c, store: ProfileStore) -> list[dict]:
 
 
 SERVER_TOKEN_SCOPES = ["access:servers!server", "users:activity!user"]  # JupyterHub's own default
+
+
+def tracking_artifacts_dir(s: Settings) -> Path:
+    from .tracking.server import state_dir
+    from .tracking.storage import artifacts_root
+
+    return artifacts_root(state_dir(s) / "mlflow")
 
 
 def add_server_token_scopes(c, scopes: list[str]) -> None:
@@ -436,7 +444,8 @@ def configure(c, settings: Settings) -> None:
     store = profile_store(str(s.profiles_dir), snapshot)
     c.JupyterHub.extra_handlers.extend(
         profile_api_handlers(str(s.profiles_dir), snapshot, s.gpu_inventory if s.spawner == "local" else None,
-                             s.kubernetes.gpu_metrics_url if s.spawner == "kubernetes" else None)
+                             s.kubernetes.gpu_metrics_url if s.spawner == "kubernetes" else None,
+                             tracking_artifacts=str(tracking_artifacts_dir(s)) if s.tracking.enabled else None)
     )
 
     # --- login through the AAI ----------------------------------------------------------------

@@ -326,6 +326,9 @@ class GroupQuota(_Strict):
     memory: Bytes | None = Field(None, description="Memory (sum of limits).")
     servers_per_user: int | None = Field(None, ge=0, le=1000, description="Running servers of one member.")
     dask: DaskLimits = Field(default_factory=DaskLimits, description="Dask clusters of all members together.")
+    tracking_artifacts: Bytes | None = Field(
+        None, description="Experiment tracking: the size of the group's MLflow artifacts (models, files) together; "
+        "an upload past it is refused.")
 
     @field_validator("group")
     @classmethod

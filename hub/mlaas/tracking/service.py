@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,10 +31,12 @@ from jupyterhub.utils import url_path_join
 from tornado import httpclient, ioloop, web
 
 from ..profiles import ProfileStore
+from ..profiles.quantities import format_bytes
 from ..projects.identity import acting_groups
 from ..settings import load_settings
 from . import server
 from .mlflow_api import MLflowAdmin, MLflowError, basic_auth
+from .storage import ArtifactUsage, artifacts_root
 from .sync import GroupSync, Identity, workspace_name
 
 log = logging.getLogger("mlaas.tracking")
@@ -44,11 +47,17 @@ IDENTITY_MAX_AGE = 10  # seconds: a change of the hub's groups reaches MLflow wi
 STARTUP_WAIT = 120  # seconds a request waits for a starting MLflow server
 
 
-class Tracking:
-    """What every request needs: MLflow's address, the sync, the passwords, the groups of projects."""
+ARTIFACT_UPLOAD = re.compile(r"/api/2\.0/mlflow-artifacts/artifacts/workspaces/([^/]+)/")
 
-    def __init__(self, base_url: str, keys: server.Secrets, sync: GroupSync, store: ProfileStore):
+
+class Tracking:
+    """What every request needs: MLflow's address, the sync, the passwords, the groups of projects,
+    the artifacts' sizes."""
+
+    def __init__(self, base_url: str, keys: server.Secrets, sync: GroupSync, store: ProfileStore,
+                 usage: ArtifactUsage | None = None):
         self.base_url, self.keys, self.sync, self.store = base_url, keys, sync, store
+        self.usage = usage
         self.locks: dict[str, asyncio.Lock] = {}
         self.up = asyncio.Event()  # MLflow answers (requests wait for it while it starts)
 
@@ -56,6 +65,24 @@ class Tracking:
         name = str(user["name"])
         groups = acting_groups(name, user.get("groups") or [], (await self.store.fresh()).projects)
         return Identity(name, bool(user.get("admin")), tuple(groups))
+
+    async def artifact_refusal(self, method: str, path: str, size: int) -> str | None:
+        """Why an artifact upload would take its group past `tracking_artifacts`, or None."""
+        found = ARTIFACT_UPLOAD.search(path) if method == "PUT" and self.usage is not None else None
+        if found is None:
+            return None
+        workspace = found.group(1)
+        quota = next((q for q in (await self.store.fresh()).quotas
+                      if q.tracking_artifacts is not None and workspace_name(q.group) == workspace), None)
+        if quota is None or self.usage is None:
+            return None
+        used = await asyncio.to_thread(self.usage.size, workspace)
+        if used + size > quota.tracking_artifacts:
+            return (f"The artifacts of the group {quota.group} would exceed its limit of "
+                    f"{format_bytes(quota.tracking_artifacts)} (in use: {format_bytes(used)}, this upload: "
+                    f"{format_bytes(size)}). Delete old runs' artifacts, or ask the admins for more.")
+        self.usage.add(workspace, size)
+        return None
 
     async def ready(self, who: Identity) -> str:
         """The user's MLflow password, after their roles were made to match the hub's groups."""
@@ -94,7 +121,8 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
     def refuse(self, status: int, message: str) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
-        self.finish({"error_code": "PERMISSION_DENIED" if status == 403 else "UNAUTHENTICATED", "message": message})
+        code = {403: "PERMISSION_DENIED", 401: "UNAUTHENTICATED", 413: "RESOURCE_LIMIT_EXCEEDED"}.get(status, "TEMPORARILY_UNAVAILABLE")
+        self.finish({"error_code": code, "message": message})
 
     async def prepare(self) -> None:
         user = self.current_user
@@ -116,6 +144,10 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
         except asyncio.TimeoutError:
             self.refuse(503, f"The tracking server has not answered for {STARTUP_WAIT} s; the admins can see why "
                              "in the hub's log.")
+            return
+        refusal = await self.tracking.artifact_refusal(self.request.method, self.request.path, len(self.request.body or b""))
+        if refusal is not None:
+            self.refuse(413, refusal)
             return
         try:
             password = await self.tracking.ready(who)
@@ -341,7 +373,7 @@ def main() -> None:
     HubOAuth.instance(cache_max_age=IDENTITY_MAX_AGE)  # the hub's answer (groups, admin) is at most this old
     admin = MLflowAdmin(base_url, server.ADMIN_USER, keys.data["admin_password"])
     store = ProfileStore(settings.profiles_dir)
-    tracking = Tracking(base_url, keys, GroupSync(admin), store)
+    tracking = Tracking(base_url, keys, GroupSync(admin), store, ArtifactUsage(artifacts_root(state / "mlflow")))
     tracking.up = up
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", server.PREFIX + "/")
     url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", f"http://127.0.0.1:{settings.tracking.port}"))

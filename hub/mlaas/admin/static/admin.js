@@ -309,6 +309,16 @@ async function loadUsage() {
       el("td", {}, gib(g.memory)), el("td", {}, g.gpus), el("td", {}, Object.entries(g.mig).map(([k, v]) => `${v}× ${k}`).join(", ") || "–"),
       el("td", { class: "gpu-use" }, gpuUse(g.gpu_use)), el("td", {}, limits)));
   }
+  // experiment tracking: each group's MLflow artifacts on disk, against its `tracking_artifacts` limit
+  const tracking = document.querySelector("#usage-tracking tbody");
+  tracking.innerHTML = "";
+  for (const t of r.data.tracking || []) {
+    tracking.append(el("tr", {}, el("td", {}, t.group || "(no hub group now)"), el("td", {}, t.workspace),
+      el("td", {}, gib(t.artifact_bytes)), el("td", {}, t.limit_bytes === null ? "none" : gib(t.limit_bytes))));
+  }
+  if (!(r.data.tracking || []).length) {
+    tracking.append(el("tr", {}, el("td", { colspan: 4 }, r.data.tracking ? "No group has stored artifacts." : "Experiment tracking is off.")));
+  }
   // processes on a GPU their server was not given (one machine; the fence prevents it where it is in force)
   const outside = r.data.gpu_processes_outside_assignment || [];
   const warning = document.getElementById("usage-outside");
