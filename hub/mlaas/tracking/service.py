@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated, UserNotAllowed
 from jupyterhub.utils import url_path_join
 from tornado import httpclient, ioloop, web
 
@@ -125,6 +125,13 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
         self.finish({"error_code": code, "message": message})
 
     async def prepare(self) -> None:
+        # ask the hub without blocking this service's loop (JupyterHub's get_current_user would
+        # wait for the hub synchronously on each cache miss)
+        model = await self.hub_auth.get_user(self, sync=False)
+        try:
+            self._hub_auth_user_cache = self.check_hub_user(model) if model else None
+        except UserNotAllowed:
+            self._hub_auth_user_cache = None
         user = self.current_user
         if user is None:
             if self.wants_json():
@@ -135,7 +142,7 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
         if user.get("name") == server.ADMIN_USER:  # MLflow's own admin: never a hub user's name there
             self.refuse(403, f"The hub user name {server.ADMIN_USER!r} is reserved by the tracking service.")
 
-    async def _forward(self) -> None:
+    async def _forward(self, *_: str) -> None:
         if self._finished:
             return
         who = await self.tracking.identity(self.current_user)
@@ -219,26 +226,7 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
         self.write(chunk)
         self.flush()
 
-    async def get(self, *_: str) -> None:
-        await self._forward()
-
-    async def post(self, *_: str) -> None:
-        await self._forward()
-
-    async def put(self, *_: str) -> None:
-        await self._forward()
-
-    async def patch(self, *_: str) -> None:
-        await self._forward()
-
-    async def delete(self, *_: str) -> None:
-        await self._forward()
-
-    async def head(self, *_: str) -> None:
-        await self._forward()
-
-    async def options(self, *_: str) -> None:
-        await self._forward()
+    get = post = put = patch = delete = head = options = _forward
 
 
 class HealthHandler(web.RequestHandler):
