@@ -138,6 +138,11 @@ def cmd_up() -> int:
     print(f" Isolation: {mode}.  State: {settings.state_dir}")
     print(f" Limits: {limits}")
     print(f" Admin page (hub admins): {platform.url}/services/mlaas-admin/")
+    if settings.tracking.enabled and settings.spawner == "local":
+        from .tracking.server import mlflow_program
+
+        print(f" Experiment tracking (MLflow, per group): {platform.url}/services/mlflow/"
+              if mlflow_program(settings) else " Experiment tracking: off (no MLflow server installed; `make install`)")
     for notice in platform.notices:
         print(f" {notice}")
     if settings.dev_idp.enabled:
