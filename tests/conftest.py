@@ -49,7 +49,8 @@ def gpu_hub() -> RunningPlatform:
     (profiles / "gpu-idle.yaml").write_text(yaml.safe_dump({"profiles": [{
         "slug": "gpu-idle", "display_name": "One GPU, stopped when unused", "cpu": {"limit": 1},
         "memory": {"limit": "1Gi"}, "gpu": {"count": 1}, "gpu_idle_timeout": 30, "groups": ["*"]}]}))
-    running = start_platform("gpu", gpu_inventory=str(path), profiles=profiles, culling={"gpu_every": 2})
+    running = start_platform("gpu", gpu_inventory=str(path), profiles=profiles, culling={"gpu_every": 2},
+                             tracking={"enabled": False})
     yield running
     running.platform.stop()
     shutil.copytree(running.log_dir, ARTIFACTS / "gpu-logs", dirs_exist_ok=True)

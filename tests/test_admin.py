@@ -27,7 +27,7 @@ pytestmark = pytest.mark.platform
 @pytest.fixture(scope="module")
 def admin_hub() -> RunningPlatform:
     """A platform of its own: these tests rewrite its profile files."""
-    running = start_platform("admin")
+    running = start_platform("admin", tracking={"enabled": False})
     yield running
     running.platform.stop()
 

@@ -18,7 +18,7 @@ TIMEOUT = 40
 
 @pytest.fixture(scope="module")
 def hub():
-    running = start_platform("culling", culling={"timeout": TIMEOUT, "every": 10})
+    running = start_platform("culling", culling={"timeout": TIMEOUT, "every": 10}, tracking={"enabled": False})
     yield running
     running.platform.stop()
 

@@ -28,7 +28,7 @@ def test_the_hub_keeps_its_state_in_postgresql_across_a_restart(postgres, tmp_pa
     password = tmp_path / "db-password"
     password.write_text(postgres.password + "\n")
     password.chmod(0o600)
-    hub = start_platform("postgres", data={"enabled": False}, database_url=postgres.url,
+    hub = start_platform("postgres", data={"enabled": False}, tracking={"enabled": False}, database_url=postgres.url,
                          database_password_file=str(password))
     try:
         assert not (hub.state_dir / "hub" / "jupyterhub.sqlite").exists()  # no SQLite beside it
@@ -63,7 +63,7 @@ def test_a_platform_on_postgresql_is_backed_up_and_restored_into_a_new_database(
     password = tmp_path / "db-password"
     password.write_text(postgres.password)
     password.chmod(0o600)
-    a = start_platform("pg-backup-a", data={"enabled": False}, database_url=postgres.url,
+    a = start_platform("pg-backup-a", data={"enabled": False}, tracking={"enabled": False}, database_url=postgres.url,
                        database_password_file=str(password))
     archive = tmp_path / "backup.tar.gz"
     try:
@@ -76,7 +76,7 @@ def test_a_platform_on_postgresql_is_backed_up_and_restored_into_a_new_database(
         a.platform.stop()
     postgres.sql("CREATE DATABASE mlaas_restored OWNER mlaas")
     idp = a.platform.settings
-    b = start_platform("pg-backup-b", data={"enabled": False}, restore_from=archive,
+    b = start_platform("pg-backup-b", data={"enabled": False}, tracking={"enabled": False}, restore_from=archive,
                        database_url=postgres.url.rsplit("/", 1)[0] + "/mlaas_restored",
                        database_password_file=str(password), oidc={"issuer": idp.oidc.issuer},
                        dev_idp={"port": idp.dev_idp.port, "users_file": str(idp.dev_idp.users_file)})

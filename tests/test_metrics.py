@@ -43,7 +43,8 @@ def platform():
     token = root / "metrics-token"
     token.write_text("metrics-" + "5" * 40)
     token.chmod(0o600)
-    hub = start_platform("metrics", gpu_inventory=str(root / "inventory.yaml"), metrics_token_file=str(token))
+    hub = start_platform("metrics", gpu_inventory=str(root / "inventory.yaml"), metrics_token_file=str(token),
+                         tracking={"enabled": False})
     yield {"hub": hub, "root": root, "token": token}
     hub.platform.stop()
 

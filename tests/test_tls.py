@@ -117,7 +117,7 @@ def test_the_hub_serves_tls_itself_from_the_operators_certificate(tmp_path, brow
     port = free_port()
     url = f"https://127.0.0.1:{port}"
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))  # this test's clients trust the hub's certificate
-    hub = start_platform("tls", data={"enabled": False}, public_url=url, tls_cert_file=str(cert),
+    hub = start_platform("tls", data={"enabled": False}, tracking={"enabled": False}, public_url=url, tls_cert_file=str(cert),
                          tls_key_file=str(key))
     try:
         assert requests.get(f"{url}/hub/health", timeout=10).status_code == 200
@@ -142,7 +142,7 @@ def test_the_hub_behind_a_tls_reverse_proxy(tmp_path, browser, monkeypatch):
     url = f"https://127.0.0.1:{public}"
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
     relay = TlsRelay(public, bind, cert, key)
-    hub = start_platform("behind-tls", data={"enabled": False}, public_url=url, bind_url=f"http://127.0.0.1:{bind}")
+    hub = start_platform("behind-tls", data={"enabled": False}, tracking={"enabled": False}, public_url=url, bind_url=f"http://127.0.0.1:{bind}")
     try:
         assert "listens at" not in " ".join(hub.platform.notices)  # loopback: no warning about forwarded headers
         assert requests.get(f"{url}/hub/health", timeout=10).status_code == 200
