@@ -39,6 +39,7 @@ from cluster.provisioner import Provisioner  # noqa: E402
 from cluster.upstream_rbac import apply_upstream_rbac  # noqa: E402
 from deployment import NAMESPACE, Deployment  # noqa: E402
 from helpers import state_root  # noqa: E402
+from procstat import proc_usage  # noqa: E402
 from test_upstream_charts import charts_dir  # noqa: E402
 
 GROUPS = [f"lab-{i}" for i in range(10)]
@@ -136,14 +137,6 @@ def keep_the_simulations_low(root: Path, stop: threading.Event) -> None:
     hub's priority is caught within 2 s."""
     while not stop.wait(2):
         lower_the_simulations_priority(root)
-
-
-def proc_usage(pid: int) -> tuple[float, int]:
-    """(CPU seconds, RSS bytes) of a process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return (int(fields[11]) + int(fields[12])) / ticks, rss
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from jupyterhub.spawner import set_user_setuid  # noqa: E402
 
 from mlaas.accounts import account_name, ensure_account  # noqa: E402
+from procstat import machine_busy_seconds, proc_usage  # noqa: E402
 
 from helpers import (  # noqa: E402  (the test helpers start the same platform as `make up`)
     ARTIFACTS,
@@ -136,22 +137,6 @@ def wait_ready_by_events(hub, name: str, token: str) -> None:
     wait_ready(hub, name, timeout=60)  # the stream ended: the spawn finished in between
 
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float:
-    """CPU-seconds this machine has spent on anything but idling (/proc/stat, all CPUs)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
-
-
-def process_cpu_seconds(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
 def concurrent_spawns(hub, n: int, keep: bool = False, usage: dict | None = None) -> list[float]:
     """`keep`: leave the servers running (the caller measures them and stops them). `usage`, if
     given, receives the CPU-seconds the machine and the hub spent from the first request to the
@@ -176,13 +161,13 @@ def concurrent_spawns(hub, n: int, keep: bool = False, usage: dict | None = None
 
     threads = [threading.Thread(target=one, args=(name,)) for name in names]
     hub_pid = hub.platform.hub.pid
-    busy0, hub0, t0 = machine_busy_seconds(), process_cpu_seconds(hub_pid), time.perf_counter()
+    busy0, hub0, t0 = machine_busy_seconds(), proc_usage(hub_pid)[0], time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     if usage is not None:
-        usage.update(machine_cpu_s=machine_busy_seconds() - busy0, hub_cpu_s=process_cpu_seconds(hub_pid) - hub0,
+        usage.update(machine_cpu_s=machine_busy_seconds() - busy0, hub_cpu_s=proc_usage(hub_pid)[0] - hub0,
                      wall_s=time.perf_counter() - t0)
     if not keep:
         for name in names:
