@@ -139,10 +139,10 @@ class UsageAPIHandler(APIHandler):
 
     def tracking_use(self, pset) -> list[dict]:
         """Each group's experiment-tracking artifacts on disk, against its limit (mlaas.tracking)."""
-        from .tracking.storage import ArtifactUsage
+        from .tracking.storage import workspace_sizes
         from .tracking.sync import workspace_name
 
-        sizes = ArtifactUsage(Path(self.tracking_artifacts or "")).all()
+        sizes = workspace_sizes(Path(self.tracking_artifacts or ""))
         limits = {q.group: q.tracking_artifacts for q in pset.quotas if q.tracking_artifacts is not None}
         groups = {workspace_name(g.name): g.name for g in self.db.query(orm.Group)} | \
             {workspace_name(g): g for g in limits}

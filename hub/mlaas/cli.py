@@ -138,11 +138,11 @@ def cmd_up() -> int:
     print(f" Isolation: {mode}.  State: {settings.state_dir}")
     print(f" Limits: {limits}")
     print(f" Admin page (hub admins): {platform.url}/services/mlaas-admin/")
-    if settings.tracking.enabled and settings.spawner == "local":
-        from .tracking.server import mlflow_program
+    from .tracking.hub_config import why_off
 
-        print(f" Experiment tracking (MLflow, per group): {platform.url}/services/mlflow/"
-              if mlflow_program(settings) else " Experiment tracking: off (no MLflow server installed; `make install`)")
+    tracking_off = why_off(settings)
+    print(f" Experiment tracking (MLflow, per group): {platform.url}/services/mlflow/" if tracking_off is None
+          else f" Experiment tracking: off ({tracking_off})")
     for notice in platform.notices:
         print(f" {notice}")
     if settings.dev_idp.enabled:

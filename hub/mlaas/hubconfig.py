@@ -17,6 +17,7 @@ from . import dask_gateway as gateway
 from . import gpu_culler, logscrub
 from .accounts import ensure_system_account
 from .api import CapacityAPIHandler, ProfilesAPIHandler, QuotasAPIHandler, UsageAPIHandler
+from .tracking.hub_config import artifacts_dir, tracking_service, tracking_url, why_off
 from .auth import MLaaSAuthenticator
 from .culling import configure_culling
 from .kube_api import in_cluster
@@ -197,13 +198,6 @@ def configure_projects(c, store: ProfileStore) -> list[dict]:
 
 
 SERVER_TOKEN_SCOPES = ["access:servers!server", "users:activity!user"]  # JupyterHub's own default
-
-
-def tracking_artifacts_dir(s: Settings) -> Path:
-    from .tracking.server import state_dir
-    from .tracking.storage import artifacts_root
-
-    return artifacts_root(state_dir(s) / "mlflow")
 
 
 def add_server_token_scopes(c, scopes: list[str]) -> None:
@@ -442,10 +436,11 @@ def configure(c, settings: Settings) -> None:
     c.ConfigurableHTTPProxy.pid_file = str(hub_dir / "proxy.pid")
     snapshot = str(hub_dir / "profiles.last-good.json")
     store = profile_store(str(s.profiles_dir), snapshot)
+    tracking_off = why_off(s)
     c.JupyterHub.extra_handlers.extend(
         profile_api_handlers(str(s.profiles_dir), snapshot, s.gpu_inventory if s.spawner == "local" else None,
                              s.kubernetes.gpu_metrics_url if s.spawner == "kubernetes" else None,
-                             tracking_artifacts=str(tracking_artifacts_dir(s)) if s.tracking.enabled else None)
+                             tracking_artifacts=None if tracking_off else str(artifacts_dir(s)))
     )
 
     # --- login through the AAI ----------------------------------------------------------------
@@ -501,16 +496,13 @@ def configure(c, settings: Settings) -> None:
         if s.dask_gateway.backend == "kubernetes":
             services.append(gateway_controller_service(s))
         roles.extend(gateway_roles_and_scopes(c))
-    if s.tracking.enabled and s.spawner == "kubernetes":
-        log.warning("Experiment tracking is not yet deployed with servers on Kubernetes (issue #18); it is off")
-    elif s.tracking.enabled:
-        from .tracking.hub_config import tracking_service, tracking_url
-
+    if tracking_off is None:
         tracking = tracking_service(s, settings_env)
-        if tracking is not None:
-            services.append(tracking)
-            roles.extend(service_for_users(c, tracking["name"]))
-            c.ProfileSpawnerMixin.tracking_url = tracking_url(s)
+        services.append(tracking)
+        roles.extend(service_for_users(c, tracking["name"]))
+        c.ProfileSpawnerMixin.tracking_url = tracking_url(s)
+    elif s.tracking.enabled:
+        log.warning("Experiment tracking is off: %s", tracking_off)
     cull_services, cull_roles, cull_env = configure_culling(c, s.culling)
     services += cull_services
     roles += cull_roles

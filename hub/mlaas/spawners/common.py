@@ -36,6 +36,18 @@ def usage_ledger() -> quotas.UsageLedger:
     return quotas.UsageLedger()
 
 
+def group_sizes(db: Any, groups: list[str]) -> dict[str, int]:
+    """Members of each of these hub groups: counted by the database (one query), not loaded."""
+    from jupyterhub import orm
+    from sqlalchemy import func
+
+    members = orm.user_group_map.c
+    rows = (db.query(orm.Group.name, func.count(members.user_id))
+            .join(orm.user_group_map, orm.Group.id == members.group_id)
+            .filter(orm.Group.name.in_(groups)).group_by(orm.Group.name))
+    return {name: count for name, count in rows}
+
+
 def tracking_env(url: str, token: str, groups: list[str], sizes: dict[str, int]) -> dict[str, str]:
     """`import mlflow` works in every server with nothing to set: the platform's tracking service,
     the server's own hub token (the mlflow client sends it as a bearer token), and the workspace
@@ -64,8 +76,9 @@ class ProfileSpawnerMixin(LoggingConfigurable):
     def get_env(self) -> dict[str, str]:
         env = super().get_env()
         if self.tracking_url:
-            sizes = {g.name: len(g.users) for g in self.user.groups}
-            env.update(tracking_env(self.tracking_url, self.api_token, self.user_groups(), sizes))
+            groups = self.user_groups()
+            sizes = group_sizes(self.db, groups) if len(groups) > 1 else {}
+            env.update(tracking_env(self.tracking_url, self.api_token, groups, sizes))
         return env
 
     @default("options_form")

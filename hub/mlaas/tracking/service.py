@@ -55,7 +55,7 @@ class Tracking:
     the artifacts' sizes."""
 
     def __init__(self, base_url: str, keys: server.Secrets, sync: GroupSync, store: ProfileStore,
-                 usage: ArtifactUsage | None = None):
+                 usage: ArtifactUsage):
         self.base_url, self.keys, self.sync, self.store = base_url, keys, sync, store
         self.usage = usage
         self.locks: dict[str, asyncio.Lock] = {}
@@ -68,13 +68,13 @@ class Tracking:
 
     async def artifact_refusal(self, method: str, path: str, size: int) -> str | None:
         """Why an artifact upload would take its group past `tracking_artifacts`, or None."""
-        found = ARTIFACT_UPLOAD.search(path) if method == "PUT" and self.usage is not None else None
+        found = ARTIFACT_UPLOAD.search(path) if method == "PUT" else None
         if found is None:
             return None
         workspace = found.group(1)
         quota = next((q for q in (await self.store.fresh()).quotas
                       if q.tracking_artifacts is not None and workspace_name(q.group) == workspace), None)
-        if quota is None or self.usage is None:
+        if quota is None:
             return None
         used = await asyncio.to_thread(self.usage.size, workspace)
         if used + size > quota.tracking_artifacts:
@@ -348,8 +348,11 @@ def main() -> None:
     keys = server.Secrets(state / "secrets.json")
     port = settings.tracking.mlflow_port
     base_url = f"http://127.0.0.1:{port}{server.PREFIX}"
-    up = asyncio.Event()
-    child = MLflowChild(program, state / "mlflow", port, keys, settings.tracking.account, up)
+    HubOAuth.instance(cache_max_age=IDENTITY_MAX_AGE)  # the hub's answer (groups, admin) is at most this old
+    admin = MLflowAdmin(base_url, server.ADMIN_USER, keys.data["admin_password"])
+    tracking = Tracking(base_url, keys, GroupSync(admin), ProfileStore(settings.profiles_dir),
+                        ArtifactUsage(artifacts_root(state / "mlflow")))
+    child = MLflowChild(program, state / "mlflow", port, keys, settings.tracking.account, tracking.up)
     child.start()
 
     def stop(*_: Any) -> None:
@@ -358,11 +361,6 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    HubOAuth.instance(cache_max_age=IDENTITY_MAX_AGE)  # the hub's answer (groups, admin) is at most this old
-    admin = MLflowAdmin(base_url, server.ADMIN_USER, keys.data["admin_password"])
-    store = ProfileStore(settings.profiles_dir)
-    tracking = Tracking(base_url, keys, GroupSync(admin), store, ArtifactUsage(artifacts_root(state / "mlflow")))
-    tracking.up = up
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", server.PREFIX + "/")
     url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", f"http://127.0.0.1:{settings.tracking.port}"))
     app = make_app(tracking, prefix)

@@ -31,6 +31,13 @@ def directory_size(path: Path) -> int:
     return total
 
 
+def workspace_sizes(root: Path) -> dict[str, int]:
+    """Every workspace's artifact bytes, measured now (for the admins' usage view)."""
+    if not root.is_dir():
+        return {}
+    return {entry.name: directory_size(entry) for entry in sorted(root.iterdir()) if entry.is_dir()}
+
+
 class ArtifactUsage:
     """Each workspace's artifact bytes: measured on disk at most every 10 s, and counted up by
     what is uploaded through the service in between (so a burst of uploads cannot pass a limit
@@ -55,9 +62,3 @@ class ArtifactUsage:
         with self._lock:
             when, before = self._measured.get(workspace, (time.monotonic(), 0))
             self._measured[workspace] = (when, before + size)
-
-    def all(self) -> dict[str, int]:
-        """Every workspace's size, measured now (for the admins' usage view)."""
-        if not self.root.is_dir():
-            return {}
-        return {entry.name: directory_size(entry) for entry in sorted(self.root.iterdir()) if entry.is_dir()}
