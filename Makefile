@@ -8,19 +8,19 @@ PYTEST_ARGS ?=
 PY_STAMP   := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 # the experiment tracking server (mlaas.tracking) in an environment of its own: MLflow's server pins
-# its own SQLAlchemy, Alembic and Flask, which must not move the hub's
+# its own SQLAlchemy, Alembic and Flask, which must not move the hub's (the tracking image's pin)
 MLFLOW_VENV  := $(VENV)-mlflow
 MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
-MLFLOW_PIN   := mlflow[auth]==3.17.2
+MLFLOW_REQS  := images/tracking/requirements.txt
 
 .PHONY: install up down test bench bench-k8s check-profiles images deploy k8s-build k8s-up k8s-down clean
 
 install: $(PY_STAMP) $(NODE_STAMP) $(MLFLOW_STAMP)
 
-$(MLFLOW_STAMP): Makefile
+$(MLFLOW_STAMP): $(MLFLOW_REQS)
 	test -x $(MLFLOW_VENV)/bin/python || $(BASE_PYTHON) -m venv $(MLFLOW_VENV)
 	$(MLFLOW_VENV)/bin/pip install -q --upgrade pip
-	$(MLFLOW_VENV)/bin/pip install -q '$(MLFLOW_PIN)'
+	$(MLFLOW_VENV)/bin/pip install -q -r $(MLFLOW_REQS)
 	touch $@
 
 $(PY_STAMP): pyproject.toml
@@ -59,7 +59,7 @@ bench: install
 # --- Kubernetes deployment (docs/deploy.md) ----------------------------------------------------
 IMAGE_PREFIX ?= ghcr.io/mlaas-hub
 IMAGE_TAG    ?= 0.1.0
-IMAGES       := user-cpu user-cuda hub gateway xcache
+IMAGES       := user-cpu user-cuda hub gateway xcache tracking
 SITE         ?= site-a
 
 images:

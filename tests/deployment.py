@@ -85,7 +85,7 @@ class Deployment:
         self.stoppers.append(self.network.stop)
         images = Images(image_programs())
         for image in ("ghcr.io/mlaas-hub/hub", "ghcr.io/mlaas-hub/user-cpu", "ghcr.io/mlaas-hub/gateway",
-                      "ghcr.io/dask/dask-gateway-server"):
+                      "ghcr.io/dask/dask-gateway-server", "ghcr.io/mlaas-hub/tracking"):
             images.get(image)  # built before the pods need them (a node pulls images before a pod runs)
         stub = {"component": "singleuser-server"} if self.stub_servers else False
         self.kubelet = Kubelet(c, images, self.state / "kubelet", self.network, stub=stub).start()

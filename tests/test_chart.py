@@ -81,9 +81,10 @@ def test_profile_configmap_round_trips_to_the_same_profiles(site):
     from_files = load_profile_files(expand([REPO / p for p in spec.profiles]))
     assert from_chart.profiles == from_files.profiles and from_chart.profiles
     assert from_chart.quotas == from_files.quotas and from_chart.projects == from_files.projects
-    claims = {o["metadata"]["name"] for o in objects if o["kind"] == "PersistentVolumeClaim"}
-    assert claims == {f"mlaas-project-{p.group}" for p in from_files.projects}
-    assert all(o["spec"]["accessModes"] == ["ReadWriteMany"] for o in objects if o["kind"] == "PersistentVolumeClaim")
+    projects = [o for o in objects if o["kind"] == "PersistentVolumeClaim"
+                and o["metadata"]["labels"]["app.kubernetes.io/component"] == "project-storage"]
+    assert {o["metadata"]["name"] for o in projects} == {f"mlaas-project-{p.group}" for p in from_files.projects}
+    assert all(o["spec"]["accessModes"] == ["ReadWriteMany"] for o in projects)
 
 
 def test_xcache_uses_the_platform_template_and_only_its_origin(site):
@@ -278,3 +279,36 @@ def test_users_servers_reach_the_internet_but_not_the_cluster_or_the_metadata_se
     assert not egress_allows(opened, other_server)
     closed = policy({"networkPolicy": {"egress": {"internet": False}}})
     assert not egress_allows(closed, Destination("151.101.0.223", 443)) and egress_allows(closed, hub)
+
+
+def test_the_tracking_component_is_reached_by_servers_the_proxy_and_the_hub_only(site):
+    """The rendered policies, as an enforcing CNI judges them (tests/netpol.py): users' servers (the
+    mlflow client), the proxy (browsers) and the hub (usage view) reach the tracking pod on the
+    service's port, never MLflow's own; Dask workers do not reach it; it reaches the hub's API but
+    not users' servers."""
+    from netpol import Endpoint, connection_allowed
+
+    objects = render(site_chart_values(site))
+    policies = [{**o, "metadata": {**o["metadata"], "namespace": "mlaas"}} for o in objects if o["kind"] == "NetworkPolicy"]
+    deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlaas-tracking")
+    tracking = Endpoint("10.42.2.9", deployment["spec"]["template"]["metadata"]["labels"], "mlaas")
+    server = Endpoint("10.42.3.7", {"component": "singleuser-server", "app": "jupyterhub"}, "mlaas")
+    proxy = Endpoint("10.42.1.3", {"component": "proxy", "app": "jupyterhub"}, "mlaas")
+    hub = Endpoint("10.42.1.2", {"component": "hub", "app": "jupyterhub"}, "mlaas")
+    worker = Endpoint("10.42.4.4", {"app.kubernetes.io/name": "dask-gateway", "app.kubernetes.io/component": "dask-worker"}, "mlaas")
+    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "mlaas-tracking")
+    port = service["spec"]["ports"][0]["port"]
+    assert port == 8006 and service["spec"]["selector"].items() <= tracking.pod_labels.items()
+    cases = {
+        "a user's server, the service": (server, tracking, port, True),
+        "the proxy, the service": (proxy, tracking, port, True),
+        "the hub, the service": (hub, tracking, port, True),
+        "a user's server, MLflow's own port": (server, tracking, 8007, False),
+        "a Dask worker, the service": (worker, tracking, port, False),
+        "the tracking pod, the hub's API": (tracking, hub, 8081, True),
+        "the tracking pod, a user's server": (tracking, server, 8888, False),
+    }
+    verdicts = {name: connection_allowed(policies, *case[:3]) for name, case in cases.items()}
+    assert verdicts == {name: case[3] for name, case in cases.items()}
+    off = render(deep_merge(site_chart_values(site), {"tracking": {"enabled": False}}))
+    assert not [o for o in off if "tracking" in o["metadata"]["name"]]

@@ -18,8 +18,8 @@ DOCKERFILES = sorted((REPO / "images").glob("*/Dockerfile"))
 HADOLINT = Path(sys.executable).parent / "hadolint"
 
 
-def test_the_five_images_exist():
-    assert {d.parent.name for d in DOCKERFILES} == {"user-cpu", "user-cuda", "hub", "gateway", "xcache"}
+def test_the_six_images_exist():
+    assert {d.parent.name for d in DOCKERFILES} == {"user-cpu", "user-cuda", "hub", "gateway", "xcache", "tracking"}
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda d: d.parent.name)

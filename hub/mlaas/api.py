@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from pathlib import Path
 
 from jupyterhub import orm
 from jupyterhub.apihandlers.base import APIHandler
@@ -101,9 +100,9 @@ class UsageAPIHandler(APIHandler):
     MIG slices, and the site they run at."""
 
     def initialize(self, profiles_dir: str, snapshot: str, gpu_inventory: str | None = None,
-                   gpu_metrics_url: str | None = None, tracking_artifacts: str | None = None) -> None:
+                   gpu_metrics_url: str | None = None, tracking_service: str | None = None) -> None:
         self.store = profile_store(profiles_dir, snapshot)
-        self.tracking_artifacts = tracking_artifacts
+        self.tracking_service = tracking_service
         self.allocator = None
         self.dcgm = None
         if gpu_inventory is not None:
@@ -130,19 +129,28 @@ class UsageAPIHandler(APIHandler):
             inventory_view = self.allocator.inventory().as_dict(held=self.allocator.held())
         elif self.dcgm is not None:
             devices = await asyncio.to_thread(pod_devices, self.dcgm, holdings)
-        tracking = await asyncio.to_thread(self.tracking_use, pset) if self.tracking_artifacts else None
+        tracking, tracking_error = await self.tracking_use(pset)
         self.set_header("Content-Type", "application/json")
         self.write(json.dumps(
             quotas.usage(holdings, devices) | {"quotas": quotas.report(pset, holdings), "devices": inventory_view,
-                                               "gpu_processes_outside_assignment": outside, "tracking": tracking}
+                                               "gpu_processes_outside_assignment": outside, "tracking": tracking,
+                                               "tracking_error": tracking_error}
         ))
 
-    def tracking_use(self, pset) -> list[dict]:
-        """Each group's experiment-tracking artifacts on disk, against its limit (mlaas.tracking)."""
-        from .tracking.storage import workspace_sizes
+    async def tracking_use(self, pset) -> tuple[list[dict] | None, str | None]:
+        """Each group's experiment-tracking artifacts, against its limit (mlaas.tracking), as the
+        tracking service measures them; None where tracking is off; an error where it did not answer."""
         from .tracking.sync import workspace_name
+        from .tracking.usage import workspace_usage
 
-        sizes = workspace_sizes(Path(self.tracking_artifacts or ""))
+        service = self.services.get(self.tracking_service or "")
+        if service is None:
+            return None, None
+        try:
+            sizes = await workspace_usage(service)
+        except Exception as e:  # the service is down, starting, or unreachable
+            self.log.warning("The tracking service's usage could not be read: %s", e)
+            return [], f"The tracking service did not answer ({e})."
         limits = {q.group: q.tracking_artifacts for q in pset.quotas if q.tracking_artifacts is not None}
         groups = {workspace_name(g.name): g.name for g in self.db.query(orm.Group)} | \
             {workspace_name(g): g for g in limits}

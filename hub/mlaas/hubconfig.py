@@ -17,7 +17,8 @@ from . import dask_gateway as gateway
 from . import gpu_culler, logscrub
 from .accounts import ensure_system_account
 from .api import CapacityAPIHandler, ProfilesAPIHandler, QuotasAPIHandler, UsageAPIHandler
-from .tracking.hub_config import artifacts_dir, tracking_service, tracking_url, why_off
+from .tracking.hub_config import SERVICE_NAME as TRACKING_SERVICE
+from .tracking.hub_config import chart_tracking_service, tracking_service, tracking_url, why_off
 from .auth import MLaaSAuthenticator
 from .culling import configure_culling
 from .kube_api import in_cluster
@@ -95,18 +96,18 @@ def start_profile_watcher(store: ProfileStore, interval: float = 2.0) -> None:
 
 
 def profile_api_handlers(profiles_dir: str, snapshot: str, gpu_inventory: str | None = None,
-                         gpu_metrics_url: str | None = None, tracking_artifacts: str | None = None) -> list[tuple]:
+                         gpu_metrics_url: str | None = None, tracking_service: str | None = None) -> list[tuple]:
     """The REST endpoints every hub of the platform has (one machine or Kubernetes); with local
     servers (`gpu_inventory`), also this machine's GPU inventory and which server holds what; on
     Kubernetes with `gpu_metrics_url` (a Prometheus scraping NVIDIA's DCGM exporter), the GPU use
-    of the servers' pods; with `tracking_artifacts` (the tracking server's artifact directory),
-    each group's artifact storage."""
+    of the servers' pods; with `tracking_service` (the tracking service's name), each group's
+    artifact storage as that service measures it."""
     handlers: list[tuple] = [
         (r"/api/mlaas/profiles", ProfilesAPIHandler),
         (r"/api/mlaas/quotas", QuotasAPIHandler, {"profiles_dir": profiles_dir, "snapshot": snapshot}),
         (r"/api/mlaas/usage", UsageAPIHandler,
          {"profiles_dir": profiles_dir, "snapshot": snapshot, "gpu_inventory": gpu_inventory,
-          "gpu_metrics_url": gpu_metrics_url, "tracking_artifacts": tracking_artifacts}),
+          "gpu_metrics_url": gpu_metrics_url, "tracking_service": tracking_service}),
     ]
     if gpu_inventory is not None:
         handlers.append((r"/api/mlaas/capacity", CapacityAPIHandler, {"gpu_inventory": gpu_inventory}))
@@ -219,32 +220,14 @@ def gateway_roles_and_scopes(c) -> list[dict]:
 def follow_profile_configmaps(seed: str, directory: Path, configmap: str) -> str:
     """Mirror the deployed and live profile ConfigMaps into `directory` while the hub runs
     (every 5 s); seeded from the mounted deployed files so the hub starts with profiles."""
-    from .kube_api import own_namespace
-    from .profiles.configmap import ConfigMapMirror
+    from .profiles import configmap as configmaps
 
-    directory.mkdir(parents=True, exist_ok=True)
-    if not any(directory.iterdir()):
-        for f in Path(seed).iterdir():
-            if f.is_file() and not f.name.startswith("."):
-                (directory / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+    configmaps.seed(directory, seed)
     try:
         loop = asyncio.get_running_loop()  # the hub loads its config inside its event loop
     except RuntimeError:
         return str(directory)
-
-    async def follow() -> None:
-        from kubernetes_asyncio import client, config
-
-        try:
-            config.load_incluster_config()
-            mirror = ConfigMapMirror(client.CoreV1Api(client.ApiClient()), own_namespace(),
-                                     [configmap, live_configmap(configmap)], directory, log)
-            await mirror.sync()
-            await mirror.run(interval=5.0)
-        except Exception:
-            log.exception("Following the profile ConfigMaps failed; the profiles stay as they are")
-
-    task = loop.create_task(follow())
+    task = loop.create_task(configmaps.follow(configmap, directory, log))
     _background.add(task)
     task.add_done_callback(_background.discard)
     return str(directory)
@@ -440,7 +423,7 @@ def configure(c, settings: Settings) -> None:
     c.JupyterHub.extra_handlers.extend(
         profile_api_handlers(str(s.profiles_dir), snapshot, s.gpu_inventory if s.spawner == "local" else None,
                              s.kubernetes.gpu_metrics_url if s.spawner == "kubernetes" else None,
-                             tracking_artifacts=None if tracking_off else str(artifacts_dir(s)))
+                             tracking_service=None if tracking_off else TRACKING_SERVICE)
     )
 
     # --- login through the AAI ----------------------------------------------------------------
@@ -500,7 +483,7 @@ def configure(c, settings: Settings) -> None:
         tracking = tracking_service(s, settings_env)
         services.append(tracking)
         roles.extend(service_for_users(c, tracking["name"]))
-        c.ProfileSpawnerMixin.tracking_url = tracking_url(s)
+        c.ProfileSpawnerMixin.tracking_url = tracking_url(tracking["url"])
     elif s.tracking.enabled:
         log.warning("Experiment tracking is off: %s", tracking_off)
     cull_services, cull_roles, cull_env = configure_culling(c, s.culling)
@@ -631,7 +614,8 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
     authenticator (its URLs and client come from the site's values), the platform's REST API,
     group projects and the profile watcher, the Dask Gateway's client settings and its access
     scope for users (the service itself is `hub.services.dask-gateway` in the values), and the
-    site's cache map for users' pods. Everything is *added* to what z2jh and the site's values set
+    site's cache map for users' pods, and experiment tracking where the site's values register
+    the chart's tracking component (`hub.services.mlflow`). Everything is *added* to what z2jh and the site's values set
     (roles such as the idle culler's, services, template variables, singleuser.extraEnv).
     The profile files in force are those `mlaas deploy` put in the `profiles_configmap`
     ConfigMap (mounted at `profiles_dir`, which seeds them at the first start) overlaid by the
@@ -658,12 +642,19 @@ def configure_kubernetes(c, profiles_dir: str = "/etc/mlaas/profiles", state_dir
             c.MLaaSAuthenticator[key] = value
     c.MLaaSAuthenticator.manage_groups = True  # groups come from the AAI on both hubs
     c.MLaaSAuthenticator.accounts_db = str(Path(state_dir) / "accounts.sqlite")  # identities bound to names
-    c.JupyterHub.extra_handlers.extend(profile_api_handlers(profiles_dir, snapshot, gpu_metrics_url=gpu_metrics_url))
+    tracking = chart_tracking_service(c.JupyterHub.services)
+    c.JupyterHub.extra_handlers.extend(profile_api_handlers(
+        profiles_dir, snapshot, gpu_metrics_url=gpu_metrics_url, tracking_service=tracking and tracking["name"]))
     roles = configure_projects(c, store)
     environment = k8s_data_env(data_config)
     if dask_gateway:
         roles.extend(gateway_roles_and_scopes(c))
         environment.update(k8s_gateway_client_env(gateway_address, gateway_proxy))
+    if tracking is not None:  # the chart's component: servers reach it by its Service
+        roles.extend(service_for_users(c, tracking["name"]))
+        c.ProfileSpawnerMixin.tracking_url = tracking_url(tracking["url"])
+    else:
+        log.warning("Experiment tracking is off: the site's values register no hub.services.%s", TRACKING_SERVICE)
     if live:  # admins edit the profiles live (the live ConfigMap); it runs in the hub's pod
         env = {k: os.environ[k] for k in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT") if k in os.environ}
         env.update(MLAAS_STATE_DIR=state_dir, MLAAS_ADMIN_BIND=f"http://0.0.0.0:{K8S_ADMIN_PORT}",

@@ -125,6 +125,16 @@ def hub_image() -> ImageEnv:
                     env={"HOME": "/home/jovyan"}, cmd=["jupyterhub", "--config", "/usr/local/etc/jupyterhub/jupyterhub_config.py"])
 
 
+def tracking_image() -> ImageEnv:
+    """The hub image's environment (the tracking service is mlaas.tracking) with MLflow's server
+    at /opt/mlflow, where the image has it (built from images/tracking/requirements.txt)."""
+    hub = hub_image()
+    req = REPO / "images" / "tracking" / "requirements.txt"
+    mlflow = _venv("mlflow", [["-r", str(req)]], [req])
+    return ImageEnv(path=hub.path, user=1000, group=1000, workdir="/", env={"HOME": "/home/jovyan"},
+                    cmd=["python3", "-m", "mlaas.tracking"], files={"/opt/mlflow": str(mlflow)})
+
+
 def user_image() -> ImageEnv:
     req = REPO / "images" / "user-cpu" / "requirements.txt"
     venv = _venv("user-cpu", [["-r", str(req)]], [req])
@@ -183,6 +193,7 @@ class Images:
             "ghcr.io/mlaas-hub/user-cpu": user_image,
             "ghcr.io/mlaas-hub/user-cuda": user_image,  # no GPU here: the CUDA image runs as the CPU one
             "ghcr.io/mlaas-hub/gateway": gateway_image,
+            "ghcr.io/mlaas-hub/tracking": tracking_image,
             "ghcr.io/dask/dask-gateway-server": upstream_gateway_image,
             "ghcr.io/mlaas-hub/xcache": xcache_image,
             "quay.io/jupyterhub/configurable-http-proxy": proxy_image,
@@ -209,5 +220,5 @@ def image_programs() -> Path:
 
 
 if __name__ == "__main__":  # build every Python image environment ahead of the tests (.ci/run)
-    for build in (hub_image, user_image, gateway_image, upstream_gateway_image):
+    for build in (hub_image, user_image, gateway_image, upstream_gateway_image, tracking_image):
         print(build.__name__, build().path[0], file=sys.stderr)

@@ -79,3 +79,30 @@ class ConfigMapMirror:
         while True:
             await asyncio.sleep(interval)
             await self.sync()
+
+
+def seed(directory: Path, mounted: str | Path) -> None:
+    """Fill an empty mirror from the mounted deployed files, so its reader starts with profiles
+    before the API has answered."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.iterdir()):
+        for f in Path(mounted).iterdir():
+            if f.is_file() and not f.name.startswith("."):
+                (directory / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+
+
+async def follow(configmap: str, directory: Path, log: logging.Logger, interval: float = 5.0) -> None:
+    """Mirror a deployed profiles ConfigMap and its live edits into `directory`, every `interval`
+    seconds, from inside a pod (its ServiceAccount may `get` those two ConfigMaps)."""
+    from kubernetes_asyncio import client, config
+
+    from ..kube_api import own_namespace
+
+    try:
+        config.load_incluster_config()
+        mirror = ConfigMapMirror(client.CoreV1Api(client.ApiClient()), own_namespace(),
+                                 [configmap, live_configmap(configmap)], directory, log)
+        await mirror.sync()
+        await mirror.run(interval=interval)
+    except Exception:
+        log.exception("Following the profile ConfigMaps failed; the profiles stay as they are")

@@ -31,13 +31,15 @@ from jupyterhub.utils import url_path_join
 from tornado import httpclient, ioloop, web
 
 from ..profiles import ProfileStore
+from ..profiles import configmap as configmaps
 from ..profiles.quantities import format_bytes
 from ..projects.identity import acting_groups
 from ..settings import load_settings
 from . import server
 from .mlflow_api import MLflowAdmin, MLflowError, basic_auth
-from .storage import ArtifactUsage, artifacts_root
+from .storage import ArtifactUsage, artifacts_root, workspace_sizes
 from .sync import GroupSync, Identity, workspace_name
+from .usage import USAGE_PATH, is_the_hub
 
 log = logging.getLogger("mlaas.tracking")
 MAX_BODY = 4 * 2**30  # an artifact upload (a model) may be large; MLflow stores it as it arrives
@@ -45,6 +47,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
               "transfer-encoding", "upgrade", "content-length", "host", "authorization", "cookie"}
 IDENTITY_MAX_AGE = 10  # seconds: a change of the hub's groups reaches MLflow within this
 STARTUP_WAIT = 120  # seconds a request waits for a starting MLflow server
+PROFILES_CONFIGMAP_VAR = "MLAAS_PROFILES_CONFIGMAP"  # set by the chart: profiles (quotas, projects) from the API
 
 
 ARTIFACT_UPLOAD = re.compile(r"/api/2\.0/mlflow-artifacts/artifacts/workspaces/([^/]+)/")
@@ -240,11 +243,26 @@ class HealthHandler(web.RequestHandler):
         self.finish({"mlflow": "up" if self.tracking.up.is_set() else "starting"})
 
 
+class UsageHandler(web.RequestHandler):
+    """`mlaas/usage`: each workspace's artifact bytes, for the hub's usage view. Only the hub asks,
+    with this service's own token; nobody else learns the groups' sizes here."""
+
+    def initialize(self, tracking: Tracking) -> None:
+        self.tracking = tracking
+
+    async def get(self) -> None:
+        if not is_the_hub(self.request.headers.get("Authorization", ""), HubOAuth.instance().api_token):
+            raise web.HTTPError(403, "Only the hub reads the groups' artifact sizes here.")
+        sizes = await asyncio.to_thread(workspace_sizes, self.tracking.usage.root)
+        self.finish({"workspaces": sizes})
+
+
 def make_app(tracking: Tracking, prefix: str) -> web.Application:
     app = web.Application(
         [
             (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler),
             (url_path_join(prefix, "health"), HealthHandler, {"tracking": tracking}),
+            (url_path_join(prefix, USAGE_PATH), UsageHandler, {"tracking": tracking}),
             (prefix.rstrip("/") + r"(/.*)?", ProxyHandler, {"tracking": tracking}),
         ],
         cookie_secret=os.urandom(32),
@@ -350,7 +368,12 @@ def main() -> None:
     base_url = f"http://127.0.0.1:{port}{server.PREFIX}"
     HubOAuth.instance(cache_max_age=IDENTITY_MAX_AGE)  # the hub's answer (groups, admin) is at most this old
     admin = MLflowAdmin(base_url, server.ADMIN_USER, keys.data["admin_password"])
-    tracking = Tracking(base_url, keys, GroupSync(admin), ProfileStore(settings.profiles_dir),
+    profiles_dir = settings.profiles_dir
+    configmap = os.environ.get(PROFILES_CONFIGMAP_VAR)
+    if configmap:  # the chart's component: the deployed files and the admins' live edits, through the API
+        profiles_dir = state / "profiles"
+        configmaps.seed(profiles_dir, settings.profiles_dir)
+    tracking = Tracking(base_url, keys, GroupSync(admin), ProfileStore(profiles_dir),
                         ArtifactUsage(artifacts_root(state / "mlflow")))
     child = MLflowChild(program, state / "mlflow", port, keys, settings.tracking.account, tracking.up)
     child.start()
@@ -370,6 +393,8 @@ def main() -> None:
     loop = ioloop.IOLoop.current()
     loop.add_callback(child.supervise)
     loop.add_callback(child.watch_ready, admin)
+    if configmap:
+        loop.add_callback(configmaps.follow, configmap, profiles_dir, log)
     try:
         loop.start()
     finally:

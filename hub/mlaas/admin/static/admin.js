@@ -309,7 +309,7 @@ async function loadUsage() {
       el("td", {}, gib(g.memory)), el("td", {}, g.gpus), el("td", {}, Object.entries(g.mig).map(([k, v]) => `${v}× ${k}`).join(", ") || "–"),
       el("td", { class: "gpu-use" }, gpuUse(g.gpu_use)), el("td", {}, limits)));
   }
-  // experiment tracking: each group's MLflow artifacts on disk, against its `tracking_artifacts` limit
+  // experiment tracking: each group's MLflow artifacts (as the tracking service measures them), against its `tracking_artifacts` limit
   const tracking = document.querySelector("#usage-tracking tbody");
   tracking.innerHTML = "";
   for (const t of r.data.tracking || []) {
@@ -317,7 +317,8 @@ async function loadUsage() {
       el("td", {}, gib(t.artifact_bytes)), el("td", {}, t.limit_bytes === null ? "none" : gib(t.limit_bytes))));
   }
   if (!(r.data.tracking || []).length) {
-    tracking.append(el("tr", {}, el("td", { colspan: 4 }, r.data.tracking ? "No group has stored artifacts." : "Experiment tracking is off.")));
+    const why = r.data.tracking_error || (r.data.tracking ? "No group has stored artifacts." : "Experiment tracking is off.");
+    tracking.append(el("tr", {}, el("td", { colspan: 4 }, why)));
   }
   // processes on a GPU their server was not given (one machine; the fence prevents it where it is in force)
   const outside = r.data.gpu_processes_outside_assignment || [];
