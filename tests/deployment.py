@@ -232,6 +232,7 @@ class Deployment:
                                 resources={"requests": {"cpu": "100m", "memory": "256Mi"}},
                                 origins=[{"name": "demo", "url": f"root://127.0.0.1:{self.origin_port}",
                                           "namespace": "/store/demo"}])
+        values["tracking"] = {"storage": {"size": "1Gi"}, "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}}}
         (site / "values.yaml").write_text(yaml.safe_dump(values))
         hub = {
             "proxy": {"https": {"enabled": False}, "service": {"loadBalancerIP": self.public_ip}},

@@ -72,7 +72,7 @@ def capacity(site: Deployment, token: str, slug: str) -> tuple[int, int]:
 def test_every_pod_of_the_three_releases_runs_its_program_as_the_charts_account(site):
     """Each pod's containers are live processes of the pod's account (securityContext), and the
     deployment's components are all there."""
-    expected_uid = {"hub": 1000, "proxy": 65534, "xcache": 10001}
+    expected_uid = {"hub": 1000, "proxy": 65534, "xcache": 10001, "tracking": 1000}
     components = set()
     for pod in pods(site):
         labels = pod["metadata"]["labels"]
@@ -86,7 +86,7 @@ def test_every_pod_of_the_three_releases_runs_its_program_as_the_charts_account(
                 f"{container.name} is not running:\n{container.log_path.read_text()[-2000:]}"
             if component in expected_uid:
                 assert process_uid(container.pid) == expected_uid[component], container.name
-    assert {"hub", "proxy", "user-scheduler", "gateway", "controller", "traefik", "xcache"} <= components, components
+    assert {"hub", "proxy", "user-scheduler", "gateway", "controller", "traefik", "xcache", "tracking"} <= components, components
 
 
 def test_a_researcher_logs_in_sees_the_clusters_mig_slices_and_gets_jupyterlab_on_a_mig_node(site, browser):
@@ -162,6 +162,61 @@ print(json.dumps({{"total": total, "workers": len(client.scheduler_info()["worke
     assert result["bytes"].encode() == TEST_CONTENT
     assert result["url"].startswith("root://xcache-demo:1094//")  # the cache Service, not the origin
     site.alice_cluster = result["cluster"]
+
+
+LOG_A_RUN = """
+import json, os, mlflow
+mlflow.set_experiment("deployment-journey")
+with mlflow.start_run() as run:
+    mlflow.log_param("learning_rate", 0.01)
+    mlflow.log_metric("loss", 0.25)
+    mlflow.log_text("logged from a pod", "notes/pod.txt")
+print(json.dumps({"run": run.info.run_id, "uri": os.environ["MLFLOW_TRACKING_URI"],
+                  "workspace": os.environ.get("MLFLOW_WORKSPACE")}))
+"""
+
+
+def test_a_run_logged_in_alices_pod_is_her_groups_alone_and_counted_for_the_admins(site, alice):
+    """Experiment tracking at a chart-deployed site. In alice's kernel (her pod), `import mlflow`
+    logs a run with nothing configured: the servers' environment leads to our chart's tracking
+    component by its Service, with her server's own token. Through the site's public address, her
+    token reads the run in her group's workspace; bob's (another group) neither lists nor reads
+    it. The admins' usage view counts the artifact (the hub asks the component), and MLflow keeps
+    it on the component's volume."""
+    out = run_in_kernel(site, "alice", alice, LOG_A_RUN, timeout=240)
+    assert out["error"] is None, (out, site.kubelet_log("mlaas-tracking")[-3000:])
+    logged = json.loads(out["stdout"].strip().splitlines()[-1])
+    assert logged["uri"] == "http://mlaas-tracking:8006/services/mlflow"  # the chart's Service, in-cluster
+    assert logged["workspace"] == "atlas-ml"  # her team rather than the group everyone is in
+
+    api = f"{site.url}/services/mlflow/api/2.0/mlflow"
+
+    def ask(token: str, path: str, workspace: str, **params: str) -> requests.Response:
+        return requests.get(f"{api}/{path}", params=params, timeout=60,
+                            headers={"Authorization": f"Bearer {token}", "X-MLFLOW-WORKSPACE": workspace})
+
+    mine = ask(alice, "runs/get", "atlas-ml", run_id=logged["run"])
+    assert mine.status_code == 200, mine.text
+    assert mine.json()["run"]["data"]["params"] == [{"key": "learning_rate", "value": "0.01"}]
+    site.api().post(f"{site.url}/hub/api/users/bob")
+    site.api().post(f"{site.url}/hub/api/groups/ml-users")  # (exists where the AAI's sign-in made it)
+    site.api().post(f"{site.url}/hub/api/groups/ml-users/users", json={"users": ["bob"]}).raise_for_status()
+    bob = user_token(site, "bob")
+    denied = ask(bob, "runs/get", "atlas-ml", run_id=logged["run"])
+    assert denied.status_code == 403 and denied.json()["error_code"] == "PERMISSION_DENIED", denied.text
+    assert "ml-users" in denied.json()["message"]  # names the workspaces bob may use
+    listed = ask(bob, "experiments/search", "ml-users", max_results="100")
+    assert listed.status_code == 200, listed.text
+    assert "deployment-journey" not in [e["name"] for e in listed.json().get("experiments", [])]
+
+    usage = site.api().get(f"{site.url}/hub/api/mlaas/usage").json()
+    assert usage.get("tracking_error", "(none in the answer)") is None, usage
+    atlas = next(t for t in usage["tracking"] if t["workspace"] == "atlas-ml")
+    assert atlas["group"] == "atlas-ml" and atlas["artifact_bytes"] >= len("logged from a pod")
+    claim = site.cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/persistentvolumeclaims/mlaas-tracking")
+    volume = site.cluster.request("GET", f"/api/v1/persistentvolumes/{claim['spec']['volumeName']}")
+    stored = list(Path(volume["spec"]["hostPath"]["path"]).glob("tracking/mlflow/artifacts/workspaces/atlas-ml/**/notes/pod.txt"))
+    assert [p.read_text() for p in stored] == ["logged from a pod"]
 
 
 def test_another_group_can_reach_neither_alices_server_nor_her_dask_cluster(site, alice):

@@ -25,6 +25,7 @@ import subprocess
 import sys
 
 import pytest
+import requests
 import yaml
 
 from cluster.cluster import Cluster, binaries, pod_range
@@ -232,6 +233,15 @@ def test_a_researcher_gets_jupyterlab_at_the_other_site_through_its_ingress(site
     out = run_in_kernel(site, "alice", token, "import os, socket\nprint(socket.gethostname(), os.environ['JUPYTERHUB_API_URL'])")
     assert out["error"] is None, out
     assert out["stdout"].split() == ["jupyter-alice", f"{site.url}/hub/api"]
+    # experiment tracking from site B: through site A's public address (its Service is site A's)
+    assert env["MLFLOW_TRACKING_URI"] == f"{site.url}/services/mlflow"
+    logged = run_in_kernel(site, "alice", token, "import mlflow\nwith mlflow.start_run() as run:\n"
+                           "    mlflow.log_metric('loss', 0.5)\nprint(run.info.run_id)", timeout=120)
+    assert logged["error"] is None, logged
+    run = requests.get(f"{site.url}/services/mlflow/api/2.0/mlflow/runs/get", timeout=30,
+                       params={"run_id": logged["stdout"].split()[-1]},
+                       headers={"Authorization": f"Bearer {token}", "X-MLFLOW-WORKSPACE": env["MLFLOW_WORKSPACE"]})
+    assert run.status_code == 200 and run.json()["run"]["data"]["metrics"][0]["value"] == 0.5, run.text
 
     # what the hub made at site B for it: a Service and an Ingress at alice's path, owned by her pod
     service, ingress = remote_objects(cluster, "Service")["jupyter-alice"], remote_objects(cluster, "Ingress")["jupyter-alice"]

@@ -155,4 +155,4 @@ class UsageAPIHandler(APIHandler):
         groups = {workspace_name(g.name): g.name for g in self.db.query(orm.Group)} | \
             {workspace_name(g): g for g in limits}
         return [{"group": groups.get(ws), "workspace": ws, "artifact_bytes": size,
-                 "limit_bytes": limits.get(groups.get(ws, ""))} for ws, size in sizes.items()]
+                 "limit_bytes": limits.get(groups.get(ws, ""))} for ws, size in sizes.items()], None

@@ -334,7 +334,8 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
             raise SettingsError(f"{path}: {e}") from e
     for name, field in Settings.model_fields.items():
         value = environ.get(f"MLAAS_{name.upper()}")
-        nested = (OidcSettings, DevIdpSettings, DataSettings, DaskGatewaySettings, KubernetesSettings, CullSettings)
+        nested = (OidcSettings, DevIdpSettings, DataSettings, DaskGatewaySettings, TrackingSettings, KubernetesSettings,
+                  CullSettings)
         if value is not None and field.annotation not in nested:
             data[name] = value
     try:

@@ -73,12 +73,17 @@ class ProfileSpawnerMixin(LoggingConfigurable):
     profile: Profile | None = None
     tracking_url = Unicode("", config=True, help="The tracking service's address for servers (mlaas.tracking); empty: none.")
 
+    def tracking_address(self) -> str:
+        """Where this server reaches the tracking service (a spawner whose servers may be elsewhere,
+        e.g. at another site, says so)."""
+        return self.tracking_url
+
     def get_env(self) -> dict[str, str]:
         env = super().get_env()
         if self.tracking_url:
             groups = self.user_groups()
             sizes = group_sizes(self.db, groups) if len(groups) > 1 else {}
-            env.update(tracking_env(self.tracking_url, self.api_token, groups, sizes))
+            env.update(tracking_env(self.tracking_address(), self.api_token, groups, sizes))
         return env
 
     @default("options_form")

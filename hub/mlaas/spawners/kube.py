@@ -25,6 +25,7 @@ from ..capacity.federation import Federation
 from ..capacity.kube import GPU, POOL_KEY, PRODUCT_LABEL, KubeCapacity, MigStrategy, gpu_products, mig_single_products
 from ..profiles import Profile
 from ..projects.names import project_claim, project_slug
+from ..tracking.hub_config import tracking_url
 from .common import ProfileSpawnerMixin, usage_ledger
 from .kube_sites import SiteConnection, bound_reflector, site_api_client, site_connections, site_core_api
 from .site_ingress import create_ingress, server_ingress
@@ -214,6 +215,13 @@ class KubeProfileSpawner(ProfileSpawnerMixin, KubeSpawner):
             return str(connection.hub_url).rstrip("/")
         public = urlparse(self.public_hub_url or "")
         return f"{public.scheme}://{public.netloc}" if public.scheme and public.netloc else None
+
+    def tracking_address(self) -> str:
+        """At another site of a federation, the tracking service through the hub's public address
+        (the in-cluster Service is the hub's cluster's)."""
+        connection = self.sites.get(self.site) if getattr(self, "site", None) else None
+        hub = self._remote_hub_url(connection) if connection is not None and connection.remote else None
+        return tracking_url(hub) if hub and self.tracking_url else self.tracking_url
 
     async def _expose_at_site(self, connection: SiteConnection, then: Any, spawner: Any, pod: dict) -> None:
         """After KubeSpawner made the pod and its Service: the Ingress that leads the site's ingress
