@@ -312,3 +312,28 @@ def test_the_tracking_component_is_reached_by_servers_the_proxy_and_the_hub_only
     assert verdicts == {name: case[3] for name, case in cases.items()}
     off = render(deep_merge(site_chart_values(site), {"tracking": {"enabled": False}}))
     assert not [o for o in off if "tracking" in o["metadata"]["name"]]
+
+
+def test_the_tracking_component_uses_postgresql_where_the_site_says(site):
+    """tracking.database: the service's settings name the server (never the password, which comes
+    from the site's Secret as a file), and the pod may reach that port; without the Secret's name
+    the render fails naming the value."""
+    import yaml as _yaml
+    from netpol import Destination, egress_allows
+
+    database = {"url": "postgresql://mlflow@db.site-a.example.org:5433/mlflow",
+                "passwordSecret": {"name": "mlflow-db", "key": "password"}}
+    objects = render(deep_merge(site_chart_values(site), {"tracking": {"database": database}}))
+    config = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "mlaas-tracking")
+    settings = _yaml.safe_load(config["data"]["mlaas.yaml"])
+    assert settings["tracking"]["database_url"] == database["url"]
+    from mlaas.settings import Settings
+
+    assert Settings.model_validate(settings).tracking.database_password_file is not None  # the platform's own model
+    pod = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlaas-tracking")["spec"]["template"]["spec"]
+    secret = next(v["secret"] for v in pod["volumes"] if "secret" in v)
+    assert secret["secretName"] == "mlflow-db" and secret["items"] == [{"key": "password", "path": "password"}]
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "mlaas-tracking")
+    assert egress_allows(policy, Destination("10.3.0.7", 5433)) and not egress_allows(policy, Destination("10.3.0.7", 5432))
+    with pytest.raises(Exception, match="tracking.database.passwordSecret.name"):
+        render(deep_merge(site_chart_values(site), {"tracking": {"database": {"url": database["url"]}}}))

@@ -87,6 +87,22 @@ def test_a_run_logged_with_no_settings_is_seen_and_extended_by_the_groups_other_
     assert seen.get("wrote") is True, seen
 
 
+def test_a_run_started_with_no_experiment_goes_to_the_groups_default_experiment(hub, trackers, alices_run):
+    """`mlflow.start_run()` alone: MLflow's own default (experiment 0) is its default workspace's,
+    which no group may use; the servers' environment names the workspace's "Default" instead."""
+    code = """
+import json, mlflow
+with mlflow.start_run() as run:
+    mlflow.log_metric("loss", 0.5)
+print(json.dumps({"experiment": mlflow.get_experiment(run.info.experiment_id).name, "run": run.info.run_id}))
+"""
+    logged = kernel_json(hub, "trk-dave", trackers["trk-dave"], code)
+    assert logged["experiment"] == "Default"
+    r = requests.get(f"{hub.url}/services/mlflow/api/2.0/mlflow/runs/get", params={"run_id": logged["run"]}, timeout=30,
+                     headers={"Authorization": f"Bearer {trackers['trk-alice']}", "X-MLFLOW-WORKSPACE": "trk-atlas"})
+    assert r.status_code == 200, r.text  # in the group's workspace: alice reads dave's run
+
+
 def test_another_group_neither_lists_nor_reads_nor_writes_the_run(hub, trackers, alices_run):
     for workspace in (None, "trk-atlas"):  # its own default, and the other group's named by hand
         seen = kernel_json(hub, "trk-bob", trackers["trk-bob"], read_run(alices_run["run"], workspace))

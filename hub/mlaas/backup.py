@@ -10,8 +10,10 @@ A backup is one tar archive (mode 0600: it holds the platform's secrets) with:
 - `secrets/`: the cookie secret (sessions survive a restore), the OIDC client secret, the
   development IdP's passwords;
 - `admin/`: the history of every admin edit;
-- `tracking/`: experiment tracking (mlaas.tracking): MLflow's databases (online backup copies),
-  its artifacts, and the service's secrets.json (the users' MLflow passwords);
+- `tracking/`: experiment tracking (mlaas.tracking): MLflow's databases (online backup copies;
+  on PostgreSQL `tracking/mlflow/<database>.pgdump` from `pg_dump`, restored into the configured
+  databases, made where missing), its artifacts, and the service's secrets.json (the users'
+  MLflow passwords);
 - `profiles/`: the profile files in force (`profiles_dir`);
 - with `--homes`: `homes/` and `projects/`, users' and groups' files with their modes;
 - `manifest.json`: what is inside, when and from where it was made.
@@ -36,6 +38,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .postgres import DatabaseError, database_name, ensure_database, write_pgpass
 from .settings import Settings
 
 FORMAT = 1
@@ -71,15 +74,27 @@ def _add_tree(tar: tarfile.TarFile, directory: Path, name: str) -> int:
     return count
 
 
-def _add_tracking(tar: tarfile.TarFile, state: Path, tmp: Path, progress: Callable[[str], None]) -> int:
+def _add_tracking(tar: tarfile.TarFile, s: Settings, tmp: Path, progress: Callable[[str], None]) -> int:
     """The tracking service's state: its databases copied while MLflow may write them, the rest as is."""
+    from .tracking.server import databases
+
+    state = s.state_dir / "tracking"
     if not state.is_dir():
         return 0
     progress("tracking")
     count = 0
+    db = databases(s)
+    if db.postgresql:
+        for url, kind in ((db.tracking, "tracking"), (db.auth, "auth")):
+            dump = tmp / f"{kind}.pgdump"
+            progress(f"tracking database {database_name(url)} (pg_dump)")
+            _pg("pg_dump", url, db.password_file, ["--format=custom", "--no-owner", f"--file={dump}"])
+            tar.add(dump, arcname=f"tracking/mlflow/{kind}.pgdump")
+            count += 1
     for path in sorted(state.rglob("*")):
         relative = path.relative_to(state)
-        if path.is_socket() or path.is_fifo() or path.name.endswith(("-wal", "-shm", "-journal")):
+        if path.is_socket() or path.is_fifo() or path.name.endswith(("-wal", "-shm", "-journal")) or \
+                (path.parent == state / "mlflow" and path.name == "pgpass"):  # (made again from the settings)
             continue
         if path.parent == state / "mlflow" and path.name in TRACKING_DATABASES:
             _sqlite_copy(path, tmp / path.name)
@@ -112,13 +127,14 @@ def backup(settings: Settings, target: Path, homes: bool = False,
                 manifest["contents"][f"hub/{db}"] = 1
         if s.database_url:
             progress("database (pg_dump)")
-            _pg("pg_dump", s, ["--format=custom", "--no-owner", f"--file={Path(tmp) / 'jupyterhub.pgdump'}"])
+            _pg("pg_dump", s.database_url, s.database_password_file,
+                ["--format=custom", "--no-owner", f"--file={Path(tmp) / 'jupyterhub.pgdump'}"])
             tar.add(Path(tmp) / "jupyterhub.pgdump", arcname="hub/jupyterhub.pgdump")
             manifest["contents"]["hub/jupyterhub.pgdump"] = 1
         snapshot = s.hub_dir / "profiles.last-good.json"
         if snapshot.is_file():
             tar.add(snapshot, arcname="hub/profiles.last-good.json")
-        manifest["contents"]["tracking"] = _add_tracking(tar, s.state_dir / "tracking", Path(tmp), progress)
+        manifest["contents"]["tracking"] = _add_tracking(tar, s, Path(tmp), progress)
         for name, directory in [("secrets", s.secrets_dir), ("admin", s.state_dir / "admin"),
                                 ("profiles", s.profiles_dir)] + ([("homes", s.homes_dir), ("projects", s.projects_dir)]
                                                                   if homes else []):
@@ -140,23 +156,22 @@ def postgresql_tool(name: str) -> str | None:
     return str(found[-1]) if found else shutil.which(name)
 
 
-def _pg(tool: str, s: Settings, args: list[str]) -> None:
-    """pg_dump / pg_restore against the hub's database, the password from its file (libpq's)."""
+def _pg(tool: str, database_url: str, password_file: Path | None, args: list[str]) -> None:
+    """pg_dump / pg_restore against a database of the platform, the password from its file (given
+    to libpq in a password file of its own, gone afterwards)."""
     from urllib.parse import urlparse
-
-    from .hubconfig import write_pgpass
 
     binary = postgresql_tool(tool)
     if binary is None:
         raise BackupError(f"{tool} is not installed (Debian: apt-get install postgresql-client)")
-    url = urlparse(s.database_url or "")
-    env = dict(os.environ)
-    if s.database_password_file:
-        s.secrets_dir.mkdir(parents=True, exist_ok=True)
-        env["PGPASSFILE"] = str(write_pgpass(s.database_url or "", s.database_password_file, s.secrets_dir))
+    url = urlparse(database_url)
     conn = [f"--host={url.hostname}", f"--port={url.port or 5432}", f"--username={url.username or ''}",
             f"--dbname={url.path.strip('/')}"]
-    r = subprocess.run([binary, *conn, *args], capture_output=True, text=True, env=env)
+    with tempfile.TemporaryDirectory(prefix="mlaas-pg-") as private:
+        env = dict(os.environ)
+        if password_file:
+            env["PGPASSFILE"] = str(write_pgpass(database_url, password_file, Path(private)))
+        r = subprocess.run([binary, *conn, *args], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise BackupError(f"{tool} failed: {r.stderr.strip()[-500:]}")
 
@@ -224,8 +239,9 @@ def restore(settings: Settings, source: Path, progress: Callable[[str], None] = 
             raise BackupError("the backup's hub database is a PostgreSQL dump: set database_url (and "
                               "database_password_file) to the empty database to restore it into")
         progress("database (pg_restore)")
-        _pg("pg_restore", s, ["--no-owner", "--exit-on-error", str(dump)])
+        _pg("pg_restore", s.database_url, s.database_password_file, ["--no-owner", "--exit-on-error", str(dump)])
         dump.unlink()
+    _restore_tracking_databases(s, progress)
     for directory, mode in ((s.hub_dir, 0o700), (s.secrets_dir, 0o700), (s.state_dir / "tracking", 0o711),
                             (s.state_dir / "tracking" / "mlflow", 0o700)):
         if directory.exists():
@@ -234,6 +250,29 @@ def restore(settings: Settings, source: Path, progress: Callable[[str], None] = 
         _give_homes_to_their_accounts(s, progress)
     progress("restored")
     return manifest
+
+
+def _restore_tracking_databases(s: Settings, progress: Callable[[str], None]) -> None:
+    """MLflow's PostgreSQL dumps into the configured databases (made where missing, as the service
+    would); they must be empty."""
+    from .tracking.server import databases
+
+    dumps = {kind: s.state_dir / "tracking" / "mlflow" / f"{kind}.pgdump" for kind in ("tracking", "auth")}
+    if not any(d.is_file() for d in dumps.values()):
+        return
+    db = databases(s)
+    if not db.postgresql:
+        raise BackupError("the backup's tracking databases are PostgreSQL dumps: set database_url (or "
+                          "tracking.database_url) to the server to restore them into")
+    for kind, url in (("tracking", db.tracking), ("auth", db.auth)):
+        if dumps[kind].is_file():
+            progress(f"tracking database {database_name(url)} (pg_restore)")
+            try:
+                ensure_database(url, db.password_file)
+            except DatabaseError as e:
+                raise BackupError(str(e)) from None
+            _pg("pg_restore", url, db.password_file, ["--no-owner", "--exit-on-error", str(dumps[kind])])
+            dumps[kind].unlink()
 
 
 def _give_homes_to_their_accounts(s: Settings, progress: Callable[[str], None]) -> None:

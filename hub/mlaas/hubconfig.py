@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import dask_gateway as gateway
-from . import gpu_culler, logscrub
+from . import gpu_culler, logscrub, postgres
 from .accounts import ensure_system_account
 from .api import CapacityAPIHandler, ProfilesAPIHandler, QuotasAPIHandler, UsageAPIHandler
 from .tracking.hub_config import SERVICE_NAME as TRACKING_SERVICE
@@ -375,21 +375,6 @@ def claim_settings(oidc: OidcSettings) -> dict:
     }
 
 
-def write_pgpass(database_url: str, password_file: Path, secrets_dir: Path) -> Path:
-    """libpq's password file (mode 0600) for the hub's database from the operator's password file."""
-    from urllib.parse import urlparse
-
-    url = urlparse(database_url)
-    esc = lambda v: str(v).replace("\\", "\\\\").replace(":", "\\:")  # noqa: E731 - libpq's escaping
-    line = ":".join(esc(v) for v in (url.hostname, url.port or 5432, url.path.strip("/"), url.username or "*",
-                                     password_file.read_text().strip()))
-    path = secrets_dir / "pgpass"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(line + "\n")
-    return path
-
-
 def configure(c, settings: Settings) -> None:
     logscrub.install()  # OAuth codes, states and tokens never reach a log line
     prepare_state(settings)
@@ -408,7 +393,7 @@ def configure(c, settings: Settings) -> None:
         # the driver the platform installs (SQLAlchemy's default for postgresql:// changed to psycopg 3)
         c.JupyterHub.db_url = s.database_url.replace("postgresql://", "postgresql+psycopg2://", 1)
         if s.database_password_file:  # for every connection, JupyterHub's migrations too: libpq's password file
-            os.environ["PGPASSFILE"] = str(write_pgpass(s.database_url, s.database_password_file, s.secrets_dir))
+            os.environ["PGPASSFILE"] = str(postgres.write_pgpass(s.database_url, s.database_password_file, s.secrets_dir))
     else:
         c.JupyterHub.db_url = f"sqlite:///{hub_dir / 'jupyterhub.sqlite'}"
     c.JupyterHub.upgrade_db = True  # a new JupyterHub migrates the database at start, after a timestamped copy

@@ -105,6 +105,13 @@ class TrackingSettings(BaseModel):
         None, description="The `mlflow` program (default: the one in the virtual environment beside the hub's, "
         "<hub venv>-mlflow, that `make install` makes, else the PATH's).")
     account: str = Field("mlaas-mlflow", description="System account of the tracking service and MLflow when the hub is root.")
+    database_url: str | None = Field(
+        None, description="MLflow's databases on PostgreSQL: postgresql://user@host:port/dbname (its users and grants "
+        "in <dbname>_auth). Default: where the hub's database is on PostgreSQL, the same server and user with "
+        "<hub database>_mlflow and <hub database>_mlflow_auth (made if the user may, else the log says how); "
+        "otherwise SQLite in the state directory.", pattern=r"^postgresql://[^:@/]+@[^/]+/[A-Za-z0-9_-]+$")
+    database_password_file: Path | None = Field(
+        None, description="The password of database_url's user (mode 0600); default: the hub's database_password_file.")
 
 
 class ClusterSite(SiteConnection):

@@ -53,10 +53,12 @@ def tracking_env(url: str, token: str, groups: list[str], sizes: dict[str, int])
     the server's own hub token (the mlflow client sends it as a bearer token), and the workspace
     of the server's group: a project's; else the user's smallest group (their team rather than a
     group everyone is in), by name among equals. MLFLOW_WORKSPACE or mlflow.set_workspace()
-    picks another of the user's groups."""
-    from ..tracking.sync import workspace_name
+    picks another of the user's groups. A run started with no experiment chosen goes to the
+    workspace's own "Default" experiment (made on first use; MLflow's experiment 0 belongs to its
+    default workspace, which no group uses)."""
+    from ..tracking.sync import DEFAULT_EXPERIMENT, workspace_name
 
-    env = {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_TOKEN": token}
+    env = {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_TOKEN": token, "MLFLOW_EXPERIMENT_NAME": DEFAULT_EXPERIMENT}
     if groups:
         env["MLFLOW_WORKSPACE"] = workspace_name(min(groups, key=lambda g: (sizes.get(g, 0), g)))
     return env

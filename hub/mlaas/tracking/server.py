@@ -8,6 +8,10 @@ State (`<state>/tracking`):
     auth.db            MLflow's users, roles and grants (the sync writes them)
     artifacts/         artifacts, one directory per workspace (MLflow's `workspaces/<name>/...`)
     mlflow.log         the server's log
+    pgpass             with the databases on PostgreSQL: libpq's password file (0600)
+
+The two databases are on PostgreSQL where the platform's are (`databases`): `tracking.database_url`,
+else the hub's server with the databases `<hub database>_mlflow` and `<hub database>_mlflow_auth`.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import os
 import secrets
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..postgres import database_name, with_database
 from ..settings import Settings
 
 PREFIX = "/services/mlflow"
@@ -39,6 +45,34 @@ def mlflow_program(s: Settings) -> Path | None:
 
 def state_dir(s: Settings) -> Path:
     return s.state_dir / "tracking"
+
+
+@dataclass(frozen=True)
+class Databases:
+    """MLflow's two databases: runs and experiments (its backend store), and its auth app's users
+    and grants; `password_file` (PostgreSQL): the operator's password file of their user."""
+
+    tracking: str
+    auth: str
+    password_file: Path | None = None
+
+    @property
+    def postgresql(self) -> bool:
+        return self.tracking.startswith("postgresql")
+
+
+def databases(s: Settings) -> Databases:
+    """On the platform's database choice: SQLite in MLflow's directory by default; PostgreSQL where
+    `tracking.database_url` says, or the hub's server where the hub is on PostgreSQL."""
+    if s.tracking.database_url:
+        url, password = s.tracking.database_url, s.tracking.database_password_file or s.database_password_file
+    elif s.database_url:
+        url = with_database(s.database_url, database_name(s.database_url) + "_mlflow")
+        password = s.database_password_file
+    else:
+        data = state_dir(s) / "mlflow"
+        return Databases(f"sqlite:///{data / 'mlflow.db'}", f"sqlite:///{data / 'auth.db'}")
+    return Databases(url, with_database(url, database_name(url) + "_auth"), password)
 
 
 class Secrets:
@@ -70,12 +104,12 @@ class Secrets:
         return users[username], True
 
 
-def auth_config(state: Path) -> str:
+def auth_config(db: Databases) -> str:
     """MLflow's auth app: nobody may do anything without a grant; no default-workspace access."""
     return "\n".join([
         "[mlflow]",
         "default_permission = NO_PERMISSIONS",
-        f"database_uri = sqlite:///{state / 'auth.db'}",
+        f"database_uri = {db.auth}",
         f"admin_username = {ADMIN_USER}",
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
         "grant_default_workspace_access = false",
@@ -88,18 +122,19 @@ def auth_config(state: Path) -> str:
     ])
 
 
-def command(program: Path, state: Path, port: int) -> list[str]:
+def command(program: Path, state: Path, port: int, db: Databases) -> list[str]:
     return [
         str(program), "server", "--app-name", "basic-auth", "--enable-workspaces",
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
+        "--backend-store-uri", db.tracking,
         "--serve-artifacts", "--artifacts-destination", str(state / "artifacts"),
         "--static-prefix", PREFIX,
     ]
 
 
-def environment(program: Path, state: Path, keys: Secrets) -> dict[str, str]:
+def environment(program: Path, state: Path, keys: Secrets, db: Databases) -> dict[str, str]:
     return {
+        **({"PGPASSFILE": str(state / "pgpass")} if db.password_file else {}),
         "PATH": f"{program.parent}:/usr/local/bin:/usr/bin:/bin",
         "HOME": str(state),
         "LANG": "C.UTF-8",

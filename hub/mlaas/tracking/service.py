@@ -32,6 +32,7 @@ from tornado import httpclient, ioloop, web
 
 from ..profiles import ProfileStore
 from ..profiles import configmap as configmaps
+from ..postgres import DatabaseError, database_name, ensure_database, write_pgpass
 from ..profiles.quantities import format_bytes
 from ..projects.identity import acting_groups
 from ..settings import load_settings
@@ -270,12 +271,15 @@ def make_app(tracking: Tracking, prefix: str) -> web.Application:
     return app
 
 
-def start_mlflow(program: Path, data: Path, port: int, keys: server.Secrets, account: str) -> subprocess.Popen:
+def start_mlflow(program: Path, data: Path, port: int, keys: server.Secrets, account: str,
+                 db: server.Databases) -> subprocess.Popen:
     """MLflow under its own system account where the hub is root (its data directory is that
     account's alone; this service keeps the secrets in the directory above, root's)."""
     data.mkdir(exist_ok=True)
     (data / "artifacts").mkdir(exist_ok=True)
-    (data / "auth.ini").write_text(server.auth_config(data))
+    (data / "auth.ini").write_text(server.auth_config(db))
+    if db.password_file:  # MLflow's own copy of libpq's password file, in its directory
+        write_pgpass(db.tracking, db.password_file, data)
     user: dict[str, Any] = {}
     if os.geteuid() == 0:
         from ..accounts import ensure_system_account
@@ -286,7 +290,7 @@ def start_mlflow(program: Path, data: Path, port: int, keys: server.Secrets, acc
         user = {"user": who.uid, "group": who.gid, "extra_groups": []}
     os.chmod(data, 0o700)
     log_file = open(data / "mlflow.log", "ab")
-    return subprocess.Popen(server.command(program, data, port), env=server.environment(program, data, keys),
+    return subprocess.Popen(server.command(program, data, port, db), env=server.environment(program, data, keys, db),
                             cwd=data, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, preexec_fn=_end_with_the_service, **user)
 
@@ -300,26 +304,40 @@ def _end_with_the_service() -> None:
 
 class MLflowChild:
     """The MLflow server, kept running: started again (after 5 s, then up to a minute) when it
-    ends. The service itself never ends with it (the hub would take a managed service's end at
-    start-up for its own failure); meanwhile requests get 503 with the reason."""
+    ends or could not start (e.g. its PostgreSQL database is missing and may not be made). The
+    service itself never ends with it (the hub would take a managed service's end at start-up for
+    its own failure); meanwhile requests get 503 with the reason."""
 
-    def __init__(self, program: Path, data: Path, port: int, keys: server.Secrets, account: str, up: asyncio.Event):
-        self.args = (program, data, port, keys, account)
+    def __init__(self, program: Path, data: Path, port: int, keys: server.Secrets, account: str,
+                 db: server.Databases, up: asyncio.Event):
+        self.args = (program, data, port, keys, account, db)
+        self.db = db
         self.up = up
         self.proc: subprocess.Popen | None = None
         self.delay = 5.0
 
     def start(self) -> None:
-        self.proc = start_mlflow(*self.args)
         self.started = time.monotonic()
+        self.proc = None
+        if self.db.postgresql:
+            try:
+                for url in (self.db.tracking, self.db.auth):
+                    if ensure_database(url, self.db.password_file):
+                        log.info("Made MLflow's database %s", database_name(url))
+            except DatabaseError as e:
+                log.error("The MLflow server cannot start: %s", e)
+                return
+        self.proc = start_mlflow(*self.args)
 
     async def supervise(self) -> None:
         while True:
             await asyncio.sleep(1)
-            if self.proc is not None and self.proc.poll() is not None:
+            if self.proc is None or self.proc.poll() is not None:
                 self.up.clear()
-                log.error("The MLflow server ended with status %s (its log: %s); starting it again in %.0f s",
-                          self.proc.returncode, self.args[1] / "mlflow.log", self.delay)
+                if self.proc is not None:
+                    log.error("The MLflow server ended with status %s (its log: %s)", self.proc.returncode,
+                              self.args[1] / "mlflow.log")
+                log.error("Starting the MLflow server again in %.0f s", self.delay)
                 await asyncio.sleep(self.delay)
                 self.delay = 5.0 if time.monotonic() - self.started > 300 else min(self.delay * 2, 60.0)
                 self.start()
@@ -375,7 +393,8 @@ def main() -> None:
         configmaps.seed(profiles_dir, settings.profiles_dir)
     tracking = Tracking(base_url, keys, GroupSync(admin), ProfileStore(profiles_dir),
                         ArtifactUsage(artifacts_root(state / "mlflow")))
-    child = MLflowChild(program, state / "mlflow", port, keys, settings.tracking.account, tracking.up)
+    child = MLflowChild(program, state / "mlflow", port, keys, settings.tracking.account, server.databases(settings),
+                        tracking.up)
     child.start()
 
     def stop(*_: Any) -> None:

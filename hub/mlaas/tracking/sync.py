@@ -19,6 +19,7 @@ log = logging.getLogger("mlaas.tracking")
 
 ROLE = "members"
 ROLE_PERMISSIONS = (("workspace", "USE"), ("experiment", "EDIT"), ("registered_model", "EDIT"))
+DEFAULT_EXPERIMENT = "Default"  # each workspace's experiment for runs started with none chosen (servers' environment)
 RESERVED = {"workspaces", "api", "ajax-api", "static-files", "default"}  # MLflow's, and its default workspace
 
 
