@@ -80,7 +80,8 @@ def test_a_platform_on_postgresql_is_backed_up_and_restored_into_a_new_database(
     password.write_text(postgres.password)
     password.chmod(0o600)
     postgres.sql("ALTER ROLE mlaas CREATEDB")  # here the hub's user may make MLflow's databases itself
-    a = start_platform("pg-backup-a", data={"enabled": False}, database_url=postgres.url,
+    postgres.sql("CREATE DATABASE mlaas_backup OWNER mlaas")  # a platform of its own (MLflow's: made by it)
+    a = start_platform("pg-backup-a", data={"enabled": False}, database_url=postgres.url + "_backup",
                        database_password_file=str(password))
     archive = tmp_path / "backup.tar.gz"
     try:
@@ -91,7 +92,7 @@ def test_a_platform_on_postgresql_is_backed_up_and_restored_into_a_new_database(
         r = subprocess.run([str(Path(sys.prefix) / "bin" / "mlaas"), "backup", str(archive)], capture_output=True,
                            text=True, env={**os.environ, "MLAAS_CONFIG": str(a.platform.config_file)}, timeout=300)
         assert r.returncode == 0 and "database (pg_dump)" in r.stdout, r.stdout + r.stderr
-        assert "tracking database mlaas_mlflow (pg_dump)" in r.stdout, r.stdout
+        assert "tracking database mlaas_backup_mlflow (pg_dump)" in r.stdout, r.stdout
     finally:
         a.platform.stop()
     postgres.sql("CREATE DATABASE mlaas_restored OWNER mlaas")

@@ -60,6 +60,12 @@ class Databases:
     def postgresql(self) -> bool:
         return self.tracking.startswith("postgresql")
 
+    @staticmethod
+    def for_mlflow(url: str) -> str:
+        """The URL as MLflow's SQLAlchemy takes it: with the driver installed beside it (SQLAlchemy's
+        default for postgresql:// is psycopg 3)."""
+        return url.replace("postgresql://", "postgresql+psycopg2://", 1)
+
 
 def databases(s: Settings) -> Databases:
     """On the platform's database choice: SQLite in MLflow's directory by default; PostgreSQL where
@@ -109,7 +115,7 @@ def auth_config(db: Databases) -> str:
     return "\n".join([
         "[mlflow]",
         "default_permission = NO_PERMISSIONS",
-        f"database_uri = {db.auth}",
+        f"database_uri = {db.for_mlflow(db.auth)}",
         f"admin_username = {ADMIN_USER}",
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
         "grant_default_workspace_access = false",
@@ -126,7 +132,7 @@ def command(program: Path, state: Path, port: int, db: Databases) -> list[str]:
     return [
         str(program), "server", "--app-name", "basic-auth", "--enable-workspaces",
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", db.tracking,
+        "--backend-store-uri", db.for_mlflow(db.tracking),
         "--serve-artifacts", "--artifacts-destination", str(state / "artifacts"),
         "--static-prefix", PREFIX,
     ]

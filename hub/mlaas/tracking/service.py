@@ -350,9 +350,14 @@ class MLflowChild:
                 continue
             try:
                 await admin.workspaces()
-            except MLflowError:
+            except MLflowError as e:
+                if e.status == 401 and not getattr(self, "_said_refused", False):  # answers, but not to us
+                    log.error("MLflow refuses the service's admin (%s): its auth database was made with another "
+                              "state's secrets.json (restore them together, or give the service new databases)", e.code)
+                    self._said_refused = True
                 await asyncio.sleep(0.25)
                 continue
+            self._said_refused = False
             log.info("MLflow (%s) answers, %.1f s after its start", self.args[0], time.monotonic() - self.started)
             self.up.set()
 
