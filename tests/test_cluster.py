@@ -78,7 +78,7 @@ def test_helm_installs_our_chart_into_a_restricted_namespace_and_its_pods_run(cl
     # static volumes for the chart's claims (no provisioner in the test cluster)
     claims = [("cache", values["xcache"]["storage"]["storageClassName"], values["xcache"]["storage"]["size"])] * len(
         values["xcache"]["origins"]) + [("project", values["projects"]["storageClassName"], values["projects"]["size"])] * len(
-        generated["projects"]["claims"])
+        generated["projects"]["claims"]) + [("tracking", values.get("tracking", {}).get("storage", {}).get("storageClassName", ""), "50Gi")]
     for i, (kind, storage_class, size) in enumerate(claims):
         mode = "ReadWriteMany" if kind == "project" else "ReadWriteOnce"
         cluster.request("POST", "/api/v1/persistentvolumes", {
@@ -90,7 +90,9 @@ def test_helm_installs_our_chart_into_a_restricted_namespace_and_its_pods_run(cl
              "-f", str(SITE / "values.yaml"), "-f", str(tmp_path / "generated.yaml"), "--wait", "--timeout", "180s")
     assert r.returncode == 0, r.stdout + r.stderr
     pods = cluster.request("GET", "/api/v1/namespaces/mlaas/pods")["items"]
-    assert {p["metadata"]["name"] for p in pods} == {f"xcache-{o['name']}-0" for o in values["xcache"]["origins"]}
+    names = {p["metadata"]["name"] for p in pods}
+    tracking = {n for n in names if n.startswith("mlaas-tracking-")}  # the Deployment's one pod
+    assert names - tracking == {f"xcache-{o['name']}-0" for o in values["xcache"]["origins"]} and len(tracking) == 1
     for p in pods:
         assert p["status"]["phase"] == "Running" and in_range(p["status"]["podIP"], cluster.pod_cidr), p["status"]
     cm = cluster.request("GET", "/api/v1/namespaces/gpu-operator/configmaps/mlaas-mig-parted-config")
@@ -196,7 +198,8 @@ def test_the_hubs_capacity_watch_needs_only_our_charts_read_only_cluster_role(cl
     assert reason is not None and "the hub may not list nodes, pods (RBAC, HTTP 403)" in reason and free == 0
     assert "unreachable" not in reason
     r = helm(cluster, "install", "mlaas-hub-rbac", str(REPO / "charts" / "mlaas-hub"), "--namespace", "rbac-probe",
-             "--set", "xcache.enabled=false", "--set", "migManager.enabled=false", "--set", "site=probe",
+             "--set", "xcache.enabled=false", "--set", "migManager.enabled=false", "--set", "tracking.enabled=false",
+             "--set", "site=probe",
              "--set", "rbac.clusterRoleName=mlaas-hub-capacity-probe", "--wait", "--timeout", "60s")
     assert r.returncode == 0, r.stdout + r.stderr
     role = cluster.request("GET", "/apis/rbac.authorization.k8s.io/v1/clusterroles/mlaas-hub-capacity-probe")

@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 from cluster.cluster import Cluster, binaries, free_port, in_range, pod_range
@@ -24,7 +25,7 @@ from cluster.pod_runner import PodRunner, wait_until
 from cluster.upstream_rbac import apply_upstream_rbac
 from helpers import (
     ARTIFACTS, FIXTURES, RunningPlatform, ensure_user, error_message, kernel_json, oidc_login, start_platform,
-    state_root, stop_server, user_token, wait_ready,
+    state_root, stop_server, user_token, wait_for_tracking, wait_ready,
 )
 from test_upstream_charts import charts_dir
 from mlaas.deploy import chart_values
@@ -120,7 +121,9 @@ def install_chart(cluster: Cluster, profiles: Path) -> None:
     project volumes (static RWX volumes stand in for a storage provisioner) and the hub's
     read-only ClusterRole for its capacity watch."""
     generated, _ = chart_values([profiles])
+    # (the hub on this machine runs the tracking service itself: not the chart's component)
     values = {**generated, "site": "test", "xcache": {"enabled": False}, "migManager": {"enabled": False},
+              "tracking": {"enabled": False},
               "projects": {**generated["projects"], "storageClassName": "rwx-test", "size": "1Gi"}}
     values_file = cluster.state / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))
@@ -169,6 +172,18 @@ def test_mig_spawn_lands_on_a_node_with_the_slice_and_is_reached(site):
     status = hub.api(token).get(f"{hub.url}/user/alice/api/status")
     assert status.status_code == 200, status.text
     assert wait_until(lambda: offered(hub, token)["mig-atlas"]["capacity"] == "3 of 4 free", 30)
+
+    # experiment tracking from the pod, with nothing set: the service listens where pods reach the hub
+    wait_for_tracking(hub)
+    logged = kernel_json(hub, "alice", token, "import json, os, mlflow\nwith mlflow.start_run() as run:\n"
+                         "    mlflow.log_metric('loss', 0.5)\n"
+                         "print(json.dumps({'uri': os.environ['MLFLOW_TRACKING_URI'], 'run': run.info.run_id,"
+                         " 'workspace': os.environ['MLFLOW_WORKSPACE']}))")
+    settings = hub.platform.settings
+    assert logged["uri"] == f"http://{settings.kubernetes.hub_connect_ip}:{settings.tracking.port}/services/mlflow"
+    run = requests.get(f"{hub.url}/services/mlflow/api/2.0/mlflow/runs/get", params={"run_id": logged["run"]},
+                       headers={"Authorization": f"Bearer {token}", "X-MLFLOW-WORKSPACE": logged["workspace"]}, timeout=30)
+    assert run.status_code == 200, run.text
 
     r = hub.api(token).delete(f"{hub.url}/hub/api/users/alice/server")
     assert r.status_code in (202, 204)
