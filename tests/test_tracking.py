@@ -11,6 +11,7 @@ import time
 import pytest
 import requests
 
+from conftest import needs_root
 from helpers import (ensure_user, kernel_json, log_mlflow_run, oidc_login, run_in_kernel, start_server, stop_server,
                      user_token, wait_for_tracking)
 
@@ -242,3 +243,50 @@ print(json.dumps(result))
     cms = next(t for t in usage if t["workspace"] == "trk-cms")
     assert cms["group"] == "trk-cms" and cms["limit_bytes"] == 64 * 1024
     assert 41_000 <= cms["artifact_bytes"] < 64 * 1024
+
+
+@needs_root
+def test_a_project_groups_artifacts_are_on_its_project_storage_for_members_only(hub, trackers):
+    """atlas-ml has a project (tests/fixtures/profiles/projects.yaml): a member's logged artifact is
+    kept in the project's storage, where members read it (`~/projects/atlas-ml/mlflow-artifacts`)
+    and only MLflow's account writes; a user outside the group reaches neither the file nor the
+    run."""
+    ensure_user(hub, "trk-proj", ["atlas-ml"])
+    token = user_token(hub, "trk-proj")
+    start_server(hub, "trk-proj", token, {"profile": "small"})
+    try:
+        logged = kernel_json(hub, "trk-proj", token, """
+import json, os, mlflow
+with mlflow.start_run() as run:
+    mlflow.log_text("kept with the project", "notes/project.txt")
+base = os.path.expanduser("~/projects/atlas-ml/mlflow-artifacts")
+found = [os.path.join(d, f) for d, _, files in os.walk(base) for f in files if f == "project.txt"]
+try:
+    open(os.path.join(base, "mine.txt"), "w")
+    wrote = True
+except PermissionError:
+    wrote = False
+print(json.dumps({"workspace": os.environ["MLFLOW_WORKSPACE"], "run": run.info.run_id,
+                  "found": [(p, open(p).read()) for p in found if run.info.run_id in p], "wrote": wrote}))
+""")
+    finally:
+        stop_server(hub, "trk-proj")
+    assert logged["workspace"] == "atlas-ml"
+    assert [text for _, text in logged["found"]] == ["kept with the project"], logged  # read from the project
+    assert logged["wrote"] is False  # only MLflow writes there
+    stored = list((hub.state_dir / "projects" / "atlas-ml" / "mlflow-artifacts").rglob("project.txt"))
+    assert [p for p in stored if logged["run"] in str(p)], stored
+    directory = hub.state_dir / "projects" / "atlas-ml" / "mlflow-artifacts"
+    assert oct(directory.stat().st_mode & 0o7777) == "0o2750"
+    assert oct((hub.state_dir / "projects" / "atlas-ml").stat().st_mode & 0o7777) == "0o2770"  # unchanged
+    outsider = kernel_json(hub, "trk-bob", trackers["trk-bob"], f"""
+import json
+try:
+    open({str(stored[0])!r}).read()
+    out = "read"
+except PermissionError:
+    out = "refused"
+print(json.dumps(out))
+""")
+    assert outsider == "refused"
+

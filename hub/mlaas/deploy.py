@@ -26,6 +26,7 @@ from .mig_layout import SiteInventory, load_inventory, mig_parted_config
 from .profiles.loader import ProfileError, ProfileErrors, load_profile_files, profile_files
 from .projects.names import project_claim, project_slug
 from .settings import REPO_ROOT
+from .tracking.sync import workspace_name
 
 CHART = REPO_ROOT / "charts" / "mlaas-hub"
 UPSTREAM = REPO_ROOT / "charts" / "upstream.yaml"
@@ -54,7 +55,8 @@ def chart_values(
         "profiles": {"files": {f.name: f.read_text(encoding="utf-8") for f in files}},
         "projects": {
             "claims": [
-                {"group": p.group, "name": project_claim(p.group), "slug": project_slug(p.group)} for p in pset.projects
+                {"group": p.group, "name": project_claim(p.group), "slug": project_slug(p.group),
+                 "workspace": workspace_name(p.group)} for p in pset.projects
             ]
         },
     }

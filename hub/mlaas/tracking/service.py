@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -38,7 +39,9 @@ from ..projects.identity import acting_groups
 from ..settings import load_settings
 from . import server
 from .mlflow_api import MLflowAdmin, MLflowError, basic_auth
-from .storage import ArtifactUsage, artifacts_root, workspace_sizes
+from ..projects.names import unix_group
+from ..projects.storage import ensure_storage, project_dir
+from .storage import ArtifactUsage, ProjectArtifacts, artifacts_root, workspace_sizes
 from .sync import GroupSync, Identity, workspace_name
 from .usage import USAGE_PATH, is_the_hub
 
@@ -48,6 +51,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
               "transfer-encoding", "upgrade", "content-length", "host", "authorization", "cookie"}
 IDENTITY_MAX_AGE = 10  # seconds: a change of the hub's groups reaches MLflow within this
 STARTUP_WAIT = 120  # seconds a request waits for a starting MLflow server
+MLFLOW_ACCOUNT_COMMENT = "MLaaS Hub experiment tracking"
 PROFILES_CONFIGMAP_VAR = "MLAAS_PROFILES_CONFIGMAP"  # set by the chart: profiles (quotas, projects) from the API
 
 
@@ -59,9 +63,10 @@ class Tracking:
     the artifacts' sizes."""
 
     def __init__(self, base_url: str, keys: server.Secrets, sync: GroupSync, store: ProfileStore,
-                 usage: ArtifactUsage):
+                 usage: ArtifactUsage, placement: ProjectArtifacts | None = None):
         self.base_url, self.keys, self.sync, self.store = base_url, keys, sync, store
-        self.usage = usage
+        self.usage, self.placement = usage, placement
+        self.restart_mlflow: Any = None  # set by main: MLflow starts again (to have new Unix groups)
         self.locks: dict[str, asyncio.Lock] = {}
         self.up = asyncio.Event()  # MLflow answers (requests wait for it while it starts)
 
@@ -84,7 +89,8 @@ class Tracking:
         if used + size > quota.tracking_artifacts:
             return (f"The artifacts of the group {quota.group} would exceed its limit of "
                     f"{format_bytes(quota.tracking_artifacts)} (in use: {format_bytes(used)}, this upload: "
-                    f"{format_bytes(size)}). Delete old runs' artifacts, or ask the admins for more.")
+                    f"{format_bytes(size)}). Ask the admins for more room, or to clear the runs your group "
+                    "deleted (MLflow keeps a deleted run's files until its cleanup).")
         self.usage.add(workspace, size)
         return None
 
@@ -94,7 +100,37 @@ class Tracking:
         async with lock:
             password, new = self.keys.password(who.name)
             await self.sync.sync(who, password, new)
-            return password
+        return password
+
+    async def follow_projects(self, accounts: bool) -> None:
+        """Projects' artifacts to their storage as projects appear in the profile files (MLflow
+        starts again, a few seconds, to have a new one's mount)."""
+        placement = self.placement
+        while placement is not None:
+            todo = [p.group for p in (await self.store.fresh()).projects if not placement.placed(workspace_name(p.group))]
+            restart = False
+            for group in todo:
+                restart |= await asyncio.to_thread(place_project, placement, group, accounts)
+            if restart and self.restart_mlflow:
+                await self.restart_mlflow()
+            await asyncio.sleep(10)
+
+
+def place_project(placement: ProjectArtifacts, group: str, accounts: bool) -> bool:
+    """A project group's artifacts to its project's storage (made as the hub makes it, where it is
+    not yet); True where MLflow must start again to have it."""
+    try:
+        if placement.account:
+            ensure_storage(placement.projects, group, accounts)
+        group_name = unix_group(group) if placement.account and accounts else None
+        if group_name:
+            placement.join(group_name)
+        return placement.place(workspace_name(group), project_dir(placement.projects, group), group_name)
+    except (OSError, KeyError, subprocess.CalledProcessError) as e:
+        log.error("The artifacts of %s cannot go to its project's storage (%s); they stay on the tracking service's "
+                  "storage", group, e)
+        placement.give_up(workspace_name(group))
+        return False
 
 
 class ProxyHandler(HubOAuthenticated, web.RequestHandler):
@@ -254,7 +290,7 @@ class UsageHandler(web.RequestHandler):
     async def get(self) -> None:
         if not is_the_hub(self.request.headers.get("Authorization", ""), HubOAuth.instance().api_token):
             raise web.HTTPError(403, "Only the hub reads the groups' artifact sizes here.")
-        sizes = await asyncio.to_thread(workspace_sizes, self.tracking.usage.root)
+        sizes = await asyncio.to_thread(workspace_sizes, self.tracking.usage.root, self.tracking.usage.locate)
         self.finish({"workspaces": sizes})
 
 
@@ -272,9 +308,10 @@ def make_app(tracking: Tracking, prefix: str) -> web.Application:
 
 
 def start_mlflow(program: Path, data: Path, port: int, keys: server.Secrets, account: str,
-                 db: server.Databases) -> subprocess.Popen:
+                 db: server.Databases, binds: list[tuple[Path, Path]] = ()) -> subprocess.Popen:
     """MLflow under its own system account where the hub is root (its data directory is that
-    account's alone; this service keeps the secrets in the directory above, root's)."""
+    account's alone; this service keeps the secrets in the directory above, root's), in a mount
+    namespace of its own with `binds` (projects' artifacts, ProjectArtifacts) where there are any."""
     data.mkdir(exist_ok=True)
     (data / "artifacts").mkdir(exist_ok=True)
     (data / "auth.ini").write_text(server.auth_config(db))
@@ -284,13 +321,23 @@ def start_mlflow(program: Path, data: Path, port: int, keys: server.Secrets, acc
     if os.geteuid() == 0:
         from ..accounts import ensure_system_account
 
-        who = ensure_system_account(account, data, "MLaaS Hub experiment tracking")
+        who = ensure_system_account(account, data, MLFLOW_ACCOUNT_COMMENT)
         for path in [data, *data.rglob("*")]:
             os.lchown(path, who.uid, who.gid)
-        user = {"user": who.uid, "group": who.gid, "extra_groups": []}
+        # its own group, and the Unix groups of the projects whose artifacts it keeps (ProjectArtifacts)
+        user = {"user": who.uid, "group": who.gid, "extra_groups": os.getgrouplist(account, who.gid)}
     os.chmod(data, 0o700)
     log_file = open(data / "mlflow.log", "ab")
-    return subprocess.Popen(server.command(program, data, port, db), env=server.environment(program, data, keys, db),
+    argv = server.command(program, data, port, db)
+    if binds and user:  # root: mount, then become MLflow's account (its parent-death signal kept)
+        groups = ",".join(str(g) for g in user["extra_groups"])
+        mounts = " && ".join(f"mount --bind {shlex.quote(str(src))} {shlex.quote(str(dst))}" for src, dst in binds)
+        become = ["setpriv", f"--reuid={user['user']}", f"--regid={user['group']}", f"--groups={groups}",
+                  "--pdeathsig=keep", "--", *argv]
+        argv = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+                f"{mounts} && exec {shlex.join(become)}"]
+        user = {}
+    return subprocess.Popen(argv, env=server.environment(program, data, keys, db),
                             cwd=data, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, preexec_fn=_end_with_the_service, **user)
 
@@ -315,6 +362,8 @@ class MLflowChild:
         self.up = up
         self.proc: subprocess.Popen | None = None
         self.delay = 5.0
+        self.restarting = False
+        self.binds: Any = lambda: []  # (source, target) bind mounts in MLflow's mount namespace
 
     def start(self) -> None:
         self.started = time.monotonic()
@@ -327,20 +376,26 @@ class MLflowChild:
             except DatabaseError as e:
                 log.error("The MLflow server cannot start: %s", e)
                 return
-        self.proc = start_mlflow(*self.args)
+        self.proc = start_mlflow(*self.args, binds=self.binds())
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     async def supervise(self) -> None:
         while True:
             await asyncio.sleep(1)
-            if self.proc is None or self.proc.poll() is not None:
-                self.up.clear()
-                if self.proc is not None:
-                    log.error("The MLflow server ended with status %s (its log: %s)", self.proc.returncode,
-                              self.args[1] / "mlflow.log")
-                log.error("Starting the MLflow server again in %.0f s", self.delay)
-                await asyncio.sleep(self.delay)
-                self.delay = 5.0 if time.monotonic() - self.started > 300 else min(self.delay * 2, 60.0)
-                self.start()
+            if self.restarting or self.running():
+                continue
+            self.up.clear()
+            if self.proc is not None:
+                log.error("The MLflow server ended with status %s (its log: %s)", self.proc.returncode,
+                          self.args[1] / "mlflow.log")
+            log.error("Starting the MLflow server again in %.0f s", self.delay)
+            await asyncio.sleep(self.delay)
+            if self.restarting or self.running():  # (started meanwhile by restart)
+                continue
+            self.delay = 5.0 if time.monotonic() - self.started > 300 else min(self.delay * 2, 60.0)
+            self.start()
 
     async def watch_ready(self, admin: MLflowAdmin) -> None:
         """Set `up` whenever a started server answers."""
@@ -361,6 +416,17 @@ class MLflowChild:
             log.info("MLflow (%s) answers, %.1f s after its start", self.args[0], time.monotonic() - self.started)
             self.up.set()
 
+    async def restart(self) -> None:
+        """Stop and start MLflow now (not after the crash delay); requests wait for it meanwhile."""
+        self.restarting = True
+        try:
+            self.up.clear()
+            await asyncio.to_thread(self.stop)
+            self.start()
+            self.delay = 5.0
+        finally:
+            self.restarting = False
+
     def stop(self) -> None:
         proc = self.proc
         if proc is None or proc.poll() is not None:
@@ -370,6 +436,17 @@ class MLflowChild:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def known_projects(profiles_dir: Path) -> list[str]:
+    """The groups with a project in the profile files now (none where they cannot be read: the
+    requests place them later)."""
+    from ..profiles.loader import ProfileErrors, load_profile_files, profile_files
+
+    try:
+        return [p.group for p in load_profile_files(profile_files(profiles_dir)).projects]
+    except (ProfileErrors, OSError):
+        return []
 
 
 def main() -> None:
@@ -396,10 +473,22 @@ def main() -> None:
     if configmap:  # the chart's component: the deployed files and the admins' live edits, through the API
         profiles_dir = state / "profiles"
         configmaps.seed(profiles_dir, settings.profiles_dir)
+    artifacts = artifacts_root(state / "mlflow")
+    placement = ProjectArtifacts(artifacts, settings.projects_dir, settings.tracking.account if os.geteuid() == 0 else None)
     tracking = Tracking(base_url, keys, GroupSync(admin), ProfileStore(profiles_dir),
-                        ArtifactUsage(artifacts_root(state / "mlflow")))
+                        ArtifactUsage(artifacts, placement.location), placement)
     child = MLflowChild(program, state / "mlflow", port, keys, settings.tracking.account, server.databases(settings),
                         tracking.up)
+    tracking.restart_mlflow = child.restart
+    child.binds = placement.binds
+    if placement.account:  # MLflow's account first: it owns the projects' artifact directories
+        from ..accounts import ensure_system_account
+
+        (state / "mlflow").mkdir(exist_ok=True)
+        ensure_system_account(placement.account, state / "mlflow", MLFLOW_ACCOUNT_COMMENT)
+    accounts = os.geteuid() == 0 and settings.isolation != "single-account"  # (as the hub decides it)
+    for project in known_projects(profiles_dir):  # mounted from MLflow's first start
+        place_project(placement, project, accounts)
     child.start()
 
     def stop(*_: Any) -> None:
@@ -419,6 +508,7 @@ def main() -> None:
     loop.add_callback(child.watch_ready, admin)
     if configmap:
         loop.add_callback(configmaps.follow, configmap, profiles_dir, log)
+    loop.add_callback(tracking.follow_projects, accounts)
     try:
         loop.start()
     finally:

@@ -5,10 +5,15 @@ artifact uploaded to a workspace under `<data>/artifacts/workspaces/<workspace>/
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
+import subprocess
 import threading
 import time
 from pathlib import Path
+
+log = logging.getLogger("mlaas.tracking")
 
 FRESH_FOR = 10.0  # seconds a measured size is used (plus what went through the service since)
 
@@ -31,11 +36,13 @@ def directory_size(path: Path) -> int:
     return total
 
 
-def workspace_sizes(root: Path) -> dict[str, int]:
+def workspace_sizes(root: Path, locate: Callable[[str], Path] | None = None) -> dict[str, int]:
     """Every workspace's artifact bytes, measured now (for the admins' usage view)."""
     if not root.is_dir():
         return {}
-    return {entry.name: directory_size(entry) for entry in sorted(root.iterdir()) if entry.is_dir()}
+    locate = locate or (lambda workspace: root / workspace)
+    return {entry.name: directory_size(locate(entry.name)) for entry in sorted(root.iterdir())
+            if entry.is_dir() and not entry.name.startswith(".")}
 
 
 class ArtifactUsage:
@@ -43,8 +50,9 @@ class ArtifactUsage:
     what is uploaded through the service in between (so a burst of uploads cannot pass a limit
     between two measurements)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, locate: Callable[[str], Path] | None = None):
         self.root = root
+        self.locate = locate or (lambda workspace: root / workspace)  # (a project's workspace: its storage)
         self._lock = threading.Lock()
         self._measured: dict[str, tuple[float, int]] = {}
 
@@ -53,7 +61,7 @@ class ArtifactUsage:
             when, size = self._measured.get(workspace, (0.0, 0))
             if time.monotonic() - when < FRESH_FOR:
                 return size
-        size = directory_size(self.root / workspace)
+        size = directory_size(self.locate(workspace))
         with self._lock:
             self._measured[workspace] = (time.monotonic(), size)
         return size
@@ -62,3 +70,102 @@ class ArtifactUsage:
         with self._lock:
             when, before = self._measured.get(workspace, (time.monotonic(), 0))
             self._measured[workspace] = (when, before + size)
+
+
+PROJECT_ARTIFACTS = "mlflow-artifacts"  # in a group's project storage
+
+
+def is_mount_point(path: Path) -> bool:
+    """Whether something is mounted at `path` in this process's mount namespace (also a bind
+    mount from the same file system, which os.path.ismount cannot tell)."""
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = {line.split()[4].encode().decode("unicode_escape") for line in f}
+    except OSError:
+        return os.path.ismount(path)
+    return target in points
+
+
+class ProjectArtifacts:
+    """A group with a project keeps its runs' artifacts on the project's storage, in
+    `<project>/mlflow-artifacts`: members read them there (`~/projects/<group>/mlflow-artifacts`;
+    only MLflow writes), they count against the project's storage, and they go where the
+    project's data goes.
+
+    MLflow refuses an artifact path that resolves outside its artifact directory (a link would),
+    so the project's directory is *mounted* at the workspace's place: on one machine, where the
+    service is root, a bind mount in MLflow's own mount namespace (`binds`, made at its start; it
+    starts again, a few seconds, when a new project's artifacts are placed), MLflow's account
+    joins the project's Unix group to reach it and owns the directory (2750: the members may
+    read); on Kubernetes the chart mounts each project volume's `mlflow-artifacts` there itself.
+    A workspace that already holds artifacts of its own (from before its project), or a service
+    that cannot mount (not root), keeps them on the tracking service's storage and says so once."""
+
+    def __init__(self, root: Path, projects: Path, account: str | None = None):
+        self.root, self.projects, self.account = root, projects, account  # account: MLflow's, as root
+        self._placed: set[str] = set()
+        self._mounts: dict[str, Path] = {}  # workspace -> its project's directory, bound at MLflow's start
+
+    def placed(self, workspace: str) -> bool:
+        return workspace in self._placed
+
+    def give_up(self, workspace: str) -> None:
+        """Leave the workspace's artifacts where they are (say so once, not per request)."""
+        self._placed.add(workspace)
+
+    def location(self, workspace: str) -> Path:
+        """Where the workspace's artifacts are, as this service sees them."""
+        return self._mounts.get(workspace, self.root / workspace)
+
+    def binds(self) -> list[tuple[Path, Path]]:
+        """(project directory, workspace directory) pairs to bind in MLflow's mount namespace."""
+        return [(target, self.root / ws) for ws, target in sorted(self._mounts.items())]
+
+    def join(self, unix_group: str) -> bool:
+        """MLflow's account in the project's Unix group; True if it joined now."""
+        import grp
+
+        from ..accounts import admin_tool
+
+        if self.account is None or self.account in grp.getgrnam(unix_group).gr_mem:
+            return False
+        subprocess.run([admin_tool("gpasswd"), "--add", self.account, unix_group], check=True, capture_output=True)
+        log.info("MLflow's account %s joined %s (the project's artifacts)", self.account, unix_group)
+        return True
+
+    def place(self, workspace: str, project: Path, unix_group: str | None) -> bool:
+        """Keep the workspace's artifacts in the project's storage; True when MLflow must start
+        again to have the new bind mount."""
+        if workspace in self._placed:
+            return False
+        at = self.root / workspace
+        if is_mount_point(at):  # mounted by the platform (the chart's subPath mount)
+            self._placed.add(workspace)
+            return False
+        if not project.is_dir():
+            return False  # made by the hub with the project; tried again at the next request
+        if at.is_symlink() or (at.is_dir() and any(at.iterdir())):
+            log.warning("The workspace %s has artifacts on the tracking service's storage from before its project; "
+                        "they stay there (new ones too)", workspace)
+            self._placed.add(workspace)
+            return False
+        if self.account is None:
+            log.warning("The artifacts of the workspace %s stay on the tracking service's storage: only a service "
+                        "running as root mounts its project's storage for MLflow", workspace)
+            self._placed.add(workspace)
+            return False
+        import grp
+        import pwd
+
+        who = pwd.getpwnam(self.account)
+        target = project / PROJECT_ARTIFACTS
+        target.mkdir(exist_ok=True)
+        os.chown(target, who.pw_uid, grp.getgrnam(unix_group).gr_gid if unix_group else who.pw_gid)
+        os.chmod(target, 0o2750)
+        at.mkdir(parents=True, exist_ok=True)  # the mount point
+        os.chown(at, who.pw_uid, who.pw_gid)
+        self._mounts[workspace] = target
+        self._placed.add(workspace)
+        log.info("The artifacts of the workspace %s are kept on its project's storage, %s", workspace, target)
+        return True
