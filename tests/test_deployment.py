@@ -29,6 +29,7 @@ from cluster.pod_runner import wait_until
 from conftest import browser_login, needs_root, open_profile_editor
 from deployment import CULL_TIMEOUT, NAMESPACE, TEST_CONTENT, TEST_FILE, Deployment
 from helpers import ARTIFACTS, error_message, run_in_kernel, state_root, user_token
+from mlaas.projects.names import project_claim
 from test_upstream_charts import charts_dir
 
 pytestmark = [pytest.mark.platform, needs_root]
@@ -171,8 +172,11 @@ with mlflow.start_run() as run:
     mlflow.log_param("learning_rate", 0.01)
     mlflow.log_metric("loss", 0.25)
     mlflow.log_text("logged from a pod", "notes/pod.txt")
+project = os.path.expanduser("~/projects/atlas-ml/mlflow-artifacts")  # the group's project volume
+found = [os.path.join(d, f) for d, _, files in os.walk(project) for f in files if f == "pod.txt"]
 print(json.dumps({"run": run.info.run_id, "uri": os.environ["MLFLOW_TRACKING_URI"],
-                  "workspace": os.environ.get("MLFLOW_WORKSPACE")}))
+                  "workspace": os.environ.get("MLFLOW_WORKSPACE"),
+                  "in_project": [open(p).read() for p in found if run.info.run_id in p]}))
 """
 
 
@@ -181,13 +185,15 @@ def test_a_run_logged_in_alices_pod_is_her_groups_alone_and_counted_for_the_admi
     logs a run with nothing configured: the servers' environment leads to our chart's tracking
     component by its Service, with her server's own token. Through the site's public address, her
     token reads the run in her group's workspace; bob's (another group) neither lists nor reads
-    it. The admins' usage view counts the artifact (the hub asks the component), and MLflow keeps
-    it on the component's volume."""
+    it. The admins' usage view counts the artifact (the hub asks the component). The artifact is
+    on atlas-ml's project volume (mounted where MLflow keeps the workspace's), where she reads it
+    in her pod; MLflow's database is on the component's own volume."""
     out = run_in_kernel(site, "alice", alice, LOG_A_RUN, timeout=240)
     assert out["error"] is None, (out, site.kubelet_log("mlaas-tracking")[-3000:])
     logged = json.loads(out["stdout"].strip().splitlines()[-1])
     assert logged["uri"] == "http://mlaas-tracking:8006/services/mlflow"  # the chart's Service, in-cluster
     assert logged["workspace"] == "atlas-ml"  # her team rather than the group everyone is in
+    assert logged["in_project"] == ["logged from a pod"]  # kept on the group's project volume, read there
 
     api = f"{site.url}/services/mlflow/api/2.0/mlflow"
 
@@ -213,10 +219,14 @@ def test_a_run_logged_in_alices_pod_is_her_groups_alone_and_counted_for_the_admi
     assert usage.get("tracking_error", "(none in the answer)") is None, usage
     atlas = next(t for t in usage["tracking"] if t["workspace"] == "atlas-ml")
     assert atlas["group"] == "atlas-ml" and atlas["artifact_bytes"] >= len("logged from a pod")
-    claim = site.cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/persistentvolumeclaims/mlaas-tracking")
-    volume = site.cluster.request("GET", f"/api/v1/persistentvolumes/{claim['spec']['volumeName']}")
-    stored = list(Path(volume["spec"]["hostPath"]["path"]).glob("tracking/mlflow/artifacts/workspaces/atlas-ml/**/notes/pod.txt"))
+    def volume(claim: str) -> Path:
+        bound = site.cluster.request("GET", f"/api/v1/namespaces/{NAMESPACE}/persistentvolumeclaims/{claim}")
+        return Path(site.cluster.request("GET", f"/api/v1/persistentvolumes/{bound['spec']['volumeName']}")
+                    ["spec"]["hostPath"]["path"])
+
+    stored = list(volume(project_claim("atlas-ml")).glob(f"mlflow-artifacts/*/{logged['run']}/**/notes/pod.txt"))
     assert [p.read_text() for p in stored] == ["logged from a pod"]
+    assert (volume("mlaas-tracking") / "tracking" / "mlflow" / "mlflow.db").is_file()  # MLflow's database
 
 
 def test_another_group_can_reach_neither_alices_server_nor_her_dask_cluster(site, alice):

@@ -53,6 +53,7 @@ class Mount:
     source: str  # host path
     target: str  # container path
     read_only: bool = False
+    make_source: bool = False  # a subPath directory: made (as root) when the container starts, as a kubelet does
 
 
 class PodError(Exception):
@@ -289,11 +290,10 @@ class PodProcesses:
         mounts = [Mount(host, target, True) for target, host in image.files.items()]
         for vm in c.get("volumeMounts") or []:
             source = volumes[vm["name"]]
-            if vm.get("subPath"):
+            sub = bool(vm.get("subPath"))
+            if sub:  # (after the init containers, which may make it themselves)
                 source = os.path.join(source, vm["subPath"])
-                if not os.path.exists(source):
-                    os.makedirs(source, exist_ok=True)
-            mounts.append(Mount(source, vm["mountPath"], bool(vm.get("readOnly"))))
+            mounts.append(Mount(source, vm["mountPath"], bool(vm.get("readOnly")), sub and not os.path.exists(source)))
         ns = self.meta["namespace"]
         mounts.append(Mount(str(self.kubelet.network.hosts_file(self.pod)), "/etc/hosts", True))
         mounts.append(Mount(str(_resolv_conf(self.kubelet.state)), "/etc/resolv.conf", True))
@@ -509,7 +509,9 @@ def namespace_script(mounts: list[Mount], overlays: Path, hostname: str, workdir
             steps.append(f"mkdir -p {q(os.path.dirname(target))} && {{ [ -e {q(target)} ] || touch {q(target)}; }}")
 
     for m in sorted(mounts, key=lambda m: m.target.rstrip("/").count("/")):
-        is_dir = os.path.isdir(m.source)
+        is_dir = m.make_source or os.path.isdir(m.source)
+        if m.make_source:
+            steps.append(f"mkdir -p {q(m.source)}")
         make_room(m.target, is_dir)
         steps.append(f"mount --bind {q(m.source)} {q(m.target)}")
         if m.read_only:
