@@ -509,3 +509,26 @@ def test_token_files_are_stretched_only_while_one_holds_a_short_token(caplog):
         trust_provided_tokens(weak, {"admin_api_token_file": "a1" * 24, "metrics_token_file": "short-token"})
     assert "trust_user_provided_tokens" not in weak.JupyterHub
     assert "metrics_token_file" in caplog.text and "admin_api_token_file" not in caplog.text
+
+
+def test_artifacts_from_before_a_project_move_onto_its_storage_merged_and_readable_by_its_group(tmp_path):
+    """mlaas.tracking.storage.move_into: MLflow's paths stay the same (merged into what is there),
+    and what moved is given to the project's group, readable by it."""
+    import grp
+    import os
+
+    from mlaas.tracking.storage import move_into
+
+    old, project = tmp_path / "workspace", tmp_path / "project"
+    (old / "3" / "run-a" / "artifacts").mkdir(parents=True)
+    (old / "3" / "run-a" / "artifacts" / "model.pkl").write_bytes(b"m")
+    (old / "3" / "run-a" / "artifacts" / "model.pkl").chmod(0o600)
+    (project / "3" / "run-b" / "artifacts").mkdir(parents=True)
+    (project / "3" / "run-b" / "artifacts" / "notes.txt").write_text("n")
+    group = next(g.gr_gid for g in grp.getgrall() if g.gr_gid != os.getgid()) if os.geteuid() == 0 else os.getgid()
+    assert move_into(old, project, group) == 1
+    assert list(old.iterdir()) == []
+    moved = project / "3" / "run-a" / "artifacts" / "model.pkl"
+    assert moved.read_bytes() == b"m" and (project / "3" / "run-b" / "artifacts" / "notes.txt").read_text() == "n"
+    assert moved.stat().st_gid == group and moved.stat().st_mode & 0o040
+    assert (project / "3" / "run-a").stat().st_gid == group

@@ -145,9 +145,8 @@ class ProjectArtifacts:
             return False
         if not project.is_dir():
             return False  # made by the hub with the project; tried again at the next request
-        if at.is_symlink() or (at.is_dir() and any(at.iterdir())):
-            log.warning("The workspace %s has artifacts on the tracking service's storage from before its project; "
-                        "they stay there (new ones too)", workspace)
+        if at.is_symlink():
+            log.warning("The workspace %s's artifacts are at a link, which MLflow refuses; they stay there", workspace)
             self._placed.add(workspace)
             return False
         if self.account is None:
@@ -164,8 +163,33 @@ class ProjectArtifacts:
         os.chown(target, who.pw_uid, grp.getgrnam(unix_group).gr_gid if unix_group else who.pw_gid)
         os.chmod(target, 0o2750)
         at.mkdir(parents=True, exist_ok=True)  # the mount point
+        moved = move_into(at, target, grp.getgrnam(unix_group).gr_gid if unix_group else None)
+        if moved:
+            log.info("Moved %d artifact files of the workspace %s (from before its project) to its project's storage",
+                     moved, workspace)
         os.chown(at, who.pw_uid, who.pw_gid)
         self._mounts[workspace] = target
         self._placed.add(workspace)
         log.info("The artifacts of the workspace %s are kept on its project's storage, %s", workspace, target)
         return True
+
+
+def move_into(source: Path, target: Path, group: int | None) -> int:
+    """Move what `source` holds into `target`, merged (same relative paths: MLflow finds them
+    there), readable by the project's `group`; returns the number of files moved."""
+    import shutil
+
+    files = [Path(root, name).relative_to(source) for root, _, names in os.walk(source) for name in names]
+    for entry in list(source.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target / entry.name, symlinks=True, dirs_exist_ok=True, copy_function=shutil.move)
+            shutil.rmtree(entry)
+        else:
+            shutil.move(str(entry), str(target / entry.name))
+    if group is not None:
+        for relative in files:
+            for path in [target / relative, *(target / p for p in relative.parents if str(p) != ".")]:
+                if not path.is_symlink():
+                    os.chown(path, -1, group)
+                    os.chmod(path, (path.stat().st_mode & 0o7777) | (0o2050 if path.is_dir() else 0o040))
+    return len(files)
