@@ -474,6 +474,20 @@ def listen_on(argv: list[str], ip: str, container: dict) -> list[str]:
     return out
 
 
+def mount_order(mounts: list[Mount]) -> list[Mount]:
+    """Parents before children; and a mount that would hide another one's source on this machine
+    (an emptyDir at /tmp, where the test state may live) after that one, where it has no children
+    (pods share this machine's file system, which a node's containers do not)."""
+    def below(path: str, top: str) -> bool:
+        return path == top or path.startswith(top.rstrip("/") + "/")
+
+    ordered = sorted(mounts, key=lambda m: m.target.rstrip("/").count("/"))
+    late = [m for m in ordered
+            if any(o is not m and below(o.source, m.target) for o in mounts)
+            and not any(o is not m and below(o.target, m.target) for o in mounts)]
+    return [m for m in ordered if not any(m is x for x in late)] + late
+
+
 def namespace_script(mounts: list[Mount], overlays: Path, hostname: str, workdir: str, uid: int, gid: int,
                      groups: list[int], argv: list[str]) -> list[str]:
     """The command that runs `argv` in a private mount (and UTS) namespace with the mounts in
@@ -508,7 +522,7 @@ def namespace_script(mounts: list[Mount], overlays: Path, hostname: str, workdir
         else:
             steps.append(f"mkdir -p {q(os.path.dirname(target))} && {{ [ -e {q(target)} ] || touch {q(target)}; }}")
 
-    for m in sorted(mounts, key=lambda m: m.target.rstrip("/").count("/")):
+    for m in mount_order(mounts):
         is_dir = m.make_source or os.path.isdir(m.source)
         if m.make_source:
             steps.append(f"mkdir -p {q(m.source)}")
