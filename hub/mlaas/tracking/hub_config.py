@@ -18,7 +18,6 @@ SERVICE_OPTIONS = {
     "display": True,
     "info": {"description": "Experiment tracking (MLflow), per group"},
 }
-K8S_SERVICE_URL = "http://mlaas-tracking:8006"  # charts/mlaas-hub templates/tracking.yaml
 
 
 def why_off(s: Settings) -> str | None:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -63,10 +64,9 @@ class Tracking:
     the artifacts' sizes."""
 
     def __init__(self, base_url: str, keys: server.Secrets, sync: GroupSync, store: ProfileStore,
-                 usage: ArtifactUsage, placement: ProjectArtifacts | None = None):
+                 usage: ArtifactUsage, placement: ProjectArtifacts):
         self.base_url, self.keys, self.sync, self.store = base_url, keys, sync, store
         self.usage, self.placement = usage, placement
-        self.restart_mlflow: Any = None  # set by main: MLflow starts again (to have new Unix groups)
         self.locks: dict[str, asyncio.Lock] = {}
         self.up = asyncio.Event()  # MLflow answers (requests wait for it while it starts)
 
@@ -102,18 +102,22 @@ class Tracking:
             await self.sync.sync(who, password, new)
         return password
 
-    async def follow_projects(self, accounts: bool) -> None:
+    async def place_projects(self, accounts: bool) -> bool:
+        """The projects' artifacts not yet placed, to their storage; True where MLflow must start
+        again to have a new one's mount."""
+        todo = [p.group for p in (await self.store.fresh()).projects if not self.placement.placed(workspace_name(p.group))]
+        restart = False
+        for group in todo:
+            restart |= await asyncio.to_thread(place_project, self.placement, group, accounts)
+        return restart
+
+    async def follow_projects(self, accounts: bool, restart: Callable[[], Awaitable[None]]) -> None:
         """Projects' artifacts to their storage as projects appear in the profile files (MLflow
         starts again, a few seconds, to have a new one's mount)."""
-        placement = self.placement
-        while placement is not None:
-            todo = [p.group for p in (await self.store.fresh()).projects if not placement.placed(workspace_name(p.group))]
-            restart = False
-            for group in todo:
-                restart |= await asyncio.to_thread(place_project, placement, group, accounts)
-            if restart and self.restart_mlflow:
-                await self.restart_mlflow()
+        while True:
             await asyncio.sleep(10)
+            if await self.place_projects(accounts):
+                await restart()
 
 
 def place_project(placement: ProjectArtifacts, group: str, accounts: bool) -> bool:
@@ -356,14 +360,15 @@ class MLflowChild:
     its own failure); meanwhile requests get 503 with the reason."""
 
     def __init__(self, program: Path, data: Path, port: int, keys: server.Secrets, account: str,
-                 db: server.Databases, up: asyncio.Event):
+                 db: server.Databases, up: asyncio.Event, binds: Callable[[], list[tuple[Path, Path]]]):
         self.args = (program, data, port, keys, account, db)
         self.db = db
         self.up = up
+        self.binds = binds  # (source, target) bind mounts in MLflow's mount namespace, at each start
         self.proc: subprocess.Popen | None = None
         self.delay = 5.0
         self.restarting = False
-        self.binds: Any = lambda: []  # (source, target) bind mounts in MLflow's mount namespace
+        self.said_refused = False  # (MLflow refusing the service's admin is said once)
 
     def start(self) -> None:
         self.started = time.monotonic()
@@ -406,13 +411,13 @@ class MLflowChild:
             try:
                 await admin.workspaces()
             except MLflowError as e:
-                if e.status == 401 and not getattr(self, "_said_refused", False):  # answers, but not to us
+                if e.status == 401 and not self.said_refused:  # answers, but not to us
                     log.error("MLflow refuses the service's admin (%s): its auth database was made with another "
                               "state's secrets.json (restore them together, or give the service new databases)", e.code)
-                    self._said_refused = True
+                    self.said_refused = True
                 await asyncio.sleep(0.25)
                 continue
-            self._said_refused = False
+            self.said_refused = False
             log.info("MLflow (%s) answers, %.1f s after its start", self.args[0], time.monotonic() - self.started)
             self.up.set()
 
@@ -436,17 +441,6 @@ class MLflowChild:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-
-
-def known_projects(profiles_dir: Path) -> list[str]:
-    """The groups with a project in the profile files now (none where they cannot be read: the
-    requests place them later)."""
-    from ..profiles.loader import ProfileErrors, load_profile_files, profile_files
-
-    try:
-        return [p.group for p in load_profile_files(profile_files(profiles_dir)).projects]
-    except (ProfileErrors, OSError):
-        return []
 
 
 def main() -> None:
@@ -478,18 +472,22 @@ def main() -> None:
     tracking = Tracking(base_url, keys, GroupSync(admin), ProfileStore(profiles_dir),
                         ArtifactUsage(artifacts, placement.location), placement)
     child = MLflowChild(program, state / "mlflow", port, keys, settings.tracking.account, server.databases(settings),
-                        tracking.up)
-    tracking.restart_mlflow = child.restart
-    child.binds = placement.binds
+                        tracking.up, placement.binds)
     if placement.account:  # MLflow's account first: it owns the projects' artifact directories
         from ..accounts import ensure_system_account
 
         (state / "mlflow").mkdir(exist_ok=True)
         ensure_system_account(placement.account, state / "mlflow", MLFLOW_ACCOUNT_COMMENT)
     accounts = os.geteuid() == 0 and settings.isolation != "single-account"  # (as the hub decides it)
-    for project in known_projects(profiles_dir):  # mounted from MLflow's first start
-        place_project(placement, project, accounts)
-    child.start()
+
+    async def run_mlflow() -> None:
+        """MLflow starts once the known projects' artifacts are placed (mounted from its first
+        start), then is kept running, and follows new projects."""
+        await tracking.place_projects(accounts)
+        child.start()
+        loop.add_callback(child.supervise)
+        loop.add_callback(child.watch_ready, admin)
+        loop.add_callback(tracking.follow_projects, accounts, child.restart)
 
     def stop(*_: Any) -> None:
         child.stop()
@@ -504,11 +502,9 @@ def main() -> None:
     log.info("Tracking at %s: MLflow on 127.0.0.1:%d, state in %s; a hub group's runs are in its workspace "
              "(e.g. atlas-ml -> %s)", prefix, port, state, workspace_name("atlas-ml"))
     loop = ioloop.IOLoop.current()
-    loop.add_callback(child.supervise)
-    loop.add_callback(child.watch_ready, admin)
+    loop.add_callback(run_mlflow)
     if configmap:
         loop.add_callback(configmaps.follow, configmap, profiles_dir, log)
-    loop.add_callback(tracking.follow_projects, accounts)
     try:
         loop.start()
     finally:

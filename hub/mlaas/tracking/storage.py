@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("mlaas.tracking")
@@ -99,8 +99,8 @@ class ProjectArtifacts:
     starts again, a few seconds, when a new project's artifacts are placed), MLflow's account
     joins the project's Unix group to reach it and owns the directory (2750: the members may
     read); on Kubernetes the chart mounts each project volume's `mlflow-artifacts` there itself.
-    A workspace that already holds artifacts of its own (from before its project), or a service
-    that cannot mount (not root), keeps them on the tracking service's storage and says so once."""
+    Artifacts a workspace stored before its project existed move there (`move_into`). A service
+    that cannot mount (not root) keeps them on its own storage and says so once."""
 
     def __init__(self, root: Path, projects: Path, account: str | None = None):
         self.root, self.projects, self.account = root, projects, account  # account: MLflow's, as root
@@ -122,17 +122,16 @@ class ProjectArtifacts:
         """(project directory, workspace directory) pairs to bind in MLflow's mount namespace."""
         return [(target, self.root / ws) for ws, target in sorted(self._mounts.items())]
 
-    def join(self, unix_group: str) -> bool:
-        """MLflow's account in the project's Unix group; True if it joined now."""
+    def join(self, unix_group: str) -> None:
+        """MLflow's account in the project's Unix group (it has it from MLflow's next start)."""
         import grp
 
         from ..accounts import admin_tool
 
         if self.account is None or self.account in grp.getgrnam(unix_group).gr_mem:
-            return False
+            return
         subprocess.run([admin_tool("gpasswd"), "--add", self.account, unix_group], check=True, capture_output=True)
         log.info("MLflow's account %s joined %s (the project's artifacts)", self.account, unix_group)
-        return True
 
     def place(self, workspace: str, project: Path, unix_group: str | None) -> bool:
         """Keep the workspace's artifacts in the project's storage; True when MLflow must start
@@ -144,7 +143,7 @@ class ProjectArtifacts:
             self._placed.add(workspace)
             return False
         if not project.is_dir():
-            return False  # made by the hub with the project; tried again at the next request
+            return False  # (a live-added project's volume, until the next deploy): tried again later
         if at.is_symlink():
             log.warning("The workspace %s's artifacts are at a link, which MLflow refuses; they stay there", workspace)
             self._placed.add(workspace)
@@ -158,12 +157,13 @@ class ProjectArtifacts:
         import pwd
 
         who = pwd.getpwnam(self.account)
+        group = grp.getgrnam(unix_group).gr_gid if unix_group else None
         target = project / PROJECT_ARTIFACTS
         target.mkdir(exist_ok=True)
-        os.chown(target, who.pw_uid, grp.getgrnam(unix_group).gr_gid if unix_group else who.pw_gid)
+        os.chown(target, who.pw_uid, who.pw_gid if group is None else group)
         os.chmod(target, 0o2750)
         at.mkdir(parents=True, exist_ok=True)  # the mount point
-        moved = move_into(at, target, grp.getgrnam(unix_group).gr_gid if unix_group else None)
+        moved = move_into(at, target, group)
         if moved:
             log.info("Moved %d artifact files of the workspace %s (from before its project) to its project's storage",
                      moved, workspace)
